@@ -1,0 +1,279 @@
+//! RabbitMQ: connecting (several cluster URLs tried in turn), declaring the
+//! topology of contract section 2 idempotently, and publishing with a confirm
+//! so a message is only acked once its copy in a retry or dead-letter queue is
+//! safe. Nothing here knows about events or WeChat.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::settings::Settings;
+
+/// The CRM's routing key for one assigned customer.
+pub const ROUTING_KEY: &str = "customer.assigned";
+
+/// The work queue's poison-message guard: after this many deliveries without an
+/// ack the broker dead-letters the message itself (reason `delivery_limit`).
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// Header names of contract section 2.
+pub mod headers {
+    pub const REASON: &str = "x-notifier-reason";
+    pub const DETAIL: &str = "x-notifier-detail";
+    pub const ERRCODE: &str = "x-notifier-errcode";
+    pub const ATTEMPTS: &str = "x-notifier-attempts";
+    pub const FIRST_FAILED_AT: &str = "x-notifier-first-failed-at";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no broker reachable ({tried} URL(s) tried); last error: {last}")]
+    Unreachable { tried: usize, last: String },
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the message was returned as unroutable (no queue named {0:?})")]
+    Unroutable(String),
+}
+
+/// Where a URL points, without its password: for logs.
+pub fn redact_url(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(u) => format!(
+            "{}://{}:{}/{}",
+            if matches!(u.scheme, lapin::uri::AMQPScheme::AMQPS) {
+                "amqps"
+            } else {
+                "amqp"
+            },
+            u.authority.host,
+            u.authority.port,
+            u.vhost
+        ),
+        Err(_) => "<malformed AMQP URL>".into(),
+    }
+}
+
+/// Connects to the first URL that answers, trying each in turn.
+///
+/// # Errors
+/// `Unreachable` when none answers.
+pub async fn connect(urls: &[String], name: &str) -> Result<Connection, BrokerError> {
+    let mut last = String::from("no URL configured");
+    for url in urls {
+        let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => last = format!("{}: {e}", redact_url(url)),
+            Err(_) => last = format!("{}: connect timed out", redact_url(url)),
+        }
+    }
+    Err(BrokerError::Unreachable {
+        tried: urls.len(),
+        last,
+    })
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+/// The work queue's arguments (also used by `check` to compare).
+pub fn work_queue_args(settings: &Settings) -> FieldTable {
+    table(&[
+        ("x-queue-type", long("quorum")),
+        ("x-single-active-consumer", AMQPValue::Boolean(true)),
+        ("x-dead-letter-exchange", long("")),
+        ("x-dead-letter-routing-key", long(&settings.dead_queue)),
+        ("x-dead-letter-strategy", long("at-least-once")),
+        ("x-overflow", long("reject-publish")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+    ])
+}
+
+fn retry_queue_args(settings: &Settings, delay: Duration) -> FieldTable {
+    table(&[
+        ("x-queue-type", long("quorum")),
+        (
+            "x-message-ttl",
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        ),
+        ("x-dead-letter-exchange", long("")),
+        ("x-dead-letter-routing-key", long(&settings.queue)),
+        ("x-dead-letter-strategy", long("at-least-once")),
+        ("x-overflow", long("reject-publish")),
+    ])
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the exchange, the work queue, the dead-letter queue and one retry
+/// queue per ladder step. Idempotent; needs no WeChat.
+///
+/// # Errors
+/// The broker's refusal, e.g. a queue that exists with other arguments.
+pub async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            settings.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            settings.dead_queue.as_str().into(),
+            durable(),
+            table(&[("x-queue-type", long("quorum"))]),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            settings.queue.as_str().into(),
+            durable(),
+            work_queue_args(settings),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            settings.queue.as_str().into(),
+            settings.exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    for delay in &settings.retry_delays {
+        channel
+            .queue_declare(
+                settings.retry_queue(*delay).as_str().into(),
+                durable(),
+                retry_queue_args(settings, *delay),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Opens a channel in confirm mode.
+///
+/// # Errors
+/// The broker's refusal.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Publishes one persistent message, mandatory, and waits for the broker's confirm.
+///
+/// # Errors
+/// `Nacked`, `Unroutable`, or the channel's failure: the caller must not ack.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), BrokerError> {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties.with_delivery_mode(2),
+        )
+        .await?
+        .await?;
+    if !confirm.is_ack() {
+        return Err(BrokerError::Nacked);
+    }
+    if confirm.take_message().is_some() {
+        return Err(BrokerError::Unroutable(routing_key.to_string()));
+    }
+    Ok(())
+}
+
+/// A header as an integer, whatever integer type the publisher chose.
+pub fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A header as a string.
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The headers of a message parked in a retry or dead-letter queue.
+#[derive(Debug, Clone, Default)]
+pub struct ParkHeaders {
+    pub reason: Option<String>,
+    pub detail: Option<String>,
+    pub errcode: Option<i64>,
+    pub attempts: i64,
+    pub first_failed_at: String,
+}
+
+/// The original properties with the `x-notifier-*` headers set (others kept).
+pub fn with_park_headers(original: &BasicProperties, h: &ParkHeaders) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    let mut set = |k: &str, v: AMQPValue| {
+        headers.insert(ShortString::from(k), v);
+    };
+    if let Some(r) = &h.reason {
+        set(headers::REASON, long(r));
+    }
+    if let Some(d) = &h.detail {
+        set(headers::DETAIL, long(d));
+    }
+    if let Some(c) = h.errcode {
+        set(headers::ERRCODE, AMQPValue::LongLongInt(c));
+    }
+    set(headers::ATTEMPTS, AMQPValue::LongLongInt(h.attempts));
+    set(headers::FIRST_FAILED_AT, long(&h.first_failed_at));
+    original.clone().with_headers(headers)
+}

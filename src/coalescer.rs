@@ -1,0 +1,425 @@
+//! Per-assignee windows and their close rules (contract section 3): the reason
+//! one bulk assignment becomes one WeChat notice instead of fifty.
+//!
+//! Pure state plus the time it is given: no clock is read here, so tests are
+//! exact. A window opens with an assignee's first event and closes at the
+//! earliest of the quiet period, the max wait, the max event count, or the
+//! moment every CRM batch with events in it is complete. Batch progress is
+//! counted across all assignees, since `batch.size` is the whole batch's size.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::event::AssignmentEvent;
+use crate::notice::Notice;
+
+/// The three limits of a window.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowRules {
+    pub quiet: Duration,
+    pub max_wait: Duration,
+    pub max_events: usize,
+}
+
+/// Why a window closed (a metric label and a log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Quiet,
+    MaxWait,
+    MaxEvents,
+    BatchComplete,
+    Shutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quiet => "quiet",
+            CloseReason::MaxWait => "max_wait",
+            CloseReason::MaxEvents => "max_events",
+            CloseReason::BatchComplete => "batch_complete",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A closed window: its distinct events in arrival order, and every delivery
+/// that carried one of them (a duplicate delivery points at the same event).
+#[derive(Debug)]
+pub struct Closed<D> {
+    pub events: Vec<AssignmentEvent>,
+    pub deliveries: Vec<(usize, D)>,
+    pub reason: CloseReason,
+}
+
+impl<D> Closed<D> {
+    pub fn notice(&self) -> Notice {
+        let refs: Vec<&AssignmentEvent> = self.events.iter().collect();
+        Notice::from_events(&refs)
+    }
+}
+
+struct Window<D> {
+    serial: u64,
+    events: Vec<AssignmentEvent>,
+    index: HashMap<String, usize>,
+    deliveries: Vec<(usize, D)>,
+    opened: Instant,
+    deadline: Instant,
+    batches: Vec<String>,
+}
+
+struct BatchProgress {
+    size: u32,
+    seen: HashSet<String>,
+    windows: HashSet<String>,
+    touched: Instant,
+}
+
+impl BatchProgress {
+    fn complete(&self) -> bool {
+        self.seen.len() >= self.size as usize
+    }
+}
+
+/// All open windows of this replica.
+pub struct Coalescer<D> {
+    rules: WindowRules,
+    windows: HashMap<String, Window<D>>,
+    batches: HashMap<String, BatchProgress>,
+    /// Deadlines, lazily invalidated: an entry counts only if its window still
+    /// exists with the same serial and deadline.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    next_serial: u64,
+    last_gc: Option<Instant>,
+}
+
+impl<D> Coalescer<D> {
+    pub fn new(rules: WindowRules) -> Self {
+        Coalescer {
+            rules,
+            windows: HashMap::new(),
+            batches: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            next_serial: 0,
+            last_gc: None,
+        }
+    }
+
+    /// Open windows.
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
+    /// Adds one delivery; returns the windows this closed (max events or batch complete).
+    pub fn push(&mut self, event: AssignmentEvent, delivery: D, now: Instant) -> Vec<Closed<D>> {
+        let key = event.assignee.user_id.clone();
+        let rules = self.rules;
+        if !self.windows.contains_key(&key) {
+            self.next_serial += 1;
+            let window = Window {
+                serial: self.next_serial,
+                events: Vec::new(),
+                index: HashMap::new(),
+                deliveries: Vec::new(),
+                opened: now,
+                deadline: now,
+                batches: Vec::new(),
+            };
+            self.windows.insert(key.clone(), window);
+        }
+        let window = self.windows.get_mut(&key).expect("just inserted");
+        if let Some(&i) = window.index.get(&event.event_id) {
+            // The CRM published the same event again: one event, two deliveries.
+            window.deliveries.push((i, delivery));
+            return Vec::new();
+        }
+        let i = window.events.len();
+        window.index.insert(event.event_id.clone(), i);
+        window.deliveries.push((i, delivery));
+        window.deadline = (now + rules.quiet).min(window.opened + rules.max_wait);
+        self.deadlines
+            .push(Reverse((window.deadline, window.serial, key.clone())));
+
+        let mut batch_completed = false;
+        if let Some(batch) = &event.batch {
+            let progress = self
+                .batches
+                .entry(batch.id.clone())
+                .or_insert_with(|| BatchProgress {
+                    size: batch.size,
+                    seen: HashSet::new(),
+                    windows: HashSet::new(),
+                    touched: now,
+                });
+            progress.size = progress.size.max(batch.size);
+            progress.touched = now;
+            let was_complete = progress.complete();
+            progress.seen.insert(event.event_id.clone());
+            if progress.windows.insert(key.clone()) {
+                window.batches.push(batch.id.clone());
+            }
+            batch_completed = !was_complete && progress.complete();
+        }
+        window.events.push(event);
+
+        let mut closed = Vec::new();
+        if window.events.len() >= rules.max_events {
+            closed.extend(self.close(&key, CloseReason::MaxEvents));
+        }
+        if batch_completed {
+            let batch_id = closed_batch_id(&closed, &self.windows, &key);
+            if let Some(batch_id) = batch_id {
+                let holders: Vec<String> = self
+                    .batches
+                    .get(&batch_id)
+                    .map(|p| p.windows.iter().cloned().collect())
+                    .unwrap_or_default();
+                for holder in holders {
+                    if self.all_batches_complete(&holder) {
+                        closed.extend(self.close(&holder, CloseReason::BatchComplete));
+                    }
+                }
+            }
+        }
+        closed
+    }
+
+    fn all_batches_complete(&self, key: &str) -> bool {
+        let Some(window) = self.windows.get(key) else {
+            return false;
+        };
+        !window.batches.is_empty()
+            && window
+                .batches
+                .iter()
+                .all(|b| self.batches.get(b).is_some_and(BatchProgress::complete))
+    }
+
+    fn close(&mut self, key: &str, reason: CloseReason) -> Option<Closed<D>> {
+        let window = self.windows.remove(key)?;
+        for batch_id in &window.batches {
+            if let Some(progress) = self.batches.get_mut(batch_id) {
+                progress.windows.remove(key);
+                if progress.windows.is_empty() && progress.complete() {
+                    self.batches.remove(batch_id);
+                }
+            }
+        }
+        Some(Closed {
+            events: window.events,
+            deliveries: window.deliveries,
+            reason,
+        })
+    }
+
+    /// When the next window is due, if any.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((deadline, serial, key))) = self.deadlines.peek() {
+            match self.windows.get(key) {
+                Some(w) if w.serial == *serial && w.deadline == *deadline => {
+                    return Some(*deadline)
+                }
+                _ => {
+                    self.deadlines.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// Closes every window whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Closed<D>> {
+        let mut closed = Vec::new();
+        while let Some(deadline) = self.next_deadline() {
+            if deadline > now {
+                break;
+            }
+            let Reverse((_, _, key)) = self.deadlines.pop().expect("peeked");
+            let window = &self.windows[&key];
+            let reason = if window.deadline >= window.opened + self.rules.max_wait {
+                CloseReason::MaxWait
+            } else {
+                CloseReason::Quiet
+            };
+            closed.extend(self.close(&key, reason));
+        }
+        self.forget_stale_batches(now);
+        closed
+    }
+
+    /// Closes every window now (shutdown, or a flush).
+    pub fn drain(&mut self) -> Vec<Closed<D>> {
+        let keys: Vec<String> = self.windows.keys().cloned().collect();
+        self.deadlines.clear();
+        keys.into_iter()
+            .filter_map(|k| self.close(&k, CloseReason::Shutdown))
+            .collect()
+    }
+
+    /// An incomplete batch no open window refers to is kept a while (its next
+    /// events may still come), then forgotten so memory stays bounded.
+    fn forget_stale_batches(&mut self, now: Instant) {
+        let every = self.rules.max_wait.max(Duration::from_secs(1));
+        if self.last_gc.is_some_and(|t| now < t + every) {
+            return;
+        }
+        self.last_gc = Some(now);
+        let keep_for = self.rules.max_wait * 6;
+        self.batches
+            .retain(|_, p| !p.windows.is_empty() || now < p.touched + keep_for);
+    }
+}
+
+/// The batch id of the event just pushed (its window may have just been closed).
+fn closed_batch_id<D>(
+    closed: &[Closed<D>],
+    windows: &HashMap<String, Window<D>>,
+    key: &str,
+) -> Option<String> {
+    let last_event = match windows.get(key) {
+        Some(w) => w.events.last(),
+        None => closed.last().and_then(|c| c.events.last()),
+    };
+    last_event
+        .and_then(|e| e.batch.as_ref())
+        .map(|b| b.id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::parse;
+
+    fn ev(id: &str, user: &str, batch: Option<(&str, u32)>) -> AssignmentEvent {
+        let mut v = serde_json::json!({
+            "event_id": id, "event_type": "customer.assigned",
+            "occurred_at": "2026-11-25T14:03:27+08:00", "source": "batch",
+            "assignee": {"user_id": user}, "customer": {"id": id, "name": format!("客户{id}")}
+        });
+        if let Some((b, size)) = batch {
+            v["batch"] = serde_json::json!({"id": b, "size": size});
+        }
+        parse(v.to_string().as_bytes()).unwrap()
+    }
+
+    fn rules(quiet_ms: u64, max_ms: u64, max: usize) -> WindowRules {
+        WindowRules {
+            quiet: Duration::from_millis(quiet_ms),
+            max_wait: Duration::from_millis(max_ms),
+            max_events: max,
+        }
+    }
+
+    fn ms(t0: Instant, n: u64) -> Instant {
+        t0 + Duration::from_millis(n)
+    }
+
+    #[test]
+    fn quiet_period_closes_and_new_events_extend_it() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(100, 1000, 50));
+        assert!(c.push(ev("a", "u", None), 1, t0).is_empty());
+        assert!(c.push(ev("b", "u", None), 2, ms(t0, 90)).is_empty());
+        assert_eq!(c.next_deadline(), Some(ms(t0, 190)));
+        assert!(c.expire(ms(t0, 189)).is_empty());
+        let closed = c.expire(ms(t0, 190));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].reason, CloseReason::Quiet);
+        assert_eq!(closed[0].notice().customer_count, 2);
+        assert!(c.is_empty() && c.next_deadline().is_none());
+    }
+
+    #[test]
+    fn max_wait_caps_a_busy_window() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(100, 250, 50));
+        for i in 0..5u64 {
+            c.push(ev(&format!("e{i}"), "u", None), i, ms(t0, i * 60));
+        }
+        assert_eq!(c.next_deadline(), Some(ms(t0, 250)));
+        let closed = c.expire(ms(t0, 250));
+        assert_eq!(closed[0].reason, CloseReason::MaxWait);
+        assert_eq!(closed[0].events.len(), 5);
+    }
+
+    #[test]
+    fn max_events_splits_120_into_50_50_20_and_batch_completion_closes_the_last() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(30_000, 60_000, 50));
+        let mut sizes = Vec::new();
+        for i in 0..120u64 {
+            for closed in c.push(ev(&format!("e{i}"), "u", Some(("b", 120))), i, ms(t0, i)) {
+                sizes.push((closed.events.len(), closed.reason));
+            }
+        }
+        assert_eq!(
+            sizes,
+            vec![
+                (50, CloseReason::MaxEvents),
+                (50, CloseReason::MaxEvents),
+                (20, CloseReason::BatchComplete)
+            ]
+        );
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_batch_over_several_assignees_closes_all_of_them_at_its_last_event() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(30_000, 60_000, 50));
+        let mut closed = Vec::new();
+        for i in 0..9u64 {
+            let user = ["u1", "u2", "u3"][i as usize % 3];
+            closed.extend(c.push(ev(&format!("e{i}"), user, Some(("b", 9))), i, ms(t0, i)));
+            if i < 8 {
+                assert!(closed.is_empty(), "closed early at {i}");
+            }
+        }
+        assert_eq!(closed.len(), 3);
+        assert!(closed
+            .iter()
+            .all(|c| c.events.len() == 3 && c.reason == CloseReason::BatchComplete));
+    }
+
+    #[test]
+    fn a_window_waits_for_every_batch_it_holds() {
+        let t0 = Instant::now();
+        // Batch A (of one) completes at once, but the window also holds batch B.
+        let mut c2 = Coalescer::new(rules(30_000, 60_000, 50));
+        c2.push(ev("b1", "u", Some(("B", 2))), 1, t0);
+        assert!(c2.push(ev("a1", "u", Some(("A", 1))), 2, t0).is_empty());
+        let closed = c2.push(ev("b2", "u", Some(("B", 2))), 3, t0);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].events.len(), 3);
+    }
+
+    #[test]
+    fn the_same_event_twice_counts_once_but_both_deliveries_are_kept() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(100, 1000, 50));
+        c.push(ev("a", "u", None), 1, t0);
+        c.push(ev("a", "u", None), 2, ms(t0, 10));
+        c.push(ev("b", "u", None), 3, ms(t0, 20));
+        let closed = c.drain();
+        assert_eq!(closed[0].events.len(), 2);
+        assert_eq!(closed[0].deliveries, vec![(0, 1), (0, 2), (1, 3)]);
+        assert!(closed[0].notice().summary);
+    }
+
+    #[test]
+    fn duplicate_events_do_not_complete_a_batch_early() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(30_000, 60_000, 50));
+        c.push(ev("a", "u", Some(("B", 2))), 1, t0);
+        assert!(c.push(ev("a", "u", Some(("B", 2))), 2, t0).is_empty());
+        assert_eq!(c.push(ev("b", "u", Some(("B", 2))), 3, t0).len(), 1);
+    }
+}

@@ -1,0 +1,463 @@
+//! From a closed window to acked messages: the fleet-wide rate budget, one call
+//! in flight per assignee, and what each WeChat outcome means for the messages
+//! (ack, retry in memory, park in a retry queue, dead-letter, or stop for a
+//! configuration fault). This is the one place that retries; the client only
+//! classifies. A message is acked only after WeChat accepted its notice or its
+//! copy is confirmed in a retry or dead-letter queue.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::{SecondsFormat, Utc};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lapin::options::BasicAckOptions;
+use lapin::Acker;
+use lapin::{BasicProperties, Channel};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::broker::{self, headers, ParkHeaders};
+use crate::coalescer::Closed;
+use crate::metrics::Metrics;
+use crate::notice::Notice;
+use crate::settings::Settings;
+use crate::wechat::{CallResult, Outcome, WeChat};
+
+/// Transient failures retried in memory (within seconds) before a notice's
+/// messages are parked in a retry queue.
+const IN_MEMORY_RETRIES: u32 = 3;
+/// First in-memory backoff; it grows fourfold with jitter (≈0.2 s, 0.8 s, 3.2 s).
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// A token WeChat calls invalid is replaced and the call retried at most this often.
+const TOKEN_RETRIES: u32 = 2;
+/// A `45011` pause is sat out in memory at most this often before parking.
+const MINUTE_PAUSES: u32 = 2;
+
+/// One unacked delivery and what is needed to park it elsewhere.
+/// Dropping it without acking leaves it to the broker (redelivered later).
+pub struct Pending {
+    pub acker: Acker,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+    /// Failed rounds so far (`x-notifier-attempts` of a message back from a retry queue).
+    pub attempts: i64,
+    pub first_failed_at: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Pending {
+    pub fn new(delivery: lapin::message::Delivery, metrics: Arc<Metrics>) -> Self {
+        metrics.unacked_deliveries.inc();
+        Pending {
+            attempts: broker::header_int(&delivery.properties, headers::ATTEMPTS).unwrap_or(0),
+            first_failed_at: broker::header_str(&delivery.properties, headers::FIRST_FAILED_AT),
+            acker: delivery.acker,
+            body: delivery.data,
+            properties: delivery.properties,
+            metrics,
+        }
+    }
+
+    /// Acks; `false` when lapin reports the ack as not done (channel gone).
+    pub async fn ack(&self) -> bool {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                warn!("ack not done (channel closed); the broker will redeliver");
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "ack failed; the broker will redeliver");
+                false
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.metrics.unacked_deliveries.dec();
+    }
+}
+
+/// Why messages leave for the dead-letter queue (the `x-notifier-reason` words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    InvalidEvent,
+    WechatRejected,
+    FunctionFailed,
+    NoOpenid,
+    RetriesExhausted,
+    Expired,
+}
+
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::InvalidEvent => "invalid_event",
+            DeadReason::WechatRejected => "wechat_rejected",
+            DeadReason::FunctionFailed => "function_failed",
+            DeadReason::NoOpenid => "no_openid",
+            DeadReason::RetriesExhausted => "retries_exhausted",
+            DeadReason::Expired => "expired",
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// What a session gives the dispatcher: where to park messages, and where to
+/// report a configuration fault.
+#[derive(Clone)]
+pub struct SessionLink {
+    pub channel: Channel,
+    pub faults: mpsc::UnboundedSender<String>,
+}
+
+/// Shared by every window this replica sends; outlives broker sessions so the
+/// token cache and the rate budget survive a reconnect.
+pub struct Dispatcher {
+    settings: Arc<Settings>,
+    wechat: WeChat,
+    limiter: DefaultDirectRateLimiter,
+    pause_until: Mutex<Option<Instant>>,
+    assignee_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The rate budget of contract section 3: even spacing at `rate`, `burst` back to back.
+pub fn quota(rate_per_sec: f64, burst: u32) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / rate_per_sec).max(Duration::from_nanos(1));
+    Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"))
+}
+
+impl Dispatcher {
+    pub fn new(settings: Arc<Settings>, metrics: Arc<Metrics>) -> Self {
+        Dispatcher {
+            wechat: WeChat::new(&settings, metrics.clone()),
+            limiter: RateLimiter::direct(quota(settings.rate_per_sec, settings.rate_burst)),
+            pause_until: Mutex::new(None),
+            assignee_locks: Mutex::new(HashMap::new()),
+            settings,
+            metrics,
+        }
+    }
+
+    pub fn wechat(&self) -> &WeChat {
+        &self.wechat
+    }
+
+    /// Sends one closed window and settles every delivery it holds.
+    pub async fn deliver(&self, closed: Closed<Pending>, link: SessionLink) {
+        let Some(first) = closed.events.first() else {
+            return;
+        };
+        let key = first.assignee.user_id.clone();
+        let lock = {
+            let mut locks = self.assignee_locks.lock().expect("not poisoned");
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.lock().await;
+        self.deliver_locked(closed, &link).await;
+        drop(guard);
+        let mut locks = self.assignee_locks.lock().expect("not poisoned");
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(&key);
+        }
+    }
+
+    async fn deliver_locked(&self, closed: Closed<Pending>, link: &SessionLink) {
+        let Some(closed) = self.drop_expired(closed, link).await else {
+            return;
+        };
+        let notice = closed.notice();
+        let span = tracing::info_span!("notice", notice_id = %notice.notice_id, events = notice.customer_count);
+        self.send_notice(&closed, &notice, link)
+            .instrument(span)
+            .await;
+    }
+
+    async fn send_notice(&self, closed: &Closed<Pending>, notice: &Notice, link: &SessionLink) {
+        let (mut transient, mut token, mut minute) = (0u32, 0u32, 0u32);
+        loop {
+            self.wait_for_budget().await;
+            let result = self.wechat.send(notice).await;
+            debug!(outcome = result.outcome.as_str(), errcode = ?result.errcode, "WeChat answered");
+            match result.outcome {
+                Outcome::Delivered => {
+                    let mut acked = 0;
+                    for (_, p) in &closed.deliveries {
+                        acked += usize::from(p.ack().await);
+                    }
+                    self.metrics
+                        .notice_sent(notice.summary, notice.customer_count);
+                    info!(
+                        event_ids = ?notice.event_ids,
+                        deliveries = closed.deliveries.len(),
+                        acked,
+                        "notice delivered"
+                    );
+                    return;
+                }
+                Outcome::TokenInvalid if token < TOKEN_RETRIES => token += 1,
+                Outcome::MinuteQuota if minute < MINUTE_PAUSES => {
+                    minute += 1;
+                    self.pause(until_next_minute());
+                }
+                Outcome::Transient | Outcome::TokenInvalid | Outcome::MinuteQuota
+                    if transient < IN_MEMORY_RETRIES =>
+                {
+                    let backoff = FIRST_BACKOFF * 4u32.pow(transient);
+                    transient += 1;
+                    tokio::time::sleep(jitter(backoff)).await;
+                }
+                Outcome::Transient | Outcome::TokenInvalid | Outcome::MinuteQuota => {
+                    return self
+                        .park(closed, notice, &result, DeadReason::RetriesExhausted, link)
+                        .await;
+                }
+                Outcome::DailyQuota => {
+                    self.pause(self.settings.retry_delays[0]);
+                    return self
+                        .park(closed, notice, &result, DeadReason::RetriesExhausted, link)
+                        .await;
+                }
+                Outcome::FunctionFailed => {
+                    return self
+                        .park(closed, notice, &result, DeadReason::FunctionFailed, link)
+                        .await;
+                }
+                Outcome::Rejected => {
+                    return self
+                        .dead_letter_all(closed, DeadReason::WechatRejected, &result, link)
+                        .await;
+                }
+                Outcome::NoOpenid => {
+                    return self
+                        .dead_letter_all(closed, DeadReason::NoOpenid, &result, link)
+                        .await;
+                }
+                Outcome::ConfigFault => {
+                    warn!(detail = %result.detail, "configuration fault: stopping consumption");
+                    let _ = link.faults.send(result.detail);
+                    // The deliveries stay unacked; the session closes its channel and they return.
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits out a quota pause, then takes one call from the rate budget.
+    async fn wait_for_budget(&self) {
+        let started = Instant::now();
+        loop {
+            let until = *self.pause_until.lock().expect("not poisoned");
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                _ => break,
+            }
+        }
+        self.limiter.until_ready().await;
+        self.metrics
+            .rate_limiter_wait
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Pauses every call of this replica for `d` (quota errors).
+    fn pause(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut p = self.pause_until.lock().expect("not poisoned");
+        if p.is_none_or(|cur| cur < until) {
+            *p = Some(until);
+        }
+        warn!(seconds = d.as_secs_f64(), "pausing WeChat calls (quota)");
+    }
+
+    /// Dead-letters the events older than `NOTIFIER_MAX_AGE`; returns the rest.
+    async fn drop_expired(
+        &self,
+        closed: Closed<Pending>,
+        link: &SessionLink,
+    ) -> Option<Closed<Pending>> {
+        let max_age =
+            chrono::Duration::from_std(self.settings.max_age).unwrap_or(chrono::Duration::MAX);
+        let now = Utc::now();
+        let expired: Vec<bool> = closed
+            .events
+            .iter()
+            .map(|e| now.signed_duration_since(e.occurred_at) > max_age)
+            .collect();
+        if !expired.iter().any(|x| *x) {
+            return Some(closed);
+        }
+        let Closed {
+            events,
+            deliveries,
+            reason,
+        } = closed;
+        let mut kept_events = Vec::new();
+        let mut new_index = vec![usize::MAX; events.len()];
+        for (i, e) in events.into_iter().enumerate() {
+            if !expired[i] {
+                new_index[i] = kept_events.len();
+                kept_events.push(e);
+            }
+        }
+        let mut kept = Vec::new();
+        let detail = format!(
+            "the event is older than NOTIFIER_MAX_AGE ({})",
+            crate::settings::format_duration(self.settings.max_age)
+        );
+        for (i, p) in deliveries {
+            if expired[i] {
+                let h = ParkHeaders {
+                    reason: Some(DeadReason::Expired.as_str().into()),
+                    detail: Some(detail.clone()),
+                    errcode: None,
+                    attempts: p.attempts,
+                    first_failed_at: p.first_failed_at.clone().unwrap_or_else(now_rfc3339),
+                };
+                self.dead_letter(&p, DeadReason::Expired, &h, link).await;
+            } else {
+                kept.push((new_index[i], p));
+            }
+        }
+        if kept_events.is_empty() {
+            return None;
+        }
+        Some(Closed {
+            events: kept_events,
+            deliveries: kept,
+            reason,
+        })
+    }
+
+    /// Copies one message to the dead-letter queue with its headers, then acks it.
+    /// If the copy is not confirmed, the original stays unacked.
+    pub async fn dead_letter(
+        &self,
+        p: &Pending,
+        reason: DeadReason,
+        h: &ParkHeaders,
+        link: &SessionLink,
+    ) -> bool {
+        let props = broker::with_park_headers(&p.properties, h);
+        match broker::publish_confirmed(
+            &link.channel,
+            "",
+            &self.settings.dead_queue,
+            &p.body,
+            props,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.metrics.dead_letter(reason.as_str(), 1);
+                p.ack().await
+            }
+            Err(e) => {
+                warn!(error = %e, "dead-letter copy not confirmed; leaving the message unacked");
+                false
+            }
+        }
+    }
+
+    async fn dead_letter_all(
+        &self,
+        closed: &Closed<Pending>,
+        reason: DeadReason,
+        result: &CallResult,
+        link: &SessionLink,
+    ) {
+        warn!(reason = reason.as_str(), errcode = ?result.errcode, detail = %result.detail, "dead-lettering notice");
+        let first_failed = now_rfc3339();
+        for (_, p) in &closed.deliveries {
+            let h = ParkHeaders {
+                reason: Some(reason.as_str().into()),
+                detail: Some(result.detail.clone()),
+                errcode: result.errcode,
+                attempts: p.attempts + 1,
+                first_failed_at: p
+                    .first_failed_at
+                    .clone()
+                    .unwrap_or_else(|| first_failed.clone()),
+            };
+            self.dead_letter(p, reason, &h, link).await;
+        }
+    }
+
+    /// Parks each message in the retry queue of its next ladder step (or
+    /// dead-letters it with `exhausted` past `NOTIFIER_MAX_ATTEMPTS`).
+    async fn park(
+        &self,
+        closed: &Closed<Pending>,
+        notice: &Notice,
+        result: &CallResult,
+        exhausted: DeadReason,
+        link: &SessionLink,
+    ) {
+        let first_failed = now_rfc3339();
+        let mut parked = 0;
+        for (_, p) in &closed.deliveries {
+            let attempts = p.attempts + 1;
+            let h = ParkHeaders {
+                reason: Some(exhausted.as_str().into()),
+                detail: Some(result.detail.clone()),
+                errcode: result.errcode,
+                attempts,
+                first_failed_at: p
+                    .first_failed_at
+                    .clone()
+                    .unwrap_or_else(|| first_failed.clone()),
+            };
+            if attempts >= i64::from(self.settings.max_attempts) {
+                self.dead_letter(p, exhausted, &h, link).await;
+                continue;
+            }
+            let step = usize::try_from(attempts - 1)
+                .unwrap_or(0)
+                .min(self.settings.retry_delays.len() - 1);
+            let queue = self.settings.retry_queue(self.settings.retry_delays[step]);
+            let props = broker::with_park_headers(&p.properties, &h);
+            match broker::publish_confirmed(&link.channel, "", &queue, &p.body, props).await {
+                Ok(()) => {
+                    if p.ack().await {
+                        parked += 1;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, queue, "retry copy not confirmed; leaving the message unacked")
+                }
+            }
+        }
+        self.metrics.retry(result.outcome.as_str(), parked);
+        info!(
+            notice_id = %notice.notice_id,
+            outcome = result.outcome.as_str(),
+            errcode = ?result.errcode,
+            parked,
+            "notice not delivered; messages parked for retry"
+        );
+    }
+}
+
+/// ±25% jitter so replicas that failed together do not retry together.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+/// How long until the next wall-clock minute starts (WeChat's minute quota resets then).
+fn until_next_minute() -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let into = Duration::from_millis((now.as_millis() % 60_000) as u64);
+    Duration::from_secs(60) - into + Duration::from_millis(50)
+}

@@ -1,0 +1,101 @@
+//! The operator's endpoints (contract section 6): `/metrics`, `/healthz`
+//! (the process runs) and `/readyz` (broker up, consumer registered, no
+//! configuration fault; otherwise 503 with the reason).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// What `/readyz` reports, written by the service as its state changes.
+#[derive(Default)]
+pub struct Health {
+    broker_up: AtomicBool,
+    consuming: AtomicBool,
+    fault: Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn set_broker_up(&self, up: bool) {
+        self.broker_up.store(up, Ordering::SeqCst);
+    }
+    pub fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::SeqCst);
+    }
+    pub fn set_fault(&self, fault: Option<String>) {
+        *self.fault.lock().expect("not poisoned") = fault;
+    }
+
+    /// `Ok` when ready, else the reason.
+    pub fn ready(&self) -> Result<(), String> {
+        if let Some(f) = self.fault.lock().expect("not poisoned").clone() {
+            return Err(format!("configuration fault: {f}"));
+        }
+        if !self.broker_up.load(Ordering::SeqCst) {
+            return Err("broker connection is down".into());
+        }
+        if !self.consuming.load(Ordering::SeqCst) {
+            return Err("no consumer registered".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    match s.health.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+/// Binds `addr` (port 0 picks one) and serves until shutdown; returns the bound address.
+///
+/// # Errors
+/// The bind failure.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    mut shutdown: Shutdown,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await;
+    });
+    Ok(bound)
+}

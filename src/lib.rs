@@ -1,0 +1,36 @@
+//! wechat-notifier: tells a salesperson on WeChat, within seconds, that CRM
+//! customers were assigned to them, reliably and within WeChat's quotas.
+//!
+//! Data flows one way — broker → validate → coalesce → rate-limit → WeChat →
+//! ack — with retries and dead letters as side exits. The crate map:
+//!
+//! - [`settings`]: typed settings from the environment and a TOML file.
+//! - [`event`]: raw bytes → a validated `AssignmentEvent` (pure).
+//! - [`notice`]: the notice for a window and its deterministic id (pure).
+//! - [`coalescer`]: per-assignee windows and their close rules (pure + time).
+//! - [`broker`]: connect, declare the topology, publish with confirms.
+//! - [`dispatch`]: rate budget, one call per assignee, outcome → ack/park/dead-letter.
+//! - [`wechat`]: tokens, the cloud-function and subscribe-message calls, errcode → outcome.
+//! - [`service`]: broker sessions, reconnects, shutdown drain (the `run` subcommand).
+//! - [`sim`]: the WeChat simulator used by tests, the demo and docker-compose.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: the registry.
+//! - [`publish`], [`demo`], [`cli`]: the other subcommands.
+//! - [`shutdown`], [`telemetry`]: signals and logs.
+
+pub mod broker;
+pub mod check;
+pub mod cli;
+pub mod coalescer;
+pub mod demo;
+pub mod dispatch;
+pub mod event;
+pub mod http;
+pub mod metrics;
+pub mod notice;
+pub mod publish;
+pub mod service;
+pub mod settings;
+pub mod shutdown;
+pub mod sim;
+pub mod telemetry;
+pub mod wechat;

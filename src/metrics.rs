@@ -1,0 +1,190 @@
+//! The Prometheus metrics of contract section 6, in one registry. Labels come
+//! from small fixed sets (reasons, outcomes, errcodes), never from user ids,
+//! customer names or tokens.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Every metric the service exports. Cheap to share behind an `Arc`.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub events_received: Counter,
+    events_invalid: Family<Labels, Counter>,
+    notices_sent: Family<Labels, Counter>,
+    pub events_per_notice: Histogram,
+    wechat_calls: Family<Labels, Counter>,
+    wechat_call_duration: Family<Labels, Histogram>,
+    pub rate_limiter_wait: Histogram,
+    retries: Family<Labels, Counter>,
+    dead_letters: Family<Labels, Counter>,
+    pub open_windows: Gauge<i64, AtomicI64>,
+    pub unacked_deliveries: Gauge<i64, AtomicI64>,
+    token_fetches: Family<Labels, Counter>,
+    pub consuming: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wechat_notifier");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            events_received: Counter::default(),
+            events_invalid: Family::default(),
+            notices_sent: Family::default(),
+            events_per_notice: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            wechat_calls: Family::default(),
+            wechat_call_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            }),
+            rate_limiter_wait: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            retries: Family::default(),
+            dead_letters: Family::default(),
+            open_windows: Gauge::default(),
+            unacked_deliveries: Gauge::default(),
+            token_fetches: Family::default(),
+            consuming: Gauge::default(),
+        };
+        registry.register(
+            "events_received",
+            "customer.assigned deliveries received",
+            m.events_received.clone(),
+        );
+        registry.register(
+            "events_invalid",
+            "deliveries dead-lettered as invalid, by reason",
+            m.events_invalid.clone(),
+        );
+        registry.register(
+            "notices_sent",
+            "notices accepted by WeChat, by whether they summarise several events",
+            m.notices_sent.clone(),
+        );
+        registry.register(
+            "events_per_notice",
+            "distinct events covered by one accepted notice",
+            m.events_per_notice.clone(),
+        );
+        registry.register(
+            "wechat_calls",
+            "calls to the WeChat API, by api, outcome and errcode",
+            m.wechat_calls.clone(),
+        );
+        registry.register_with_unit(
+            "wechat_call_duration",
+            "duration of WeChat API calls",
+            prometheus_client::registry::Unit::Seconds,
+            m.wechat_call_duration.clone(),
+        );
+        registry.register_with_unit(
+            "rate_limiter_wait",
+            "time a call waited for the fleet-wide rate budget",
+            prometheus_client::registry::Unit::Seconds,
+            m.rate_limiter_wait.clone(),
+        );
+        registry.register(
+            "retries",
+            "deliveries parked in a retry queue, by reason",
+            m.retries.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "deliveries dead-lettered, by reason",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "open_windows",
+            "assignee windows currently open",
+            m.open_windows.clone(),
+        );
+        registry.register(
+            "unacked_deliveries",
+            "deliveries held unacked by this replica",
+            m.unacked_deliveries.clone(),
+        );
+        registry.register(
+            "token_fetches",
+            "access token fetches, by mode and outcome",
+            m.token_fetches.clone(),
+        );
+        registry.register(
+            "consuming",
+            "1 while this replica has a registered consumer",
+            m.consuming.clone(),
+        );
+        *m.registry.lock().expect("fresh mutex") = registry;
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        encode(&mut out, &registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn event_invalid(&self, reason: &str) {
+        self.events_invalid
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    pub fn notice_sent(&self, summary: bool, events: usize) {
+        self.notices_sent
+            .get_or_create(&vec![("summary", summary.to_string())])
+            .inc();
+        self.events_per_notice.observe(events as f64);
+    }
+
+    pub fn wechat_call(&self, api: &str, outcome: &str, errcode: Option<i64>, seconds: f64) {
+        let code = errcode
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into());
+        self.wechat_calls
+            .get_or_create(&vec![
+                ("api", api.to_string()),
+                ("outcome", outcome.to_string()),
+                ("errcode", code),
+            ])
+            .inc();
+        self.wechat_call_duration
+            .get_or_create(&vec![("api", api.to_string())])
+            .observe(seconds);
+    }
+
+    pub fn retry(&self, reason: &str, n: u64) {
+        self.retries
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc_by(n);
+    }
+
+    pub fn dead_letter(&self, reason: &str, n: u64) {
+        self.dead_letters
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc_by(n);
+    }
+
+    pub fn token_fetch(&self, mode: &str, outcome: &str) {
+        self.token_fetches
+            .get_or_create(&vec![
+                ("mode", mode.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+}

@@ -1,0 +1,187 @@
+//! The `publish` subcommand: sample `customer.assigned` events published as the
+//! CRM would (persistent, JSON, `message_id`, with publisher confirms) — one
+//! event, or a bulk assignment of N customers over M assignees sharing one
+//! `batch.id`. Used by the demo, the tests and load runs.
+
+use std::time::Duration;
+
+use lapin::{BasicProperties, Channel};
+use serde_json::{json, Value};
+
+use crate::broker::{self, BrokerError, ROUTING_KEY};
+
+const SURNAMES: &[&str] = &[
+    "张", "王", "李", "赵", "刘", "陈", "杨", "黄", "周", "吴", "徐", "孙",
+];
+const GIVEN: &[&str] = &[
+    "伟", "芳", "娜", "敏", "静", "磊", "洋", "勇", "艳", "杰", "军", "涛",
+];
+const CITIES: &[&str] = &[
+    "上海", "北京", "深圳", "杭州", "成都", "武汉", "南京", "苏州", "广州", "西安",
+];
+const TRADES: &[&str] = &[
+    "贸易",
+    "科技",
+    "电子",
+    "物流",
+    "餐饮",
+    "建材",
+    "医疗器械",
+    "文化传媒",
+    "信息技术",
+    "供应链管理",
+];
+
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct Bulk {
+    pub customers: usize,
+    pub assignees: usize,
+    /// The CRM batch id; `None` publishes independent single assignments.
+    pub batch_id: Option<String>,
+    /// `user_id`s are `{prefix}{n}`, so runs do not mix.
+    pub user_prefix: String,
+    pub source: &'static str,
+    /// Give assignees an openid (needed by the direct mode).
+    pub with_openid: bool,
+}
+
+impl Bulk {
+    pub fn new(customers: usize, assignees: usize) -> Self {
+        let run = format!("{:06x}", fastrand::u32(..0xff_ffff));
+        Bulk {
+            customers,
+            assignees: assignees.max(1),
+            batch_id: Some(format!("b-{run}")),
+            user_prefix: format!("u{run}-"),
+            source: "batch",
+            with_openid: true,
+        }
+    }
+}
+
+fn person_name(i: usize) -> String {
+    format!(
+        "{}{}",
+        SURNAMES[i % SURNAMES.len()],
+        GIVEN[(i / SURNAMES.len()) % GIVEN.len()]
+    )
+}
+
+/// A realistic company name, e.g. `上海某某贸易有限公司`.
+pub fn company_name(i: usize) -> String {
+    format!(
+        "{}{}{}有限公司",
+        CITIES[i % CITIES.len()],
+        ["恒通", "华信", "宏达", "瑞丰", "嘉禾", "永盛", "新锐"][(i / CITIES.len()) % 7],
+        TRADES[(i / 7) % TRADES.len()]
+    )
+}
+
+/// A fresh event id (random, UUID-shaped).
+pub fn event_id() -> String {
+    let a = fastrand::u128(..);
+    let h = format!("{a:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The events of a bulk assignment: customer i goes to assignee i mod M.
+pub fn sample_events(bulk: &Bulk) -> Vec<Value> {
+    let now = chrono::Local::now().fixed_offset();
+    (0..bulk.customers)
+        .map(|i| {
+            let a = i % bulk.assignees;
+            let mut e = json!({
+                "event_id": event_id(),
+                "event_type": "customer.assigned",
+                "occurred_at": now.to_rfc3339(),
+                "source": bulk.source,
+                "assignee": { "user_id": format!("{}{a}", bulk.user_prefix), "name": person_name(a) },
+                "customer": { "id": (880_000 + i).to_string(), "name": company_name(i) },
+                "assigned_by": { "user_id": "7", "name": "李经理" },
+            });
+            if bulk.with_openid {
+                e["assignee"]["openid"] = json!(format!("oSim{}{a}", bulk.user_prefix));
+            }
+            if let Some(b) = &bulk.batch_id {
+                e["batch"] = json!({ "id": b, "size": bulk.customers });
+            }
+            e
+        })
+        .collect()
+}
+
+/// Publishes raw bodies to `exchange` with the CRM's routing key, each confirmed.
+/// `rate` spaces them (events per second); `None` publishes as fast as confirms allow.
+///
+/// # Errors
+/// The first publish that was not confirmed.
+pub async fn publish_bodies(
+    channel: &Channel,
+    exchange: &str,
+    bodies: &[(String, Vec<u8>)],
+    rate: Option<f64>,
+) -> Result<(), BrokerError> {
+    let spacing = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let start = tokio::time::Instant::now();
+    let mut pending = Vec::new();
+    for (i, (message_id, body)) in bodies.iter().enumerate() {
+        if let Some(s) = spacing {
+            tokio::time::sleep_until(start + s * i as u32).await;
+        }
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.as_str().into());
+        if spacing.is_some() {
+            broker::publish_confirmed(channel, exchange, ROUTING_KEY, body, props).await?;
+        } else {
+            pending.push(broker::publish_confirmed(
+                channel,
+                exchange,
+                ROUTING_KEY,
+                body,
+                props,
+            ));
+            if pending.len() >= 256 {
+                for r in futures_util::future::join_all(pending.drain(..)).await {
+                    r?;
+                }
+            }
+        }
+    }
+    for r in futures_util::future::join_all(pending).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Publishes events (JSON values) as the CRM would.
+///
+/// # Errors
+/// The first publish that was not confirmed.
+pub async fn publish_events(
+    channel: &Channel,
+    exchange: &str,
+    events: &[Value],
+    rate: Option<f64>,
+) -> Result<(), BrokerError> {
+    let bodies: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let id = e
+                .get("event_id")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            (id, serde_json::to_vec(e).expect("a JSON value serialises"))
+        })
+        .collect();
+    publish_bodies(channel, exchange, &bodies, rate).await
+}

@@ -1,0 +1,267 @@
+//! The thin WeChat API client: one call per notice, in the configured delivery
+//! mode, with the answer classified into an `Outcome`. It does not retry, wait
+//! or ack; `dispatch` decides what an outcome means for the messages.
+//!
+//! Tokens travel in the query string, so every transport error is stripped of
+//! its URL before it becomes a detail: no token reaches a log line.
+
+pub mod outcome;
+pub mod template;
+pub mod token;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::metrics::Metrics;
+use crate::notice::Notice;
+use crate::settings::{DeliveryMode, Settings, TemplateSettings};
+pub use outcome::{classify, CallResult, Outcome};
+use token::TokenProvider;
+
+/// The `type` of the probe call; the cloud function answers it without sending anything.
+pub const PROBE_TYPE: &str = "wechatNotifierProbe";
+
+/// How long one WeChat call may take before it counts as a timeout (transient).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Deserialize)]
+struct ApiReply {
+    errcode: Option<i64>,
+    errmsg: Option<String>,
+    resp_data: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FunctionReply {
+    errcode: Option<i64>,
+    #[serde(rename = "errCode")]
+    err_code: Option<i64>,
+    errmsg: Option<String>,
+    #[serde(rename = "errMsg")]
+    err_msg: Option<String>,
+}
+
+/// Sends notices to WeChat.
+pub struct WeChat {
+    http: reqwest::Client,
+    base: String,
+    mode: DeliveryMode,
+    cloud_env: String,
+    cloud_function: String,
+    template: Option<TemplateSettings>,
+    tokens: TokenProvider,
+    metrics: Arc<Metrics>,
+}
+
+/// The HTTP client every WeChat call uses (rustls, a whole-call timeout).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(CALL_TIMEOUT)
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .expect("a TLS backend is compiled in")
+}
+
+impl WeChat {
+    pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Self {
+        let http = http_client();
+        WeChat {
+            tokens: TokenProvider::new(settings, http.clone(), metrics.clone()),
+            http,
+            base: settings.wechat_api_base.clone(),
+            mode: settings.delivery_mode,
+            cloud_env: settings.cloud_env.clone(),
+            cloud_function: settings.cloud_function.clone(),
+            template: settings.template.clone(),
+            metrics,
+        }
+    }
+
+    pub fn api_name(&self) -> &'static str {
+        match self.mode {
+            DeliveryMode::CloudFunction => "invokecloudfunction",
+            DeliveryMode::SubscribeMessage => "subscribe_send",
+        }
+    }
+
+    /// Reaches WeChat without sending a notice, to find configuration faults
+    /// before consuming: a token fetch, and in cloud-function mode a probe call
+    /// whose platform-level errcode tells a wrong env or a missing permission.
+    ///
+    /// # Errors
+    /// The classified failure (the caller decides which outcomes matter).
+    pub async fn probe(&self) -> Result<(), CallResult> {
+        let token = self.tokens.get().await?;
+        if self.mode != DeliveryMode::CloudFunction {
+            return Ok(());
+        }
+        let url = format!("{}/tcb/invokecloudfunction", self.base);
+        let query = [
+            ("access_token", token.expose()),
+            ("env", self.cloud_env.as_str()),
+            ("name", self.cloud_function.as_str()),
+        ];
+        let reply = self
+            .post(&url, &query, &serde_json::json!({ "type": PROBE_TYPE }))
+            .await?;
+        match reply.errcode.unwrap_or(0) {
+            0 => Ok(()),
+            code => {
+                let result = CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
+                if result.outcome == Outcome::TokenInvalid {
+                    self.tokens.invalidate(&token).await;
+                }
+                Err(result)
+            }
+        }
+    }
+
+    /// One attempt to deliver `notice`. A token WeChat calls invalid is
+    /// dropped from the cache before this returns `TokenInvalid`.
+    pub async fn send(&self, notice: &Notice) -> CallResult {
+        let token = match self.tokens.get().await {
+            Ok(t) => t,
+            Err(e) => return e,
+        };
+        let api = self.api_name();
+        let started = Instant::now();
+        let result = match self.mode {
+            DeliveryMode::CloudFunction => self.invoke(notice, token.expose()).await,
+            DeliveryMode::SubscribeMessage => match &self.template {
+                Some(t) => match template::subscribe_body(t, notice) {
+                    Ok(body) => self.subscribe_send(&body, token.expose()).await,
+                    Err(result) => return result,
+                },
+                None => CallResult {
+                    outcome: Outcome::ConfigFault,
+                    errcode: None,
+                    detail: "subscribe_message mode without a template".into(),
+                },
+            },
+        };
+        self.metrics.wechat_call(
+            api,
+            result.outcome.as_str(),
+            result.errcode,
+            started.elapsed().as_secs_f64(),
+        );
+        if result.outcome == Outcome::TokenInvalid {
+            self.tokens.invalidate(&token).await;
+        }
+        result
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        query: &[(&str, &str)],
+        body: &Value,
+    ) -> Result<ApiReply, CallResult> {
+        let response = self
+            .http
+            .post(url)
+            .query(query)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| {
+                let kind = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
+                CallResult::transient(format!("request {kind}: {}", e.without_url()))
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CallResult::transient(format!(
+                "WeChat answered HTTP {status}"
+            )));
+        }
+        response
+            .json::<ApiReply>()
+            .await
+            .map_err(|e| CallResult::transient(format!("unreadable reply: {}", e.without_url())))
+    }
+
+    async fn invoke(&self, notice: &Notice, token: &str) -> CallResult {
+        let url = format!("{}/tcb/invokecloudfunction", self.base);
+        let body = serde_json::json!({
+            "type": "sendCustomerAssignNotification",
+            "notice": notice,
+        });
+        let query = [
+            ("access_token", token),
+            ("env", self.cloud_env.as_str()),
+            ("name", self.cloud_function.as_str()),
+        ];
+        let reply = match self.post(&url, &query, &body).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        let code = reply.errcode.unwrap_or(0);
+        if code != 0 {
+            return CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
+        }
+        function_result(reply.resp_data.as_deref())
+    }
+
+    async fn subscribe_send(&self, body: &Value, token: &str) -> CallResult {
+        let url = format!("{}/cgi-bin/message/subscribe/send", self.base);
+        match self.post(&url, &[("access_token", token)], body).await {
+            Ok(reply) => CallResult::from_errcode(
+                reply.errcode.unwrap_or(0),
+                reply.errmsg.as_deref().unwrap_or(""),
+            ),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Reads the cloud function's own answer out of `resp_data`.
+fn function_result(resp_data: Option<&str>) -> CallResult {
+    let parsed = resp_data.and_then(|d| serde_json::from_str::<FunctionReply>(d).ok());
+    match parsed {
+        Some(r) => match r.errcode.or(r.err_code) {
+            Some(code) => {
+                let msg = r.errmsg.or(r.err_msg).unwrap_or_default();
+                let mut result = CallResult::from_errcode(code, &msg);
+                result.detail = format!("cloud function: {}", result.detail);
+                result
+            }
+            None => CallResult {
+                outcome: Outcome::FunctionFailed,
+                errcode: None,
+                detail: "cloud function answered without errcode".into(),
+            },
+        },
+        None => CallResult {
+            outcome: Outcome::FunctionFailed,
+            errcode: None,
+            detail: "cloud function answered no JSON resp_data".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_answers_in_both_spellings() {
+        assert_eq!(
+            function_result(Some(r#"{"errcode":0,"errmsg":"ok"}"#)).outcome,
+            Outcome::Delivered
+        );
+        let r = function_result(Some(r#"{"errCode":43101,"errMsg":"user refuse"}"#));
+        assert_eq!((r.outcome, r.errcode), (Outcome::Rejected, Some(43101)));
+        assert_eq!(
+            function_result(Some("null")).outcome,
+            Outcome::FunctionFailed
+        );
+        assert_eq!(function_result(None).outcome, Outcome::FunctionFailed);
+    }
+}

@@ -1,0 +1,172 @@
+//! The access token: fetched once, cached, refreshed ahead of expiry, one fetch
+//! in flight at a time. The stable mode (`/cgi-bin/stable_token`) is the default
+//! because it returns the same token to every replica and every other service
+//! of the appid; the classic `/cgi-bin/token` invalidates the tokens others hold.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::outcome::{classify, CallResult, Outcome};
+use crate::metrics::Metrics;
+use crate::settings::{Secret, Settings, TokenMode};
+
+/// A stable token is force-refreshed at most this often (contract section 4).
+const FORCE_REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+#[derive(Deserialize)]
+struct TokenReply {
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+    errcode: Option<i64>,
+    errmsg: Option<String>,
+}
+
+struct Cached {
+    token: Secret,
+    refresh_at: Instant,
+    stale: bool,
+}
+
+#[derive(Default)]
+struct State {
+    cached: Option<Cached>,
+    last_forced: Option<Instant>,
+}
+
+/// Shared by every call of this replica.
+pub struct TokenProvider {
+    http: reqwest::Client,
+    base: String,
+    appid: String,
+    secret: Secret,
+    mode: TokenMode,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+impl TokenProvider {
+    pub fn new(settings: &Settings, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+        TokenProvider {
+            http,
+            base: settings.wechat_api_base.clone(),
+            appid: settings.appid.clone(),
+            secret: settings.appsecret.clone(),
+            mode: settings.token_mode,
+            state: Mutex::new(State::default()),
+            metrics,
+        }
+    }
+
+    fn mode_label(&self) -> &'static str {
+        match self.mode {
+            TokenMode::Stable => "stable",
+            TokenMode::Classic => "classic",
+        }
+    }
+
+    /// A valid token, fetched if none is cached or it is due.
+    ///
+    /// # Errors
+    /// The classified failure of the fetch (config fault for a bad secret,
+    /// transient for network trouble).
+    pub async fn get(&self) -> Result<Secret, CallResult> {
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(c) = &state.cached {
+            if !c.stale && now < c.refresh_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let force = self.mode == TokenMode::Stable
+            && state.cached.as_ref().is_some_and(|c| c.stale)
+            && state
+                .last_forced
+                .is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY);
+        let result = self.fetch(force).await;
+        match &result {
+            Ok((token, expires_in)) => {
+                if force {
+                    state.last_forced = Some(now);
+                }
+                // Refresh ahead of expiry: at 90% of the lifetime, at most 5 minutes early.
+                let ahead = (*expires_in / 10).min(300);
+                let lifetime = Duration::from_secs(expires_in.saturating_sub(ahead).max(1));
+                state.cached = Some(Cached {
+                    token: token.clone(),
+                    refresh_at: now + lifetime,
+                    stale: false,
+                });
+                self.metrics.token_fetch(self.mode_label(), "ok");
+            }
+            Err(e) => self
+                .metrics
+                .token_fetch(self.mode_label(), e.outcome.as_str()),
+        }
+        result.map(|(t, _)| t)
+    }
+
+    /// WeChat said `token` is no longer valid: the next `get` fetches again.
+    /// A token that was already replaced is left alone.
+    pub async fn invalidate(&self, token: &Secret) {
+        let mut state = self.state.lock().await;
+        if let Some(c) = state.cached.as_mut() {
+            if &c.token == token {
+                c.stale = true;
+            }
+        }
+    }
+
+    async fn fetch(&self, force: bool) -> Result<(Secret, u64), CallResult> {
+        let request = match self.mode {
+            TokenMode::Stable => self
+                .http
+                .post(format!("{}/cgi-bin/stable_token", self.base))
+                .json(&serde_json::json!({
+                    "grant_type": "client_credential",
+                    "appid": self.appid,
+                    "secret": self.secret.expose(),
+                    "force_refresh": force,
+                })),
+            TokenMode::Classic => self
+                .http
+                .get(format!("{}/cgi-bin/token", self.base))
+                .query(&[
+                    ("grant_type", "client_credential"),
+                    ("appid", self.appid.as_str()),
+                    ("secret", self.secret.expose()),
+                ]),
+        };
+        let response = request.send().await.map_err(|e| {
+            CallResult::transient(format!("token request failed: {}", e.without_url()))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CallResult::transient(format!(
+                "token request answered HTTP {status}"
+            )));
+        }
+        let reply: TokenReply = response.json().await.map_err(|e| {
+            CallResult::transient(format!("token reply unreadable: {}", e.without_url()))
+        })?;
+        match (reply.errcode.unwrap_or(0), reply.access_token) {
+            (0, Some(token)) if !token.is_empty() => {
+                Ok((Secret::new(token), reply.expires_in.unwrap_or(7200)))
+            }
+            (0, _) => Err(CallResult::transient("token reply without access_token")),
+            (code, _) => {
+                let mut result =
+                    CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
+                result.detail = format!("token fetch: {}", result.detail);
+                // A token fetch that is refused for a token reason is not fixed by another token.
+                if classify(code) == Outcome::TokenInvalid {
+                    result.outcome = Outcome::Transient;
+                }
+                Err(result)
+            }
+        }
+    }
+}
