@@ -15,7 +15,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use lapin::options::BasicAckOptions;
 use lapin::Acker;
 use lapin::{BasicProperties, Channel};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
@@ -119,6 +119,17 @@ pub struct SessionLink {
     pub faults: mpsc::UnboundedSender<String>,
 }
 
+/// The last ticket of an assignee: its serial, and the signal its call is done.
+type Tail = (u64, Option<oneshot::Receiver<()>>);
+
+/// A window's place in its assignee's line (see `Dispatcher::ticket`).
+pub struct Ticket {
+    key: String,
+    serial: u64,
+    previous: Option<oneshot::Receiver<()>>,
+    done: oneshot::Sender<()>,
+}
+
 /// Shared by every window this replica sends; outlives broker sessions so the
 /// token cache and the rate budget survive a reconnect.
 pub struct Dispatcher {
@@ -126,7 +137,8 @@ pub struct Dispatcher {
     wechat: WeChat,
     limiter: DefaultDirectRateLimiter,
     pause_until: Mutex<Option<Instant>>,
-    assignee_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per assignee: the serial of the last ticket and the signal its call is done.
+    assignee_tails: Mutex<HashMap<String, Tail>>,
     metrics: Arc<Metrics>,
 }
 
@@ -144,32 +156,62 @@ impl Dispatcher {
             wechat: WeChat::new(&settings, metrics.clone()),
             limiter: RateLimiter::direct(quota(settings.rate_per_sec, settings.rate_burst)),
             pause_until: Mutex::new(None),
-            assignee_locks: Mutex::new(HashMap::new()),
+            assignee_tails: Mutex::new(HashMap::new()),
             settings,
             metrics,
         }
     }
 
-    pub fn wechat(&self) -> &WeChat {
-        &self.wechat
+    /// Reaches WeChat without a notice (within the rate budget) to find configuration faults.
+    ///
+    /// # Errors
+    /// The classified failure.
+    pub async fn probe(&self) -> Result<(), CallResult> {
+        self.wait_for_budget().await;
+        self.wechat.probe().await
     }
 
-    /// Sends one closed window and settles every delivery it holds.
-    pub async fn deliver(&self, closed: Closed<Pending>, link: SessionLink) {
-        let Some(first) = closed.events.first() else {
-            return;
-        };
-        let key = first.assignee.user_id.clone();
-        let lock = {
-            let mut locks = self.assignee_locks.lock().expect("not poisoned");
-            locks.entry(key.clone()).or_default().clone()
-        };
-        let guard = lock.lock().await;
+    /// Takes this window's place in its assignee's line. Called in arrival
+    /// order, synchronously, so an assignee's notices go out one at a time and
+    /// in order, while different assignees' run concurrently.
+    pub fn ticket(&self, closed: &Closed<Pending>) -> Ticket {
+        let key = closed
+            .events
+            .first()
+            .map(|e| e.assignee.user_id.clone())
+            .unwrap_or_default();
+        let (done, next) = oneshot::channel();
+        let mut tails = self.assignee_tails.lock().expect("not poisoned");
+        let serial = tails.get(&key).map_or(0, |(s, _)| s + 1);
+        let previous = tails
+            .insert(key.clone(), (serial, Some(next)))
+            .and_then(|(_, rx)| rx);
+        Ticket {
+            key,
+            serial,
+            previous,
+            done,
+        }
+    }
+
+    /// Sends one closed window (after its assignee's previous one) and settles
+    /// every delivery it holds.
+    pub async fn deliver(&self, closed: Closed<Pending>, link: SessionLink, ticket: Ticket) {
+        let Ticket {
+            key,
+            serial,
+            previous,
+            done,
+        } = ticket;
+        if let Some(previous) = previous {
+            // Resolves when the previous call finished or its task was dropped.
+            let _ = previous.await;
+        }
         self.deliver_locked(closed, &link).await;
-        drop(guard);
-        let mut locks = self.assignee_locks.lock().expect("not poisoned");
-        if Arc::strong_count(&lock) == 2 {
-            locks.remove(&key);
+        drop(done);
+        let mut tails = self.assignee_tails.lock().expect("not poisoned");
+        if tails.get(&key).is_some_and(|(s, _)| *s == serial) {
+            tails.remove(&key);
         }
     }
 

@@ -276,6 +276,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    type Mutation = Box<dyn Fn(&mut Value)>;
+
     fn valid() -> Value {
         json!({
             "event_id": "e-1",
@@ -338,7 +340,7 @@ mod tests {
 
     #[test]
     fn every_broken_rule_names_its_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        let cases: Vec<(&str, Mutation)> = vec![
             (
                 "event_id",
                 Box::new(|v| {

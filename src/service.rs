@@ -141,7 +141,7 @@ impl Service {
         let publish = broker::confirm_channel(&conn).await?;
         broker::declare_topology(&publish, s).await?;
 
-        if let Err(e) = self.dispatcher.wechat().probe().await {
+        if let Err(e) = self.dispatcher.probe().await {
             if e.outcome == Outcome::ConfigFault {
                 close(&conn).await;
                 return Ok(SessionEnd::ConfigFault(e.detail));
@@ -287,7 +287,8 @@ impl Service {
         for window in closed {
             let dispatcher = self.dispatcher.clone();
             let link = link.clone();
-            tasks.spawn(async move { dispatcher.deliver(window, link).await });
+            let ticket = dispatcher.ticket(&window);
+            tasks.spawn(async move { dispatcher.deliver(window, link, ticket).await });
         }
     }
 }

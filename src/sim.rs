@@ -120,6 +120,8 @@ struct Inner {
     calls: Vec<Call>,
     faults: Vec<Fault>,
     serial: u64,
+    /// Notice calls received and not yet answered.
+    in_flight: usize,
 }
 
 /// The simulator's shared state.
@@ -194,6 +196,11 @@ impl Sim {
     /// Every token the simulator ever issued (to search logs for leaks).
     pub fn issued_tokens(&self) -> Vec<String> {
         self.state.lock().tokens.keys().cloned().collect()
+    }
+
+    /// Notice calls received and not answered yet (held by a delay fault).
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().in_flight
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -279,6 +286,22 @@ impl SimState {
             Some(t) if t.expires <= Instant::now() => 42001,
             Some(_) => 0,
         }
+    }
+}
+
+/// Counts a notice call as in flight until it is answered or abandoned.
+struct InFlight<'a>(&'a SimState);
+
+impl<'a> InFlight<'a> {
+    fn enter(s: &'a SimState) -> Self {
+        s.lock().in_flight += 1;
+        InFlight(s)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
     }
 }
 
@@ -431,7 +454,11 @@ async fn invoke(
     } else {
         s.take_fault(Api::InvokeCloudFunction, user_id.as_deref())
     };
-    let function_code = match apply_fault(fault, true).await {
+    let applied = {
+        let _held = InFlight::enter(&s);
+        apply_fault(fault, true).await
+    };
+    let function_code = match applied {
         Ok(code) => code,
         Err((status, code, resp)) => {
             s.record(at, Api::InvokeCloudFunction, body, status, code);

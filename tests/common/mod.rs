@@ -1,0 +1,359 @@
+//! The one test harness: a real RabbitMQ at `AMQP_URL` (default 127.0.0.1:5672),
+//! an in-process WeChat simulator, and the service either in-process or as a
+//! real process. Every test gets its own exchange and queue names, so tests run
+//! in parallel. Set `TEST_LOG=1` to see the service's logs.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use wechat_notifier::broker;
+use wechat_notifier::publish::{self, Bulk};
+use wechat_notifier::service::Service;
+use wechat_notifier::settings::Settings;
+use wechat_notifier::shutdown::{self, ShutdownTrigger};
+use wechat_notifier::sim::{Sim, SimConfig};
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn init_logs() {
+    if std::env::var("TEST_LOG").is_ok() {
+        wechat_notifier::telemetry::init(wechat_notifier::settings::LogFormat::Text, "info");
+    }
+}
+
+/// A free port on 127.0.0.1 (for a child process's metrics address).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Everything one test needs: the simulator, its names, a broker connection.
+pub struct TestEnv {
+    pub sim: Sim,
+    pub prefix: String,
+    pub conn: Connection,
+    pub channel: Channel,
+    /// Settings on top of the defaults, as environment pairs.
+    pub vars: Vec<(String, String)>,
+}
+
+impl TestEnv {
+    pub async fn new(tag: &str) -> TestEnv {
+        Self::with_sim(tag, SimConfig::default()).await
+    }
+
+    pub async fn with_sim(tag: &str, config: SimConfig) -> TestEnv {
+        init_logs();
+        let sim = Sim::start_local(config).await.expect("simulator starts");
+        let prefix = format!("t.{tag}.{:08x}", fastrand::u32(..));
+        let vars = vec![
+            ("AMQP_URL", amqp_url()),
+            ("WECHAT_API_BASE", sim.url()),
+            ("WECHAT_APPID", sim.config().appid.clone()),
+            ("WECHAT_APPSECRET", sim.config().secret.clone()),
+            ("WECHAT_CLOUD_ENV", sim.config().cloud_env.clone()),
+            ("NOTIFIER_EXCHANGE", format!("{prefix}.events")),
+            ("NOTIFIER_QUEUE", format!("{prefix}.work")),
+            ("NOTIFIER_DEAD_QUEUE", format!("{prefix}.dead")),
+            ("NOTIFIER_RETRY_QUEUE_PREFIX", format!("{prefix}.retry")),
+            ("NOTIFIER_RETRY_DELAYS", "1s".into()),
+            ("NOTIFIER_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("NOTIFIER_RATE_PER_SEC", "200".into()),
+            ("NOTIFIER_BATCH_WINDOW_MS", "300".into()),
+            ("NOTIFIER_BATCH_MAX_WAIT_MS", "3000".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let conn = broker::connect(&[amqp_url()], "wechat-notifier-test")
+            .await
+            .expect("RabbitMQ at AMQP_URL");
+        let channel = broker::confirm_channel(&conn).await.unwrap();
+        TestEnv {
+            sim,
+            prefix,
+            conn,
+            channel,
+            vars,
+        }
+    }
+
+    /// Overrides (or adds) a setting for services started after this.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_string(), value.to_string()));
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings::from_pairs(self.vars.clone()).expect("test settings are valid")
+    }
+
+    /// Declares the topology, as the CRM side may do before the service starts.
+    pub async fn declare(&self) {
+        broker::declare_topology(&self.channel, &self.settings())
+            .await
+            .unwrap();
+    }
+
+    pub fn queue(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// Starts the service in this process.
+    pub async fn start_service(&self) -> InProcess {
+        let (trigger, signal) = shutdown::channel();
+        let service = Service::build(self.settings(), signal).await.unwrap();
+        let http = service.http_addr();
+        let handle = tokio::spawn(service.run_until_stopped());
+        InProcess {
+            trigger,
+            handle,
+            http: http.to_string(),
+        }
+    }
+
+    /// Starts the service as a real process with this test's settings.
+    pub fn spawn_process(&self) -> Replica {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
+        cmd.arg("run").env_clear();
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        cmd.env("NOTIFIER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(if std::env::var("TEST_LOG").is_ok() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        let child = cmd.spawn().expect("the binary starts");
+        Replica {
+            child,
+            http: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Publishes events as the CRM would (confirmed).
+    pub async fn publish(&self, events: &[Value]) {
+        publish::publish_events(
+            &self.channel,
+            &format!("{}.events", self.prefix),
+            events,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Publishes raw bodies (for invalid input).
+    pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
+        let bodies: Vec<(String, Vec<u8>)> =
+            bodies.iter().map(|b| (String::new(), b.clone())).collect();
+        publish::publish_bodies(
+            &self.channel,
+            &format!("{}.events", self.prefix),
+            &bodies,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// A bulk assignment's events, with this test's user ids.
+    pub fn bulk(&self, customers: usize, assignees: usize, batch: bool) -> Vec<Value> {
+        let mut b = Bulk::new(customers, assignees);
+        if !batch {
+            b.batch_id = None;
+        }
+        publish::sample_events(&b)
+    }
+
+    /// Ready messages in a queue (passive declare).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Takes every message now in `queue` (acking them).
+    pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            m.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            out.push((m.delivery.data.clone(), m.delivery.properties.clone()));
+        }
+        out
+    }
+
+    /// Every event id covered by a notice WeChat accepted.
+    pub fn notified_ids(&self) -> BTreeSet<String> {
+        self.sim
+            .delivered()
+            .iter()
+            .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Deletes this test's queues and exchange.
+    pub async fn cleanup(&self) {
+        let s = self.settings();
+        let mut queues = vec![s.queue.clone(), s.dead_queue.clone()];
+        queues.extend(s.retry_delays.iter().map(|d| s.retry_queue(*d)));
+        if let Ok(ch) = self.conn.create_channel().await {
+            for q in queues {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = ch
+                .exchange_delete(s.exchange.as_str().into(), Default::default())
+                .await;
+        }
+    }
+}
+
+pub fn ids(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The in-process service.
+pub struct InProcess {
+    pub trigger: ShutdownTrigger,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+    pub http: String,
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
+    }
+}
+
+/// A replica as a real process; killed when dropped.
+pub struct Replica {
+    pub child: Child,
+    pub http: String,
+}
+
+impl Replica {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// (ready, unacked) of a queue, from `rabbitmqctl` (the broker's own view).
+pub fn queue_counts(queue: &str) -> (u64, u64) {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() == 3 && cols[0] == queue {
+            return (cols[1].parse().unwrap_or(0), cols[2].parse().unwrap_or(0));
+        }
+    }
+    (0, 0)
+}
+
+/// A metric's value from a `/metrics` text (sum over the label sets that contain `labels`).
+pub async fn metric(http: &str, name: &str, labels: &str) -> f64 {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{'))
+        })
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}

@@ -1,0 +1,355 @@
+//! The core pipeline against the real broker and the simulator: one event, bulk
+//! assignments, batch completion, invalid input, ack-after-success, two
+//! replicas, and the rate budget.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ids, queue_counts, wait_until, TestEnv};
+use serde_json::{json, Value};
+use wechat_notifier::broker::{header_int, header_str, headers};
+use wechat_notifier::sim::{Api, Fault, FaultAction};
+
+type Mutation = Box<dyn Fn(&mut Value)>;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_event_gives_one_plain_notice_and_the_queue_ends_empty() {
+    let env = TestEnv::new("one").await;
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(1, 1, false);
+    env.publish(&events).await;
+
+    assert!(
+        wait_until(WAIT, || env.sim.delivered().len() == 1).await,
+        "one notice arrives"
+    );
+    let n = &env.sim.delivered()[0];
+    assert_eq!(n["summary"], json!(false));
+    assert_eq!(n["customer_count"], json!(1));
+    assert_eq!(n["event_ids"], json!([events[0]["event_id"]]));
+    assert_eq!(n["customers"][0]["name"], events[0]["customer"]["name"]);
+    assert_eq!(n["assignee"]["user_id"], events[0]["assignee"]["user_id"]);
+    assert_eq!(
+        n["notice_id"].as_str().unwrap(),
+        wechat_notifier::notice::notice_id(&[events[0]["event_id"].as_str().unwrap()])
+    );
+    let queue = env.queue();
+    assert!(
+        wait_until(WAIT, || queue_counts(&queue) == (0, 0)).await,
+        "acked after success"
+    );
+    svc.stop().await;
+    assert_eq!(env.sim.delivered().len(), 1);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_events_of_one_batch_become_one_summary() {
+    let mut env = TestEnv::new("bulk50").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
+    env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "10000");
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(50, 1, true);
+    env.publish(&events).await;
+
+    assert!(wait_until(WAIT, || env.notified_ids() == ids(&events)).await);
+    let notices = env.sim.delivered();
+    assert_eq!(notices.len(), 1, "one notice for the whole bulk assignment");
+    let n = &notices[0];
+    assert_eq!(n["summary"], json!(true));
+    assert_eq!(n["customer_count"], json!(50));
+    assert_eq!(n["customers"].as_array().unwrap().len(), 10);
+    assert_eq!(n["customers"][0]["id"], events[0]["customer"]["id"]);
+    let event_ids: Vec<&Value> = events.iter().map(|e| &e["event_id"]).collect();
+    assert_eq!(
+        n["event_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        event_ids,
+        "arrival order"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_interleaved_assignees_get_three_notices() {
+    let env = TestEnv::new("three").await;
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(30, 3, true);
+    env.publish(&events).await;
+
+    assert!(wait_until(WAIT, || env.notified_ids() == ids(&events)).await);
+    let notices = env.sim.delivered();
+    assert_eq!(notices.len(), 3);
+    let mut users: Vec<&str> = notices
+        .iter()
+        .map(|n| n["assignee"]["user_id"].as_str().unwrap())
+        .collect();
+    users.sort();
+    users.dedup();
+    assert_eq!(users.len(), 3);
+    assert!(notices.iter().all(|n| n["customer_count"] == json!(10)));
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_120_with_batch_max_50_gives_50_50_20() {
+    let mut env = TestEnv::new("max50").await;
+    env.set("NOTIFIER_BATCH_MAX", "50");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "5000");
+    env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "20000");
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(120, 1, true);
+    env.publish(&events).await;
+
+    assert!(wait_until(WAIT, || env.notified_ids() == ids(&events)).await);
+    let counts: Vec<u64> = env
+        .sim
+        .delivered()
+        .iter()
+        .map(|n| n["customer_count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![50, 50, 20]);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_batch_is_sent_without_waiting_out_a_30s_quiet_period() {
+    let mut env = TestEnv::new("complete").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "30000");
+    env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "60000");
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(20, 2, true);
+    env.publish(&events).await;
+    // Only batch completion can close these windows before 30 s.
+    assert!(
+        wait_until(Duration::from_secs(10), || env.notified_ids()
+            == ids(&events))
+        .await,
+        "the completed batch was announced at once"
+    );
+    assert_eq!(env.sim.delivered().len(), 2);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_dead_lettered_with_reason_and_original_bytes() {
+    let env = TestEnv::new("invalid").await;
+    let svc = env.start_service().await;
+    env.declare().await;
+    let good = env.bulk(1, 1, false)[0].clone();
+    let mut cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"{not json".to_vec(), "JSON"),
+        (vec![b'{', 0xff, 0xfe, b'}'], "UTF-8"),
+        (
+            {
+                let mut v = good.clone();
+                v["padding"] = json!("x".repeat(70_000));
+                serde_json::to_vec(&v).unwrap()
+            },
+            "bytes",
+        ),
+    ];
+    let mutations: Vec<(&str, Mutation)> = vec![
+        (
+            "event_id",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("event_id");
+            }),
+        ),
+        (
+            "event_type",
+            Box::new(|v| v["event_type"] = json!("customer.deleted")),
+        ),
+        (
+            "occurred_at",
+            Box::new(|v| v["occurred_at"] = json!("2026-11-25 14:03")),
+        ),
+        ("source", Box::new(|v| v["source"] = json!("fax"))),
+        (
+            "assignee",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("assignee");
+            }),
+        ),
+        (
+            "assignee.user_id",
+            Box::new(|v| v["assignee"]["user_id"] = json!(-5)),
+        ),
+        (
+            "customer.id",
+            Box::new(|v| v["customer"]["id"] = json!(null)),
+        ),
+        (
+            "customer.name",
+            Box::new(|v| v["customer"]["name"] = json!("名".repeat(201))),
+        ),
+        (
+            "batch.size",
+            Box::new(|v| v["batch"] = json!({"id": "b", "size": 0})),
+        ),
+    ];
+    for (field, mutate) in &mutations {
+        let mut v = good.clone();
+        mutate(&mut v);
+        cases.push((serde_json::to_vec(&v).unwrap(), field));
+    }
+    let bodies: Vec<Vec<u8>> = cases.iter().map(|(b, _)| b.clone()).collect();
+    env.publish_raw(&bodies).await;
+    env.publish(std::slice::from_ref(&good)).await;
+
+    assert!(
+        wait_until(WAIT, || env.sim.delivered().len() == 1).await,
+        "the valid event behind them arrives"
+    );
+    let dead_queue = env.dead_queue();
+    let n = cases.len() as u64;
+    assert!(
+        wait_until(WAIT, || queue_counts(&dead_queue).0 == n).await,
+        "every invalid message is dead-lettered"
+    );
+    let dead = env.drain(&env.dead_queue()).await;
+    assert_eq!(dead.len(), cases.len());
+    for (body, expect) in &cases {
+        let (_, props) = dead
+            .iter()
+            .find(|(b, _)| b == body)
+            .expect("original bytes kept");
+        assert_eq!(
+            header_str(props, headers::REASON).as_deref(),
+            Some("invalid_event")
+        );
+        let detail = header_str(props, headers::DETAIL).unwrap();
+        assert!(detail.contains(expect), "detail {detail:?} names {expect}");
+        assert!(header_int(props, headers::ATTEMPTS).is_some());
+        assert!(header_str(props, headers::FIRST_FAILED_AT).is_some());
+    }
+    let queue = env.queue();
+    assert!(wait_until(WAIT, || queue_counts(&queue) == (0, 0)).await);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stays_unacked_while_wechat_holds_the_call_and_returns_when_the_replica_dies() {
+    let env = TestEnv::new("hold").await;
+    env.declare().await;
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::DelayMs(60_000),
+        times: Some(1),
+    });
+    let mut replica = env.spawn_process();
+    env.publish(&env.bulk(1, 1, false)).await;
+
+    assert!(
+        wait_until(WAIT, || env.sim.in_flight() == 1).await,
+        "the call is held open"
+    );
+    let queue = env.queue();
+    assert!(
+        wait_until(WAIT, || queue_counts(&queue) == (0, 1)).await,
+        "the broker reports the message unacked while WeChat has not answered"
+    );
+    assert_eq!(env.sim.in_flight(), 1, "still held");
+    replica.kill9();
+    assert!(
+        wait_until(WAIT, || queue_counts(&queue) == (1, 0)).await,
+        "back in the queue after the kill"
+    );
+    assert!(env.sim.delivered().is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replica_processes_one_consumes_and_each_assignee_gets_one_notice() {
+    let env = TestEnv::new("tworep").await;
+    env.declare().await;
+    let a = env.spawn_process();
+    let b = env.spawn_process();
+    let up = |http: String| async move {
+        for _ in 0..200 {
+            if let Ok(r) = reqwest::get(format!("http://{http}/readyz")).await {
+                if r.status().is_success() {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(
+        up(a.http.clone()).await && up(b.http.clone()).await,
+        "both replicas register"
+    );
+    let events = env.bulk(60, 4, true);
+    env.publish(&events).await;
+
+    assert!(wait_until(WAIT, || env.notified_ids() == ids(&events)).await);
+    let notices = env.sim.delivered();
+    assert_eq!(notices.len(), 4, "one notice per assignee");
+    let ra = common::metric(&a.http, "wechat_notifier_events_received_total", "").await;
+    let rb = common::metric(&b.http, "wechat_notifier_events_received_total", "").await;
+    assert_eq!(
+        (ra.min(rb), ra.max(rb)),
+        (0.0, 60.0),
+        "only one replica consumed"
+    );
+    drop((a, b));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_spaced_by_the_rate_budget() {
+    let mut env = TestEnv::new("rate").await;
+    let (rate, n) = (5.0, 11usize);
+    env.set("NOTIFIER_RATE_PER_SEC", "5");
+    env.set("NOTIFIER_RATE_BURST", "1");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    let svc = env.start_service().await;
+    env.declare().await;
+    let events = env.bulk(n, n, false);
+    env.publish(&events).await;
+
+    assert!(wait_until(WAIT, || env.sim.delivered().len() == n).await);
+    // Every WeChat call but token fetches counts (the start-up probe too).
+    let times: Vec<f64> = env
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.api == Api::InvokeCloudFunction)
+        .map(|c| c.at_ms)
+        .collect();
+    let span = times.last().unwrap() - times.first().unwrap();
+    let min = (times.len() - 1) as f64 / rate * 1000.0;
+    // A few ms of tolerance for the request's trip through loopback.
+    assert!(
+        span >= min - 20.0,
+        "{} calls took {span:.0} ms, less than {min:.0} ms",
+        times.len()
+    );
+    for (i, t) in times.iter().enumerate() {
+        let in_window = times[i..].iter().take_while(|u| **u < t + 1000.0).count();
+        assert!(
+            in_window as f64 <= rate + 1.0,
+            "{in_window} calls in one second"
+        );
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}
