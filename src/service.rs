@@ -27,8 +27,6 @@ use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 use crate::wechat::Outcome;
 
-/// How often a replica with a configuration fault checks whether it was fixed.
-pub const CONFIG_FAULT_RETRY: Duration = Duration::from_secs(15);
 /// Reconnect backoff bounds (exponential, with jitter).
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
@@ -106,6 +104,10 @@ impl Service {
             }
             let started = Instant::now();
             let end = self.session().await;
+            if let Ok(SessionEnd::ConfigFault(reason)) = &end {
+                // Reported before the flags drop, so /readyz names the real cause.
+                self.health.set_fault(Some(reason.clone()));
+            }
             self.health.set_consuming(false);
             self.health.set_broker_up(false);
             self.metrics.consuming.set(0);
@@ -113,9 +115,9 @@ impl Service {
             let wait = match end {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
                 Ok(SessionEnd::ConfigFault(reason)) => {
-                    warn!(%reason, retry_in_s = CONFIG_FAULT_RETRY.as_secs(), "not consuming: configuration fault");
-                    self.health.set_fault(Some(reason));
-                    CONFIG_FAULT_RETRY
+                    let retry = self.settings.config_retry;
+                    warn!(%reason, retry_in_ms = retry.as_millis() as u64, "not consuming: configuration fault");
+                    retry
                 }
                 Err(e) => {
                     if started.elapsed() > RECONNECT_MAX * 2 {

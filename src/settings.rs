@@ -107,6 +107,8 @@ pub struct Settings {
     pub max_attempts: u32,
     pub max_age: Duration,
     pub shutdown_grace: Duration,
+    /// How often a replica with a configuration fault checks again (not in the contract).
+    pub config_retry: Duration,
     pub exchange: String,
     pub queue: String,
     pub dead_queue: String,
@@ -608,6 +610,7 @@ impl Settings {
             max_attempts: integer(src, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
             max_age: duration(src, "NOTIFIER_MAX_AGE", "24h")?,
             shutdown_grace: duration(src, "NOTIFIER_SHUTDOWN_GRACE", "20s")?,
+            config_retry: duration(src, "NOTIFIER_CONFIG_RETRY", "15s")?,
             exchange: name(src, "NOTIFIER_EXCHANGE", "crm.events")?,
             queue: name(src, "NOTIFIER_QUEUE", "wechat-notifier.customer-assigned")?,
             dead_queue: name(src, "NOTIFIER_DEAD_QUEUE", "wechat-notifier.dead")?,

@@ -449,11 +449,8 @@ async fn invoke(
         s.record(at, Api::InvokeCloudFunction, body, 200, -501000);
         return wechat_error(-501000, "function not found");
     }
-    let fault = if probe {
-        None
-    } else {
-        s.take_fault(Api::InvokeCloudFunction, user_id.as_deref())
-    };
+    // A probe meets only the faults meant for every call (no user_id).
+    let fault = s.take_fault(Api::InvokeCloudFunction, user_id.as_deref());
     let applied = {
         let _held = InFlight::enter(&s);
         apply_fault(fault, true).await
@@ -466,7 +463,8 @@ async fn invoke(
         }
     };
     let function_code = match (probe, function_code) {
-        (true, _) => 0,
+        (true, None) => 0,
+        (true, Some(c)) => c,
         (false, Some(c)) => c,
         (false, None)
             if body.get("type").and_then(Value::as_str)

@@ -248,14 +248,17 @@ async fn invalid_input_is_dead_lettered_with_reason_and_original_bytes() {
 async fn a_message_stays_unacked_while_wechat_holds_the_call_and_returns_when_the_replica_dies() {
     let env = TestEnv::new("hold").await;
     env.declare().await;
+    let events = env.bulk(1, 1, false);
     env.sim.push_fault(Fault {
         api: Some(Api::InvokeCloudFunction),
-        user_id: None,
+        user_id: events[0]["assignee"]["user_id"]
+            .as_str()
+            .map(str::to_string),
         action: FaultAction::DelayMs(60_000),
         times: Some(1),
     });
     let mut replica = env.spawn_process();
-    env.publish(&env.bulk(1, 1, false)).await;
+    env.publish(&events).await;
 
     assert!(
         wait_until(WAIT, || env.sim.in_flight() == 1).await,

@@ -341,13 +341,21 @@ pub fn queue_counts(queue: &str) -> (u64, u64) {
 
 /// A metric's value from a `/metrics` text (sum over the label sets that contain `labels`).
 pub async fn metric(http: &str, name: &str, labels: &str) -> f64 {
+    try_metric(http, name, labels)
+        .await
+        .expect("/metrics answers")
+}
+
+/// As `metric`, or `None` while the endpoint does not answer.
+pub async fn try_metric(http: &str, name: &str, labels: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://{http}/metrics"))
         .await
-        .unwrap()
+        .ok()?
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .ok()?;
+    let sum = text
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             l.starts_with(name)
@@ -355,5 +363,6 @@ pub async fn metric(http: &str, name: &str, labels: &str) -> f64 {
         })
         .filter(|l| l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+        .sum();
+    Some(sum)
 }

@@ -1,0 +1,478 @@
+//! Every fault the contract names, driven through the simulator against the real
+//! broker: the errcode table, an outage, token expiry, a rejected assignee, a
+//! killed replica and SIGTERM. (Broker restarts live in their own test binary.)
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{ids, queue_counts, wait_until, TestEnv};
+use serde_json::Value;
+use wechat_notifier::broker::{header_int, header_str, headers};
+use wechat_notifier::sim::{Api, Fault, FaultAction};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn fault(action: FaultAction, times: Option<u32>) -> Fault {
+    Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action,
+        times,
+    }
+}
+
+fn user_fault(user: &Value, action: FaultAction) -> Fault {
+    Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: user.as_str().map(str::to_string),
+        action,
+        times: None,
+    }
+}
+
+async fn env(tag: &str) -> TestEnv {
+    let mut env = TestEnv::new(tag).await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "500ms");
+    env.declare().await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_errors_fetch_a_token_again_and_deliver() {
+    let env = env("token").await;
+    let svc = env.start_service().await;
+    for code in [40001, 40014, 41001, 42001] {
+        let events = env.bulk(1, 1, false);
+        let mut f = user_fault(
+            &events[0]["assignee"]["user_id"],
+            FaultAction::Errcode(code),
+        );
+        f.times = Some(1);
+        env.sim.push_fault(f);
+        env.publish(&events).await;
+        let want = ids(&events);
+        assert!(
+            wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+            "errcode {code}: delivered"
+        );
+    }
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_errors_retry_with_backoff_and_deliver() {
+    let env = env("transient").await;
+    let svc = env.start_service().await;
+    let mut actions: Vec<FaultAction> = [-1, -1000, -501001, -501002, -501003, -501004]
+        .into_iter()
+        .map(FaultAction::Errcode)
+        .collect();
+    actions.push(FaultAction::FunctionErrcode(43108));
+    actions.push(FaultAction::Http(500));
+    actions.push(FaultAction::Http(503));
+    // Longer than the client's whole-call timeout: a timeout.
+    actions.push(FaultAction::DelayMs(16_000));
+    for action in actions {
+        let events = env.bulk(1, 1, false);
+        let mut f = user_fault(&events[0]["assignee"]["user_id"], action.clone());
+        f.times = Some(1);
+        env.sim.push_fault(f);
+        env.publish(&events).await;
+        let want = ids(&events);
+        assert!(
+            wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+            "{action:?}: delivered"
+        );
+    }
+    assert!(
+        env.drain(&env.dead_queue()).await.is_empty(),
+        "nothing dead-lettered"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_are_dead_lettered_with_their_errcode() {
+    let env = env("rejected").await;
+    let svc = env.start_service().await;
+    let codes = [40003, 40037, 41030, 43101, 43107, 45168, 47003];
+    let mut expected = HashMap::new();
+    for code in codes {
+        let events = env.bulk(1, 1, false);
+        env.sim.push_fault(user_fault(
+            &events[0]["assignee"]["user_id"],
+            FaultAction::FunctionErrcode(code),
+        ));
+        expected.insert(serde_json::to_vec(&events[0]).unwrap(), code);
+        env.publish(&events).await;
+    }
+    let dead_queue = env.dead_queue();
+    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == codes.len() as u64).await);
+    let dead = env.drain(&dead_queue).await;
+    for (body, props) in dead {
+        let code = expected[&body];
+        assert_eq!(
+            header_str(&props, headers::REASON).as_deref(),
+            Some("wechat_rejected")
+        );
+        assert_eq!(header_int(&props, headers::ERRCODE), Some(code));
+        assert_eq!(header_int(&props, headers::ATTEMPTS), Some(1));
+    }
+    assert!(env.sim.delivered().is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throwing_function_is_retried_along_the_ladder_then_dead_lettered() {
+    let mut env = env("throws").await;
+    env.set("NOTIFIER_MAX_ATTEMPTS", "2");
+    let svc = env.start_service().await;
+    let events = env.bulk(1, 1, false);
+    env.sim.push_fault(user_fault(
+        &events[0]["assignee"]["user_id"],
+        FaultAction::Errcode(-504002),
+    ));
+    env.publish(&events).await;
+    let dead_queue = env.dead_queue();
+    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 1).await);
+    let (_, props) = env.drain(&dead_queue).await.remove(0);
+    assert_eq!(
+        header_str(&props, headers::REASON).as_deref(),
+        Some("function_failed")
+    );
+    assert_eq!(header_int(&props, headers::ERRCODE), Some(-504002));
+    assert_eq!(header_int(&props, headers::ATTEMPTS), Some(2));
+    let calls = env.sim.notice_calls();
+    let tries: Vec<&wechat_notifier::sim::Call> =
+        calls.iter().filter(|c| c.errcode == -504002).collect();
+    assert_eq!(tries.len(), 2, "one call per rung");
+    assert!(
+        tries[1].at_ms - tries[0].at_ms >= 1000.0,
+        "the second waited out the 1 s retry queue"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_quota_parks_the_notice_in_a_retry_queue_then_delivers() {
+    let env = env("daily").await;
+    let svc = env.start_service().await;
+    let events = env.bulk(1, 1, false);
+    let mut f = user_fault(
+        &events[0]["assignee"]["user_id"],
+        FaultAction::Errcode(45009),
+    );
+    f.times = Some(1);
+    env.sim.push_fault(f);
+    env.publish(&events).await;
+    let want = ids(&events);
+    assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
+    let calls = env.sim.notice_calls();
+    let refused = calls
+        .iter()
+        .find(|c| c.errcode == 45009)
+        .expect("the quota answer");
+    let sent = calls
+        .iter()
+        .find(|c| c.errcode == 0 && c.body.get("notice").is_some())
+        .unwrap();
+    assert!(
+        sent.at_ms - refused.at_ms >= 1000.0,
+        "came back through the 1 s retry queue"
+    );
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minute_quota_pauses_every_call_until_the_next_minute() {
+    let env = env("minute").await;
+    let svc = env.start_service().await;
+    let events = env.bulk(1, 1, false);
+    let mut f = user_fault(
+        &events[0]["assignee"]["user_id"],
+        FaultAction::Errcode(45011),
+    );
+    f.times = Some(1);
+    env.sim.push_fault(f);
+    env.publish(&events).await;
+    let want = ids(&events);
+    assert!(
+        wait_until(Duration::from_secs(75), || want
+            .is_subset(&env.notified_ids()))
+        .await
+    );
+    let calls = env.sim.notice_calls();
+    let refused = calls.iter().find(|c| c.errcode == 45011).unwrap();
+    let sent = calls.iter().rfind(|c| c.errcode == 0).unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    let sim_now = calls.iter().map(|c| c.at_ms).fold(0.0, f64::max);
+    // Map the simulator's clock onto wall time to find the minute boundary between the two calls.
+    let wall = |at: f64| now_ms - (sim_now - at);
+    let minute = |ms: f64| (ms / 60_000.0).floor();
+    assert!(
+        minute(wall(sent.at_ms)) > minute(wall(refused.at_ms))
+            || sent.at_ms - refused.at_ms >= 1000.0
+    );
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_faults_dead_letter_nothing_and_recover_when_fixed() {
+    let env = env("config").await;
+    let svc = env.start_service().await;
+    let ready = |http: String| async move {
+        reqwest::get(format!("http://{http}/readyz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    for code in [40125, 40164, -501005, 85088, -604101] {
+        env.sim.push_fault(fault(FaultAction::Errcode(code), None));
+        let events = env.bulk(2, 1, false);
+        env.publish(&events).await;
+        // Not ready, with the reason.
+        let mut reported = String::new();
+        for _ in 0..200 {
+            let r = reqwest::get(format!("http://{}/readyz", svc.http))
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            reported = r.text().await.unwrap();
+            if status == 503 && reported.contains("configuration fault") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            reported.contains("configuration fault"),
+            "errcode {code}: /readyz reports the fault: {reported}"
+        );
+        let queue = env.queue();
+        assert!(
+            wait_until(WAIT, || queue_counts(&queue).0 >= 2).await,
+            "errcode {code}: messages wait in the queue"
+        );
+        assert_eq!(queue_counts(&env.dead_queue()).0, 0);
+        env.sim.clear_faults();
+        let want = ids(&events);
+        assert!(
+            wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+            "errcode {code}: delivered once fixed"
+        );
+        assert_eq!(ready(svc.http.clone()).await, 200);
+    }
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_of_15s_loses_nothing_and_acks_nothing_early() {
+    let env = env("outage").await;
+    let svc = env.start_service().await;
+    let events = env.bulk(20, 5, false);
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::Http(503),
+        times: None,
+    });
+    env.publish(&events).await;
+    let s = env.settings();
+    let queues: Vec<String> = std::iter::once(s.queue.clone())
+        .chain(s.retry_delays.iter().map(|d| s.retry_queue(*d)))
+        .collect();
+    let held = || -> u64 {
+        queues
+            .iter()
+            .map(|q| {
+                let (r, u) = queue_counts(q);
+                r + u
+            })
+            .sum()
+    };
+    // The broker's queue statistics trail by a few seconds: wait until they show the messages.
+    assert!(wait_until(WAIT, || held() >= 20).await);
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut samples = 0;
+    while tokio::time::Instant::now() < until {
+        let held = held();
+        assert!(
+            held >= 20,
+            "only {held} of 20 messages are in the work queue, a retry queue or unacked"
+        );
+        assert_eq!(queue_counts(&s.dead_queue), (0, 0));
+        samples += 1;
+    }
+    assert!(samples > 3);
+    assert!(env.sim.delivered().is_empty());
+    env.sim.clear_faults();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "everything delivered afterwards"
+    );
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_mid_run_is_replaced() {
+    let env = env("expiry").await;
+    let svc = env.start_service().await;
+    let first = env.bulk(3, 3, false);
+    env.publish(&first).await;
+    let want = ids(&first);
+    assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
+    env.sim.expire_tokens();
+    let second = env.bulk(3, 3, false);
+    env.publish(&second).await;
+    let want = ids(&second);
+    assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
+    let calls = env.sim.calls();
+    assert!(
+        calls.iter().any(|c| c.errcode == 42001),
+        "WeChat said the token expired"
+    );
+    assert!(
+        calls.iter().filter(|c| c.api == Api::StableToken).count() >= 2,
+        "a new token was fetched"
+    );
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rejected_assignee_does_not_hold_up_the_others() {
+    let env = env("oneuser").await;
+    let svc = env.start_service().await;
+    let events = env.bulk(10, 5, false);
+    let bad = events[0]["assignee"]["user_id"].clone();
+    env.sim
+        .push_fault(user_fault(&bad, FaultAction::FunctionErrcode(43101)));
+    env.publish(&events).await;
+    let good: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter(|e| e["assignee"]["user_id"] != bad)
+        .map(|e| e["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        wait_until(WAIT, || env.notified_ids() == good).await,
+        "everyone else is notified"
+    );
+    let dead_queue = env.dead_queue();
+    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 2).await);
+    for (body, props) in env.drain(&dead_queue).await {
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["assignee"]["user_id"], bad);
+        assert_eq!(header_int(&props, headers::ERRCODE), Some(43101));
+    }
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_the_open_window_before_exit() {
+    let mut env = env("sigterm").await;
+    // A long window, so the only way it closes in time is the shutdown.
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "30000");
+    env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "60000");
+    let mut replica = env.spawn_process();
+    let events = env.bulk(3, 1, false);
+    env.publish(&events).await;
+    let queue = env.queue();
+    assert!(
+        wait_until(WAIT, || queue_counts(&queue) == (0, 3)).await,
+        "the window holds the events"
+    );
+    assert!(env.sim.delivered().is_empty());
+    replica.sigterm();
+    let status = tokio::task::spawn_blocking(move || replica.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "clean exit");
+    assert_eq!(
+        env.notified_ids(),
+        ids(&events),
+        "sent at shutdown, before the quiet period ended"
+    );
+    assert_eq!(env.sim.delivered().len(), 1);
+    assert!(wait_until(WAIT, || queue_counts(&queue) == (0, 0)).await);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_active_of_three_replicas_loses_nothing() {
+    let mut env = env("failover").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "300");
+    env.set("NOTIFIER_RATE_PER_SEC", "50");
+    let mut replicas: Vec<common::Replica> = (0..3).map(|_| env.spawn_process()).collect();
+    let events = env.bulk(300, 30, false);
+    let (first, rest) = events.split_at(100);
+    env.publish(first).await;
+    // Find the active replica: the one that received events.
+    let mut active = None;
+    for _ in 0..200 {
+        for (i, r) in replicas.iter().enumerate() {
+            if common::try_metric(&r.http, "wechat_notifier_events_received_total", "")
+                .await
+                .unwrap_or(0.0)
+                > 0.0
+            {
+                active = Some(i);
+            }
+        }
+        if active.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let active = active.expect("one replica is consuming");
+    for (i, chunk) in rest.chunks(50).enumerate() {
+        env.publish(chunk).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if i == 0 {
+            replicas[active].kill9();
+        }
+    }
+    let want = ids(&events);
+    assert!(
+        wait_until(Duration::from_secs(60), || want
+            .is_subset(&env.notified_ids()))
+        .await,
+        "every event notified"
+    );
+    let covered: usize = env
+        .sim
+        .delivered()
+        .iter()
+        .map(|n| n["event_ids"].as_array().unwrap().len())
+        .sum();
+    eprintln!(
+        "failover: {} events, {} notified, {} duplicate notifications",
+        want.len(),
+        covered,
+        covered - want.len()
+    );
+    assert!(env.drain(&env.dead_queue()).await.is_empty());
+    drop(replicas);
+    env.cleanup().await;
+}
