@@ -476,3 +476,20 @@ async fn killing_the_active_of_three_replicas_loses_nothing() {
     drop(replicas);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_urls_are_tried_in_turn() {
+    let mut env = env("cluster").await;
+    // The first "node" refuses connections; the second is the real broker.
+    env.set(
+        "AMQP_URL",
+        &format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", common::amqp_url()),
+    );
+    let svc = env.start_service().await;
+    let events = env.bulk(2, 2, false);
+    env.publish(&events).await;
+    let want = ids(&events);
+    assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
+    svc.stop().await;
+    env.cleanup().await;
+}

@@ -93,6 +93,21 @@ impl TestEnv {
         }
     }
 
+    /// Opens a new broker connection (after a broker restart), retrying for a while.
+    pub async fn reconnect(&mut self) {
+        for _ in 0..120 {
+            if let Ok(conn) = broker::connect(&[amqp_url()], "wechat-notifier-test").await {
+                if let Ok(channel) = broker::confirm_channel(&conn).await {
+                    self.conn = conn;
+                    self.channel = channel;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("the broker did not come back");
+    }
+
     /// Overrides (or adds) a setting for services started after this.
     pub fn set(&mut self, key: &str, value: &str) {
         self.vars.retain(|(k, _)| k != key);
