@@ -29,6 +29,45 @@ pub enum Command {
     Demo(DemoArgs),
     /// Validate the settings, reach the broker and WeChat; exit 0, or 1 with the reason.
     Check,
+    /// List, replay or purge the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters: reason, errcode, attempts, age, event id.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move chosen dead letters back into the work queue (each confirmed before it leaves).
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Delete chosen dead letters.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Which dead letters (all when neither is given).
+#[derive(Debug, clap::Args)]
+pub struct DlqFilter {
+    /// Only this reason (invalid_event, wechat_rejected, function_failed, no_openid, retries_exhausted, expired, delivery_limit).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only this event id.
+    #[arg(long)]
+    pub event_id: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -14,7 +14,7 @@
 //! - [`service`]: broker sessions, reconnects, shutdown drain (the `run` subcommand).
 //! - [`sim`]: the WeChat simulator used by tests, the demo and docker-compose.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: the registry.
-//! - [`publish`], [`demo`], [`cli`]: the other subcommands.
+//! - [`publish`], [`demo`], [`check`], [`dlq`], [`cli`]: the other subcommands.
 //! - [`shutdown`], [`telemetry`]: signals and logs.
 
 pub mod broker;
@@ -23,6 +23,7 @@ pub mod cli;
 pub mod coalescer;
 pub mod demo;
 pub mod dispatch;
+pub mod dlq;
 pub mod event;
 pub mod http;
 pub mod metrics;

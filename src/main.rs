@@ -5,9 +5,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use wechat_notifier::cli::{Cli, Command};
+use wechat_notifier::cli::{Cli, Command, DlqCommand};
 use wechat_notifier::settings::{Settings, Source};
-use wechat_notifier::{broker, demo, publish, service, shutdown, sim, telemetry};
+use wechat_notifier::{broker, demo, dlq, publish, service, shutdown, sim, telemetry};
 
 fn settings_or_exit() -> Result<Settings, ExitCode> {
     Settings::from_env().map_err(|e| {
@@ -109,6 +109,51 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(format!("{e:#}")),
+            }
+        }
+        Command::Dlq(cmd) => {
+            let settings = match settings_or_exit() {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            telemetry::init(settings.log_format, "warn");
+            let (action, filter, json) = match cmd {
+                DlqCommand::List { filter, json } => (dlq::Action::List, filter, json),
+                DlqCommand::Replay { filter } => (dlq::Action::Replay, filter, false),
+                DlqCommand::Purge { filter, yes } => {
+                    if !yes {
+                        eprintln!(
+                            "wechat-notifier: dlq purge deletes messages; add --yes to confirm"
+                        );
+                        return ExitCode::from(2);
+                    }
+                    (dlq::Action::Purge, filter, false)
+                }
+            };
+            let filter = dlq::Filter {
+                reason: filter.reason,
+                event_id: filter.event_id,
+            };
+            match dlq::run(&settings, action, &filter).await {
+                Ok(rows) => {
+                    match (action, json) {
+                        (dlq::Action::List, true) => println!(
+                            "{}",
+                            serde_json::to_string_pretty(&rows).unwrap_or_default()
+                        ),
+                        (dlq::Action::List, false) => print!("{}", dlq::render(&rows)),
+                        (dlq::Action::Replay, _) => {
+                            println!("replayed {} message(s) into {}", rows.len(), settings.queue)
+                        }
+                        (dlq::Action::Purge, _) => println!(
+                            "purged {} message(s) from {}",
+                            rows.len(),
+                            settings.dead_queue
+                        ),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
             }
         }
         Command::Check => {

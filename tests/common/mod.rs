@@ -147,6 +147,11 @@ impl TestEnv {
 
     /// Starts the service as a real process with this test's settings.
     pub fn spawn_process(&self) -> Replica {
+        self.spawn_process_logging(None)
+    }
+
+    /// As `spawn_process`, writing its logs (stderr) to `log`.
+    pub fn spawn_process_logging(&self, log: Option<&std::path::Path>) -> Replica {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
         cmd.arg("run").env_clear();
@@ -156,19 +161,37 @@ impl TestEnv {
         cmd.env("NOTIFIER_METRICS_ADDR", format!("127.0.0.1:{port}"))
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                self.vars
+                    .iter()
+                    .find(|(k, _)| k == "RUST_LOG")
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| std::env::var("RUST_LOG").ok())
+                    .unwrap_or_else(|| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(if std::env::var("TEST_LOG").is_ok() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None if std::env::var("TEST_LOG").is_ok() => Stdio::inherit(),
+                None => Stdio::null(),
             });
         let child = cmd.spawn().expect("the binary starts");
         Replica {
             child,
             http: format!("127.0.0.1:{port}"),
         }
+    }
+
+    /// Runs the binary with this test's settings (plus `extra`) and `args`, to completion.
+    pub fn command(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
+        cmd.args(args).env_clear();
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("the binary runs")
     }
 
     /// Publishes events as the CRM would (confirmed).
