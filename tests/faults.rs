@@ -32,6 +32,20 @@ fn user_fault(user: &Value, action: FaultAction) -> Fault {
     }
 }
 
+/// Publishes one event whose assignee meets `action` (`times` times, or always).
+async fn publish_one_with_fault(
+    env: &TestEnv,
+    action: FaultAction,
+    times: Option<u32>,
+) -> Vec<Value> {
+    let events = env.bulk(1, 1, false);
+    let mut f = user_fault(&events[0]["assignee"]["user_id"], action);
+    f.times = times;
+    env.sim.push_fault(f);
+    env.publish(&events).await;
+    events
+}
+
 async fn env(tag: &str) -> TestEnv {
     let mut env = TestEnv::new(tag).await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
@@ -45,14 +59,7 @@ async fn token_errors_fetch_a_token_again_and_deliver() {
     let env = env("token").await;
     let svc = env.start_service().await;
     for code in [40001, 40014, 41001, 42001] {
-        let events = env.bulk(1, 1, false);
-        let mut f = user_fault(
-            &events[0]["assignee"]["user_id"],
-            FaultAction::Errcode(code),
-        );
-        f.times = Some(1);
-        env.sim.push_fault(f);
-        env.publish(&events).await;
+        let events = publish_one_with_fault(&env, FaultAction::Errcode(code), Some(1)).await;
         let want = ids(&events);
         assert!(
             wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
@@ -78,11 +85,7 @@ async fn transient_errors_retry_with_backoff_and_deliver() {
     // Longer than the client's whole-call timeout: a timeout.
     actions.push(FaultAction::DelayMs(16_000));
     for action in actions {
-        let events = env.bulk(1, 1, false);
-        let mut f = user_fault(&events[0]["assignee"]["user_id"], action.clone());
-        f.times = Some(1);
-        env.sim.push_fault(f);
-        env.publish(&events).await;
+        let events = publish_one_with_fault(&env, action.clone(), Some(1)).await;
         let want = ids(&events);
         assert!(
             wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
@@ -134,12 +137,7 @@ async fn a_throwing_function_is_retried_along_the_ladder_then_dead_lettered() {
     let mut env = env("throws").await;
     env.set("NOTIFIER_MAX_ATTEMPTS", "2");
     let svc = env.start_service().await;
-    let events = env.bulk(1, 1, false);
-    env.sim.push_fault(user_fault(
-        &events[0]["assignee"]["user_id"],
-        FaultAction::Errcode(-504002),
-    ));
-    env.publish(&events).await;
+    publish_one_with_fault(&env, FaultAction::Errcode(-504002), None).await;
     let dead_queue = env.dead_queue();
     assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 1).await);
     let (_, props) = env.drain(&dead_queue).await.remove(0);
@@ -165,14 +163,7 @@ async fn a_throwing_function_is_retried_along_the_ladder_then_dead_lettered() {
 async fn daily_quota_parks_the_notice_in_a_retry_queue_then_delivers() {
     let env = env("daily").await;
     let svc = env.start_service().await;
-    let events = env.bulk(1, 1, false);
-    let mut f = user_fault(
-        &events[0]["assignee"]["user_id"],
-        FaultAction::Errcode(45009),
-    );
-    f.times = Some(1);
-    env.sim.push_fault(f);
-    env.publish(&events).await;
+    let events = publish_one_with_fault(&env, FaultAction::Errcode(45009), Some(1)).await;
     let want = ids(&events);
     assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
     let calls = env.sim.notice_calls();
@@ -197,14 +188,7 @@ async fn daily_quota_parks_the_notice_in_a_retry_queue_then_delivers() {
 async fn minute_quota_pauses_every_call_until_the_next_minute() {
     let env = env("minute").await;
     let svc = env.start_service().await;
-    let events = env.bulk(1, 1, false);
-    let mut f = user_fault(
-        &events[0]["assignee"]["user_id"],
-        FaultAction::Errcode(45011),
-    );
-    f.times = Some(1);
-    env.sim.push_fault(f);
-    env.publish(&events).await;
+    let events = publish_one_with_fault(&env, FaultAction::Errcode(45011), Some(1)).await;
     let want = ids(&events);
     assert!(
         wait_until(Duration::from_secs(75), || want
