@@ -407,7 +407,8 @@ async fn sigterm_sends_the_open_window_before_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_active_of_three_replicas_loses_nothing() {
     let mut env = env("failover").await;
-    env.set("NOTIFIER_BATCH_WINDOW_MS", "300");
+    // Windows stay open long enough that the kill finds events held unacked.
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "1500");
     env.set("NOTIFIER_RATE_PER_SEC", "50");
     let mut replicas: Vec<common::Replica> = (0..3).map(|_| env.spawn_process()).collect();
     let events = env.bulk(300, 30, false);
