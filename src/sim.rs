@@ -81,23 +81,6 @@ pub struct Fault {
     pub times: Option<u32>,
 }
 
-impl Fault {
-    /// Every notice call, `times` times.
-    pub fn notice(action: FaultAction, times: Option<u32>) -> Self {
-        Fault {
-            api: None,
-            user_id: None,
-            action,
-            times,
-        }
-        .for_notices()
-    }
-    fn for_notices(mut self) -> Self {
-        self.api = Some(Api::InvokeCloudFunction);
-        self
-    }
-}
-
 /// One call the simulator answered.
 #[derive(Debug, Clone, Serialize)]
 pub struct Call {
