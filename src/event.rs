@@ -4,14 +4,14 @@
 //! dead letter's `x-notifier-detail` header, naming the field at fault.
 
 use chrono::{DateTime, FixedOffset};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Bodies above this many bytes are invalid (64 KiB).
 pub const MAX_BODY_BYTES: usize = 65_536;
 
 /// The CRM's four assignment paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AssignSource {
     Miniprogram,
@@ -41,7 +41,7 @@ impl AssignSource {
 }
 
 /// A member of staff (assignee or assigner).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Person {
     pub user_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,7 +50,7 @@ pub struct Person {
     pub openid: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Customer {
     pub id: String,
     pub name: String,

@@ -1,7 +1,7 @@
 //! The notice one assignee receives for a closed window (contract section 4):
 //! the summary fields and the deterministic `notice_id`. Pure, no I/O.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::event::{AssignSource, AssignmentEvent, Customer, Person};
@@ -10,7 +10,8 @@ use crate::event::{AssignSource, AssignmentEvent, Customer, Person};
 pub const LISTED_CUSTOMERS: usize = 10;
 
 /// What is sent to WeChat for one assignee's window.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// (`Deserialize` too: the cloud function's shared template fixture is read back.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notice {
     pub notice_id: String,
     pub assignee: Person,

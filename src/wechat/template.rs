@@ -221,4 +221,36 @@ mod tests {
             Outcome::NoOpenid
         );
     }
+
+    /// The cases the cloud function's tests read too: both sides cut alike.
+    #[test]
+    fn the_cloud_functions_shared_cases_give_the_same_values() {
+        let cases: Vec<serde_json::Value> = serde_json::from_str(include_str!(
+            "../../cloudfunction/quickstartFunctions/test/template-cases.json"
+        ))
+        .unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            let notice: Notice = serde_json::from_value(case["notice"].clone()).unwrap();
+            let mut notice = notice;
+            notice.assignee.openid = Some("oCase".into());
+            let data = case["mapping"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+                .collect();
+            let t = TemplateSettings {
+                template_id: "t".into(),
+                page: None,
+                miniprogram_state: "formal".into(),
+                lang: "zh_CN".into(),
+                data,
+            };
+            let body = subscribe_body(&t, &notice).unwrap();
+            for (key, want) in case["data"].as_object().unwrap() {
+                assert_eq!(body["data"][key]["value"], *want, "{}: {key}", case["name"]);
+            }
+        }
+    }
 }

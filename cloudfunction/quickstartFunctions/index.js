@@ -1,0 +1,154 @@
+// quickstartFunctions: the receiving side of wechat-notifier. The service calls
+// it over HTTP (`tcb/invokecloudfunction`) with
+//   { type: "sendCustomerAssignNotification", notice: { … } }
+// and it sends the assignee one subscribe message, answering
+//   { errcode, errmsg }
+// with WeChat's own errcode passed through (43101 and friends), so the service
+// can ack, retry or dead-letter correctly (contract section 4).
+//
+// - A notice already sent (same notice_id in the `notifications` collection) is
+//   not sent again: the service delivers at least once.
+// - An HTTP-triggered function has no caller openid: the openid comes from the
+//   notice, or from the `users` collection (user_id -> openid, stored when the
+//   user subscribed in the mini program).
+// - Settings are the function's environment variables: TEMPLATE_ID (required),
+//   TEMPLATE_PAGE, MINIPROGRAM_STATE (formal), LANG_CODE (zh_CN) and TEMPLATE_DATA
+//   (the keyword mapping as JSON; defaults to the contract's example).
+'use strict';
+
+const cloud = require('wx-server-sdk');
+const { buildData, render, DEFAULT_DATA } = require('./template');
+
+cloud.init({ env: cloud.DYNAMIC_CURRENT_ENV });
+
+const NOTIFICATIONS = 'notifications';
+const USERS = 'users';
+
+// Errcodes this function answers itself (WeChat's own meanings).
+const INVALID_OPENID = 40003; // no openid for the assignee: rejected, dead-lettered by the service
+const INVALID_ARGUMENT = 47003; // a malformed notice or template: rejected
+const CONFIG_FAULT = 85088; // the function is not configured: the service stops and reports it
+
+function settings(env) {
+  let data = DEFAULT_DATA;
+  if (env.TEMPLATE_DATA) data = JSON.parse(env.TEMPLATE_DATA);
+  return {
+    templateId: env.TEMPLATE_ID || '',
+    page: env.TEMPLATE_PAGE || '',
+    miniprogramState: env.MINIPROGRAM_STATE || 'formal',
+    lang: env.LANG_CODE || 'zh_CN',
+    data,
+  };
+}
+
+function reply(errcode, errmsg) {
+  return { errcode, errmsg };
+}
+
+function checkNotice(notice) {
+  if (!notice || typeof notice !== 'object') return 'the event has no notice';
+  if (typeof notice.notice_id !== 'string' || notice.notice_id === '') return 'notice.notice_id is missing';
+  if (!notice.assignee || notice.assignee.user_id == null || notice.assignee.user_id === '') {
+    return 'notice.assignee.user_id is missing';
+  }
+  if (!Number.isInteger(notice.customer_count) || notice.customer_count < 1) {
+    return 'notice.customer_count must be a positive integer';
+  }
+  return null;
+}
+
+async function findOpenid(db, assignee) {
+  if (assignee.openid) return assignee.openid;
+  const found = await db
+    .collection(USERS)
+    .where({ user_id: String(assignee.user_id) })
+    .limit(1)
+    .get();
+  const user = found.data && found.data[0];
+  return user && user.openid ? user.openid : null;
+}
+
+async function alreadySent(db, noticeId) {
+  try {
+    const { data } = await db.collection(NOTIFICATIONS).doc(noticeId).get();
+    return Boolean(data && data.status === 'sent');
+  } catch (err) {
+    // The database answers "document does not exist" by throwing.
+    if (/not exist|not found/i.test(String(err && (err.errMsg || err.message)))) return false;
+    throw err;
+  }
+}
+
+async function sendCustomerAssignNotification(event) {
+  const notice = event.notice;
+  const problem = checkNotice(notice);
+  if (problem) return reply(INVALID_ARGUMENT, problem);
+
+  const conf = settings(process.env);
+  if (!conf.templateId) return reply(CONFIG_FAULT, 'TEMPLATE_ID is not set for this function');
+
+  const db = cloud.database();
+  if (await alreadySent(db, notice.notice_id)) {
+    return reply(0, `ok: notice ${notice.notice_id} was already sent, not sent again`);
+  }
+
+  const openid = await findOpenid(db, notice.assignee);
+  if (!openid) {
+    return reply(
+      INVALID_OPENID,
+      `no openid for user_id ${notice.assignee.user_id}: the user has not subscribed (no entry in ${USERS})`,
+    );
+  }
+
+  let data;
+  try {
+    data = buildData(conf.data, notice);
+  } catch (err) {
+    return reply(INVALID_ARGUMENT, `TEMPLATE_DATA: ${err.message}`);
+  }
+
+  const message = {
+    touser: openid,
+    templateId: conf.templateId,
+    miniprogramState: conf.miniprogramState,
+    lang: conf.lang,
+    data,
+  };
+  if (conf.page) message.page = render(conf.page, notice, null);
+
+  try {
+    await cloud.openapi.subscribeMessage.send(message);
+  } catch (err) {
+    // wx-server-sdk throws WeChat's refusal with errCode/errMsg: pass it through.
+    if (err && Number.isInteger(err.errCode)) return reply(err.errCode, String(err.errMsg || ''));
+    throw err; // anything else: the function fails, and the service retries (-504002)
+  }
+
+  try {
+    await db.collection(NOTIFICATIONS).doc(notice.notice_id).set({
+      data: {
+        status: 'sent',
+        user_id: String(notice.assignee.user_id),
+        customer_count: notice.customer_count,
+        event_count: (notice.event_ids || []).length,
+        sent_at: db.serverDate(),
+      },
+    });
+  } catch (err) {
+    // The message went out; failing now would make the service send it again.
+    console.error(`notice ${notice.notice_id} sent, but not recorded: ${err && err.message}`);
+  }
+  return reply(0, 'ok');
+}
+
+exports.main = async (event) => {
+  switch (event && event.type) {
+    case 'sendCustomerAssignNotification':
+      return sendCustomerAssignNotification(event);
+    case 'wechatNotifierProbe':
+      // The service's start-up check that the function exists and answers.
+      return reply(0, 'ok');
+    default:
+      return reply(INVALID_ARGUMENT, `unknown type ${JSON.stringify(event && event.type)}`);
+  }
+};
