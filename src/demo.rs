@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::broker;
 use crate::cli::DemoArgs;
+use crate::progress::Progress;
 use crate::publish::{self, Bulk};
 use crate::service::Service;
 use crate::settings::Settings;
@@ -57,7 +58,10 @@ pub async fn run(args: &DemoArgs, amqp_url: &str) -> anyhow::Result<String> {
         args.assignees,
         bulk.batch_id.as_deref().unwrap_or("-")
     );
-    publish::publish_events(&channel, &settings.exchange, &events, None).await?;
+    let progress = Progress::start("published", events.len(), "events");
+    publish::publish_events(&channel, &settings.exchange, &events, None, Some(&progress)).await?;
+    progress.finish();
+    let progress = Progress::start("notified", events.len(), "events");
 
     let wanted: BTreeSet<String> = events
         .iter()
@@ -71,7 +75,9 @@ pub async fn run(args: &DemoArgs, amqp_url: &str) -> anyhow::Result<String> {
             .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
+        progress.set(wanted.intersection(&seen).count());
         if wanted.is_subset(&seen) {
+            progress.finish();
             break notices;
         }
         if tokio::time::Instant::now() > deadline {

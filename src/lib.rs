@@ -15,7 +15,7 @@
 //! - [`sim`]: the WeChat simulator used by tests, the demo and docker-compose.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`]: the registry.
 //! - [`publish`], [`demo`], [`check`], [`dlq`], [`cli`]: the other subcommands.
-//! - [`shutdown`], [`telemetry`]: signals and logs.
+//! - [`shutdown`], [`telemetry`], [`progress`]: signals, logs, progress of long CLI work.
 
 pub mod broker;
 pub mod check;
@@ -28,6 +28,7 @@ pub mod event;
 pub mod http;
 pub mod metrics;
 pub mod notice;
+pub mod progress;
 pub mod publish;
 pub mod service;
 pub mod settings;

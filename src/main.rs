@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use wechat_notifier::cli::{Cli, Command, DlqCommand};
+use wechat_notifier::progress::Progress;
 use wechat_notifier::settings::{Settings, Source};
 use wechat_notifier::{broker, demo, dlq, publish, service, shutdown, sim, telemetry};
 
@@ -80,7 +81,16 @@ async fn main() -> ExitCode {
                 let conn = broker::connect(&settings.amqp_urls, "wechat-notifier-publish").await?;
                 let channel = broker::confirm_channel(&conn).await?;
                 broker::declare_topology(&channel, &settings).await?;
-                publish::publish_events(&channel, &settings.exchange, &events, args.rate).await?;
+                let progress = Progress::start("published", events.len(), "events");
+                publish::publish_events(
+                    &channel,
+                    &settings.exchange,
+                    &events,
+                    args.rate,
+                    Some(&progress),
+                )
+                .await?;
+                progress.finish();
                 let _ = conn.close(200, "published".into()).await;
                 Ok::<_, broker::BrokerError>(())
             }

@@ -9,6 +9,7 @@ use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 
 use crate::broker::{self, BrokerError, ROUTING_KEY};
+use crate::progress::Progress;
 
 const SURNAMES: &[&str] = &[
     "张", "王", "李", "赵", "刘", "陈", "杨", "黄", "周", "吴", "徐", "孙",
@@ -120,6 +121,7 @@ pub fn sample_events(bulk: &Bulk) -> Vec<Value> {
 
 /// Publishes raw bodies to `exchange` with the CRM's routing key, each confirmed.
 /// `rate` spaces them (events per second); `None` publishes as fast as confirms allow.
+/// `progress` counts confirmed events.
 ///
 /// # Errors
 /// The first publish that was not confirmed.
@@ -128,7 +130,13 @@ pub async fn publish_bodies(
     exchange: &str,
     bodies: &[(String, Vec<u8>)],
     rate: Option<f64>,
+    progress: Option<&Progress>,
 ) -> Result<(), BrokerError> {
+    let confirmed = |n: usize| {
+        if let Some(p) = progress {
+            p.add(n);
+        }
+    };
     let spacing = rate.map(|r| Duration::from_secs_f64(1.0 / r));
     let start = tokio::time::Instant::now();
     let mut pending = Vec::new();
@@ -141,6 +149,7 @@ pub async fn publish_bodies(
             .with_message_id(message_id.as_str().into());
         if spacing.is_some() {
             broker::publish_confirmed(channel, exchange, ROUTING_KEY, body, props).await?;
+            confirmed(1);
         } else {
             pending.push(broker::publish_confirmed(
                 channel,
@@ -153,12 +162,15 @@ pub async fn publish_bodies(
                 for r in futures_util::future::join_all(pending.drain(..)).await {
                     r?;
                 }
+                confirmed(256);
             }
         }
     }
+    let rest = pending.len();
     for r in futures_util::future::join_all(pending).await {
         r?;
     }
+    confirmed(rest);
     Ok(())
 }
 
@@ -171,6 +183,7 @@ pub async fn publish_events(
     exchange: &str,
     events: &[Value],
     rate: Option<f64>,
+    progress: Option<&Progress>,
 ) -> Result<(), BrokerError> {
     let bodies: Vec<(String, Vec<u8>)> = events
         .iter()
@@ -183,5 +196,5 @@ pub async fn publish_events(
             (id, serde_json::to_vec(e).expect("a JSON value serialises"))
         })
         .collect();
-    publish_bodies(channel, exchange, &bodies, rate).await
+    publish_bodies(channel, exchange, &bodies, rate, progress).await
 }

@@ -286,3 +286,37 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
     let _ = std::fs::remove_file(&log);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
+    let env = TestEnv::new("progress").await;
+    // 45 events at 15/s: three seconds, so at least one progress line.
+    let out = tokio::task::spawn_blocking({
+        let vars = env.vars.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+                .args(["publish", "--customers", "45", "--assignees", "3"])
+                .args(["--rate", "15"])
+                .env_clear()
+                .envs(vars)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let progress = stderr(&out);
+    let lines: Vec<&str> = progress
+        .lines()
+        .filter(|l| l.starts_with("published: ") && l.contains("/45 events"))
+        .collect();
+    assert!(!lines.is_empty(), "a progress line on stderr: {progress}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published 45 event(s)"),
+        "the result on stdout"
+    );
+    let queue = env.queue();
+    assert!(wait_until(WAIT, || queue_counts(&queue).0 == 45).await);
+    env.cleanup().await;
+}

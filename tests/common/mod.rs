@@ -201,6 +201,7 @@ impl TestEnv {
             &format!("{}.events", self.prefix),
             events,
             None,
+            None,
         )
         .await
         .unwrap();
@@ -214,6 +215,7 @@ impl TestEnv {
             &self.channel,
             &format!("{}.events", self.prefix),
             &bodies,
+            None,
             None,
         )
         .await

@@ -1,0 +1,222 @@
+//! `docker-compose.yml` checked without Docker (this machine's client has no
+//! compose plugin): parsed as YAML with its merge keys applied, each service's
+//! settings run through the service's own settings parser and CLI, and the
+//! pieces checked against each other (ports, secrets, Prometheus targets).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use clap::Parser;
+use wechat_notifier::cli::{Cli, Command};
+use wechat_notifier::settings::Settings;
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Applies YAML merge keys (`<<: *anchor`) the way compose does; the loader
+/// already replaced the aliases by copies of their anchors.
+fn merged(y: &Yaml) -> Yaml {
+    match y {
+        Yaml::Hash(h) => {
+            let mut out = yaml_rust2::yaml::Hash::new();
+            if let Some(base) = h.get(&Yaml::String("<<".into())) {
+                if let Yaml::Hash(b) = merged(base) {
+                    out.extend(b);
+                }
+            }
+            for (k, v) in h {
+                if k.as_str() != Some("<<") {
+                    out.insert(k.clone(), merged(v));
+                }
+            }
+            Yaml::Hash(out)
+        }
+        Yaml::Array(a) => Yaml::Array(a.iter().map(merged).collect()),
+        other => other.clone(),
+    }
+}
+
+fn load(path: &str) -> Yaml {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    merged(&docs[0])
+}
+
+fn str_of(y: &Yaml) -> String {
+    match y {
+        Yaml::String(s) => s.clone(),
+        Yaml::Integer(i) => i.to_string(),
+        Yaml::Real(r) => r.clone(),
+        Yaml::Boolean(b) => b.to_string(),
+        other => panic!("not a scalar: {other:?}"),
+    }
+}
+
+fn environment(service: &Yaml) -> Vec<(String, String)> {
+    service["environment"]
+        .as_hash()
+        .expect("an environment map")
+        .iter()
+        .map(|(k, v)| (str_of(k), str_of(v)))
+        .collect()
+}
+
+fn var(env: &[(String, String)], key: &str) -> String {
+    env.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("{key} is set"))
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_compose_file_has_every_service_with_valid_settings() {
+    let doc = load("docker-compose.yml");
+    let services = doc["services"].as_hash().expect("services");
+    let names: BTreeSet<String> = services.keys().map(str_of).collect();
+    let want: BTreeSet<String> = [
+        "rabbitmq",
+        "wechat-sim",
+        "notifier-1",
+        "notifier-2",
+        "notifier-3",
+        "publisher",
+        "prometheus",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(names, want);
+
+    // RabbitMQ with its management UI.
+    let rabbit = &doc["services"]["rabbitmq"];
+    assert!(str_of(&rabbit["image"]).contains("management"));
+    let ports: Vec<String> = rabbit["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(str_of)
+        .collect();
+    assert!(ports.iter().any(|p| p.ends_with(":15672")), "{ports:?}");
+
+    // The simulator the replicas talk to.
+    let sim = &doc["services"]["wechat-sim"];
+    assert_eq!(str_of(&sim["command"][0]), "sim");
+    let sim_env = environment(sim);
+    let sim_port = port_of(&var(&sim_env, "SIM_LISTEN"));
+
+    // The secret file the compose `secrets:` section mounts.
+    let secret_file = root().join(str_of(&doc["secrets"]["wechat_appsecret"]["file"]));
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert_eq!(
+        secret.trim(),
+        var(&sim_env, "WECHAT_APPSECRET"),
+        "the simulator's secret"
+    );
+
+    let mut targets = BTreeSet::new();
+    for name in ["notifier-1", "notifier-2", "notifier-3"] {
+        let svc = &doc["services"][name];
+        assert_eq!(
+            svc["secrets"].as_vec().unwrap()[0].as_str(),
+            Some("wechat_appsecret")
+        );
+        assert!(
+            svc["healthcheck"]["test"].as_vec().is_some(),
+            "{name}: healthcheck"
+        );
+        assert!(svc["depends_on"]["rabbitmq"]["condition"].as_str() == Some("service_healthy"));
+        // The replica's settings, as the service reads them (the secret at its mounted path).
+        let env: Vec<(String, String)> = environment(svc)
+            .into_iter()
+            .map(|(k, v)| match k.as_str() {
+                "WECHAT_APPSECRET_FILE" => {
+                    assert_eq!(v, "/run/secrets/wechat_appsecret");
+                    (k, secret_file.to_string_lossy().into_owned())
+                }
+                _ => (k, v),
+            })
+            .collect();
+        let settings = Settings::from_pairs(env.clone())
+            .unwrap_or_else(|e| panic!("{name}: the settings are refused: {e}"));
+        assert_eq!(settings.appid, var(&sim_env, "WECHAT_APPID"));
+        assert_eq!(settings.cloud_env, var(&sim_env, "WECHAT_CLOUD_ENV"));
+        assert_eq!(
+            settings.wechat_api_base,
+            format!("http://wechat-sim:{sim_port}")
+        );
+        assert!(settings.amqp_urls[0].contains("@rabbitmq:5672/"));
+        let metrics_port = settings.metrics_addr.port();
+        let health = svc["healthcheck"]["test"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(str_of)
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            health.contains(&format!("localhost:{metrics_port}/healthz")),
+            "{name}: {health}"
+        );
+        targets.insert(format!("{name}:{metrics_port}"));
+    }
+
+    // The one-shot publisher: a command the CLI accepts, run once.
+    let publisher = &doc["services"]["publisher"];
+    assert_eq!(str_of(&publisher["restart"]), "no");
+    let mut argv = vec!["wechat-notifier".to_string()];
+    argv.extend(publisher["command"].as_vec().unwrap().iter().map(str_of));
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(matches!(cli.command, Some(Command::Publish(_))));
+    Settings::from_pairs(
+        environment(publisher)
+            .into_iter()
+            .map(|(k, v)| match k.as_str() {
+                "WECHAT_APPSECRET_FILE" => (k, secret_file.to_string_lossy().into_owned()),
+                _ => (k, v),
+            }),
+    )
+    .expect("the publisher's settings");
+
+    // Prometheus scrapes exactly the three replicas' metrics ports.
+    let prom_service = &doc["services"]["prometheus"];
+    let volume = str_of(&prom_service["volumes"][0]);
+    let prom_file = volume.trim_start_matches("./").split(':').next().unwrap();
+    let prom = load(prom_file);
+    let scraped: BTreeSet<String> = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(str_of)
+        .collect();
+    assert_eq!(scraped, targets);
+}
+
+#[test]
+fn the_image_builds_what_the_manifest_names() {
+    // A manifest target (a bench, say) whose file the image does not copy breaks `docker build`.
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let manifest: toml::Table = std::fs::read_to_string(root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for kind in ["bench", "test", "example", "bin"] {
+        for target in manifest
+            .get(kind)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let path = target["path"].as_str().unwrap_or("");
+            let dir = path.split('/').next().unwrap();
+            assert!(
+                dockerfile.contains(&format!("COPY {dir} ")),
+                "the Dockerfile copies {dir}/ for [[{kind}]] {path}"
+            );
+        }
+    }
+}
