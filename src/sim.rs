@@ -105,6 +105,8 @@ struct Inner {
     serial: u64,
     /// Notice calls received and not yet answered.
     in_flight: usize,
+    /// Events covered by accepted cloud-function notices (cheap to poll).
+    delivered_events: usize,
 }
 
 /// The simulator's shared state.
@@ -186,6 +188,17 @@ impl Sim {
         self.state.lock().in_flight
     }
 
+    /// How many events accepted cloud-function notices covered (with repeats),
+    /// without copying the call log: for polling under load.
+    pub fn delivered_event_count(&self) -> usize {
+        self.state.lock().delivered_events
+    }
+
+    /// When the simulator started: `Call::at_ms` counts from here.
+    pub fn started(&self) -> Instant {
+        self.state.started
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.state.lock().calls.clone()
     }
@@ -239,7 +252,16 @@ impl SimState {
 
     fn record(&self, at: Instant, api: Api, body: Value, http_status: u16, errcode: i64) {
         let at_ms = self.elapsed_ms(at);
-        self.lock().calls.push(Call {
+        let events = match (api, http_status, errcode) {
+            (Api::InvokeCloudFunction, 200, 0) => body
+                .pointer("/notice/event_ids")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len),
+            _ => 0,
+        };
+        let mut inner = self.lock();
+        inner.delivered_events += events;
+        inner.calls.push(Call {
             at_ms,
             api,
             body,

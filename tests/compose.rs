@@ -211,7 +211,16 @@ fn the_image_builds_what_the_manifest_names() {
             .into_iter()
             .flatten()
         {
-            let path = target["path"].as_str().unwrap_or("");
+            let default_dir = match kind {
+                "bench" => "benches",
+                "test" => "tests",
+                "example" => "examples",
+                _ => "src",
+            };
+            let path = target
+                .get("path")
+                .and_then(|p| p.as_str())
+                .unwrap_or(default_dir);
             let dir = path.split('/').next().unwrap();
             assert!(
                 dockerfile.contains(&format!("COPY {dir} ")),
