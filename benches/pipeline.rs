@@ -530,6 +530,9 @@ async fn publish_over(env: &TestEnv, events: &[Value], over: Duration) {
 /// 5,000 customers over 100 assignees published over 5 s, 3 replicas.
 async fn coalescing() -> Row {
     let mut env = TestEnv::new("bench-coalesce").await;
+    // The whole bulk must fit in the unacked deliveries a replica may hold:
+    // with the default 2,000, windows of 20 events close on the quiet period.
+    env.set("NOTIFIER_PREFETCH", "10000");
     env.set("NOTIFIER_RATE_PER_SEC", "10");
     env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
     env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "10000");
@@ -638,6 +641,7 @@ async fn naive() -> Row {
     async fn one(batch_max: &str) -> (f64, usize, bool) {
         let mut env = TestEnv::new("bench-naive").await;
         env.set("NOTIFIER_RATE_PER_SEC", "20");
+        env.set("NOTIFIER_PREFETCH", "10000");
         env.set("NOTIFIER_BATCH_MAX", batch_max);
         env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
         env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "10000");

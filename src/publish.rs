@@ -119,9 +119,10 @@ pub fn sample_events(bulk: &Bulk) -> Vec<Value> {
         .collect()
 }
 
-/// Publishes raw bodies to `exchange` with the CRM's routing key, each confirmed.
-/// `rate` spaces them (events per second); `None` publishes as fast as confirms allow.
-/// `progress` counts confirmed events.
+/// Publishes raw bodies to `exchange` with the CRM's routing key, in order,
+/// keeping up to 256 confirms in flight. `rate` spaces them (events per second);
+/// `None` publishes as fast as confirms allow. At 200/s or slower each confirm
+/// is awaited in its own slot. `progress` counts confirmed events.
 ///
 /// # Errors
 /// The first publish that was not confirmed.
@@ -132,14 +133,26 @@ pub async fn publish_bodies(
     rate: Option<f64>,
     progress: Option<&Progress>,
 ) -> Result<(), BrokerError> {
-    let confirmed = |n: usize| {
-        if let Some(p) = progress {
-            p.add(n);
+    let spacing = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    let in_flight = match spacing {
+        Some(s) if s >= Duration::from_millis(5) => 1,
+        _ => 256,
+    };
+    let start = tokio::time::Instant::now();
+    let mut pending = Vec::with_capacity(in_flight);
+    let settle = |pending: &mut Vec<_>| {
+        let batch = std::mem::take(pending);
+        let n = batch.len();
+        async move {
+            for r in futures_util::future::join_all(batch).await {
+                r?;
+            }
+            if let Some(p) = progress {
+                p.add(n);
+            }
+            Ok::<(), BrokerError>(())
         }
     };
-    let spacing = rate.map(|r| Duration::from_secs_f64(1.0 / r));
-    let start = tokio::time::Instant::now();
-    let mut pending = Vec::new();
     for (i, (message_id, body)) in bodies.iter().enumerate() {
         if let Some(s) = spacing {
             tokio::time::sleep_until(start + s * i as u32).await;
@@ -147,31 +160,14 @@ pub async fn publish_bodies(
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(message_id.as_str().into());
-        if spacing.is_some() {
-            broker::publish_confirmed(channel, exchange, ROUTING_KEY, body, props).await?;
-            confirmed(1);
-        } else {
-            pending.push(broker::publish_confirmed(
-                channel,
-                exchange,
-                ROUTING_KEY,
-                body,
-                props,
-            ));
-            if pending.len() >= 256 {
-                for r in futures_util::future::join_all(pending.drain(..)).await {
-                    r?;
-                }
-                confirmed(256);
-            }
+        let confirm =
+            broker::publish_unconfirmed(channel, exchange, ROUTING_KEY, body, props).await?;
+        pending.push(broker::await_confirm(confirm, ROUTING_KEY));
+        if pending.len() >= in_flight {
+            settle(&mut pending).await?;
         }
     }
-    let rest = pending.len();
-    for r in futures_util::future::join_all(pending).await {
-        r?;
-    }
-    confirmed(rest);
-    Ok(())
+    settle(&mut pending).await
 }
 
 /// Publishes events (JSON values) as the CRM would.
