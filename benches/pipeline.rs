@@ -420,6 +420,7 @@ async fn rate() -> Row {
     })
     .await;
     let calls = env.sim.calls();
+    let cpu: f64 = replicas.iter().map(|r| cpu_secs(r.child.id())).sum();
     drop(replicas);
     env.cleanup().await;
     let all: Vec<f64> = calls
@@ -454,8 +455,21 @@ async fn rate() -> Row {
         unit: "calls/s",
         target: format!("within 3% of {RATE}; <= {} in any 1 s", RATE + BURST),
         pass: Some(done && within && most as f64 <= RATE + BURST),
-        details: json!({ "notices": notices.len(), "achieved_per_sec": achieved, "most_in_any_second": most, "calls_including_probes": all.len() }),
+        details: json!({ "notices": notices.len(), "achieved_per_sec": achieved, "most_in_any_second": most, "calls_including_probes": all.len(), "replicas_cpu_secs": cpu }),
     }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0 // USER_HZ
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
