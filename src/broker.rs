@@ -10,9 +10,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind, PublisherConfirm,
-};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::settings::Settings;
 
@@ -203,24 +201,7 @@ pub async fn publish_confirmed(
     body: &[u8],
     properties: BasicProperties,
 ) -> Result<(), BrokerError> {
-    let confirm = publish_unconfirmed(channel, exchange, routing_key, body, properties).await?;
-    await_confirm(confirm, routing_key).await
-}
-
-/// Sends one persistent, mandatory message; the returned future is its confirm,
-/// to be checked with [`await_confirm`] (so a publisher can keep many in flight,
-/// in order).
-///
-/// # Errors
-/// The channel's failure.
-pub async fn publish_unconfirmed(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Result<PublisherConfirm, BrokerError> {
-    Ok(channel
+    let confirm = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
@@ -231,18 +212,8 @@ pub async fn publish_unconfirmed(
             body,
             properties.with_delivery_mode(2),
         )
-        .await?)
-}
-
-/// Waits for a confirm: acked and not returned as unroutable.
-///
-/// # Errors
-/// `Nacked`, `Unroutable`, or the channel's failure.
-pub async fn await_confirm(
-    confirm: PublisherConfirm,
-    routing_key: &str,
-) -> Result<(), BrokerError> {
-    let confirm = confirm.await?;
+        .await?
+        .await?;
     if !confirm.is_ack() {
         return Err(BrokerError::Nacked);
     }

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 
@@ -119,8 +121,8 @@ pub fn sample_events(bulk: &Bulk) -> Vec<Value> {
         .collect()
 }
 
-/// Publishes raw bodies to `exchange` with the CRM's routing key, in order,
-/// keeping up to 256 confirms in flight. `rate` spaces them (events per second);
+/// Publishes raw bodies to `exchange` with the CRM's routing key, started in
+/// order, keeping up to 256 confirms in flight. `rate` spaces them (events per second);
 /// `None` publishes as fast as confirms allow. At 200/s or slower each confirm
 /// is awaited in its own slot. `progress` counts confirmed events.
 ///
@@ -139,20 +141,16 @@ pub async fn publish_bodies(
         _ => 256,
     };
     let start = tokio::time::Instant::now();
-    let mut pending = Vec::with_capacity(in_flight);
-    let settle = |pending: &mut Vec<_>| {
-        let batch = std::mem::take(pending);
-        let n = batch.len();
-        async move {
-            for r in futures_util::future::join_all(batch).await {
-                r?;
-            }
+    let done = |r: Result<(), BrokerError>| {
+        if r.is_ok() {
             if let Some(p) = progress {
-                p.add(n);
+                p.add(1);
             }
-            Ok::<(), BrokerError>(())
         }
+        r
     };
+    // Oldest first; polling the queue sends what was just pushed.
+    let mut confirms = FuturesOrdered::new();
     for (i, (message_id, body)) in bodies.iter().enumerate() {
         if let Some(s) = spacing {
             tokio::time::sleep_until(start + s * i as u32).await;
@@ -160,14 +158,26 @@ pub async fn publish_bodies(
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(message_id.as_str().into());
-        let confirm =
-            broker::publish_unconfirmed(channel, exchange, ROUTING_KEY, body, props).await?;
-        pending.push(broker::await_confirm(confirm, ROUTING_KEY));
-        if pending.len() >= in_flight {
-            settle(&mut pending).await?;
+        confirms.push_back(broker::publish_confirmed(
+            channel,
+            exchange,
+            ROUTING_KEY,
+            body,
+            props,
+        ));
+        if confirms.len() >= in_flight {
+            if let Some(r) = confirms.next().await {
+                done(r)?;
+            }
+        }
+        while let Some(Some(r)) = confirms.next().now_or_never() {
+            done(r)?;
         }
     }
-    settle(&mut pending).await
+    while let Some(r) = confirms.next().await {
+        done(r)?;
+    }
+    Ok(())
 }
 
 /// Publishes events (JSON values) as the CRM would.
