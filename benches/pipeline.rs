@@ -281,15 +281,7 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_BATCH_MAX", "50");
     env.declare().await;
-    publish::publish_bodies(
-        &env.channel,
-        &format!("{}.events", env.prefix),
-        &bodies,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    publish_all(&env, &bodies).await;
     let t = Instant::now();
     let svc = env.start_service().await;
     let done = wait_until(Duration::from_secs(600), || {
@@ -406,15 +398,7 @@ async fn rate() -> Row {
     let replicas: Vec<Replica> = (0..3).map(|_| env.spawn_process()).collect();
     wait_ready(&replicas).await;
     let bodies = grouped_bodies(EVENTS, 1, &format!("{}-a", env.prefix));
-    publish::publish_bodies(
-        &env.channel,
-        &format!("{}.events", env.prefix),
-        &bodies,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    publish_all(&env, &bodies).await;
     let done = wait_until(Duration::from_secs(EVENTS as u64 / 50 + 60), || {
         env.sim.delivered_event_count() >= EVENTS
     })
@@ -493,15 +477,7 @@ async fn memory() -> Row {
     let replica = env.spawn_process();
     wait_ready(std::slice::from_ref(&replica)).await;
     let bodies = grouped_bodies(HELD, 10, &format!("{}-a", env.prefix));
-    publish::publish_bodies(
-        &env.channel,
-        &format!("{}.events", env.prefix),
-        &bodies,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
+    publish_all(&env, &bodies).await;
     let mut held = 0.0;
     for _ in 0..600 {
         held = metric(&replica.http, "wechat_notifier_unacked_deliveries", "").await;
@@ -525,6 +501,19 @@ async fn memory() -> Row {
         pass: Some(held >= HELD as f64 && peak_mib > 0.0 && peak_mib <= 64.0),
         details: json!({ "unacked": held, "peak_rss_mib": peak_mib }),
     }
+}
+
+/// Publishes bodies to the environment's exchange as fast as confirms allow.
+async fn publish_all(env: &TestEnv, bodies: &[(String, Vec<u8>)]) {
+    publish::publish_bodies(
+        &env.channel,
+        &format!("{}.events", env.prefix),
+        bodies,
+        None,
+        None,
+    )
+    .await
+    .unwrap();
 }
 
 /// Publishes a bulk assignment spread evenly over `over`.
