@@ -281,7 +281,7 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_BATCH_MAX", "50");
     env.declare().await;
-    publish_all(&env, &bodies).await;
+    env.publish_bodies(&bodies).await;
     let t = Instant::now();
     let svc = env.start_service().await;
     let done = wait_until(Duration::from_secs(600), || {
@@ -324,7 +324,7 @@ async fn latency() -> Row {
     env.declare().await;
     let svc = env.start_service().await;
     let bodies = grouped_bodies(EVENTS, 1, &format!("{}-a", env.prefix));
-    let exchange = format!("{}.events", env.prefix);
+    let exchange = env.exchange();
     // Warm up the connection pool and the token before the clock matters.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut sent_at: HashMap<String, Instant> = HashMap::new();
@@ -398,7 +398,7 @@ async fn rate() -> Row {
     let replicas: Vec<Replica> = (0..3).map(|_| env.spawn_process()).collect();
     wait_ready(&replicas).await;
     let bodies = grouped_bodies(EVENTS, 1, &format!("{}-a", env.prefix));
-    publish_all(&env, &bodies).await;
+    env.publish_bodies(&bodies).await;
     let done = wait_until(Duration::from_secs(EVENTS as u64 / 50 + 60), || {
         env.sim.delivered_event_count() >= EVENTS
     })
@@ -477,7 +477,7 @@ async fn memory() -> Row {
     let replica = env.spawn_process();
     wait_ready(std::slice::from_ref(&replica)).await;
     let bodies = grouped_bodies(HELD, 10, &format!("{}-a", env.prefix));
-    publish_all(&env, &bodies).await;
+    env.publish_bodies(&bodies).await;
     let mut held = 0.0;
     for _ in 0..600 {
         held = metric(&replica.http, "wechat_notifier_unacked_deliveries", "").await;
@@ -503,31 +503,12 @@ async fn memory() -> Row {
     }
 }
 
-/// Publishes bodies to the environment's exchange as fast as confirms allow.
-async fn publish_all(env: &TestEnv, bodies: &[(String, Vec<u8>)]) {
-    publish::publish_bodies(
-        &env.channel,
-        &format!("{}.events", env.prefix),
-        bodies,
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-}
-
 /// Publishes a bulk assignment spread evenly over `over`.
 async fn publish_over(env: &TestEnv, events: &[Value], over: Duration) {
     let rate = events.len() as f64 / over.as_secs_f64();
-    publish::publish_events(
-        &env.channel,
-        &format!("{}.events", env.prefix),
-        events,
-        Some(rate),
-        None,
-    )
-    .await
-    .unwrap();
+    publish::publish_events(&env.channel, &env.exchange(), events, Some(rate), None)
+        .await
+        .unwrap();
 }
 
 /// 5,000 customers over 100 assignees published over 5 s, 3 replicas.
@@ -588,7 +569,7 @@ async fn failover() -> Row {
     let bodies = grouped_bodies(400, 1, &format!("{}-a", env.prefix));
     let publisher = {
         let channel = env.channel.clone();
-        let exchange = format!("{}.events", env.prefix);
+        let exchange = env.exchange();
         tokio::spawn(async move {
             publish::publish_bodies(&channel, &exchange, &bodies, Some(50.0), None)
                 .await

@@ -94,7 +94,7 @@ async fn the_nestjs_publisher_example_ends_in_notices() {
     env.channel
         .queue_bind(
             tap.as_str().into(),
-            format!("{}.events", env.prefix).as_str().into(),
+            env.exchange().as_str().into(),
             ROUTING_KEY.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
@@ -103,7 +103,7 @@ async fn the_nestjs_publisher_example_ends_in_notices() {
         .unwrap();
     let svc = env.start_service().await;
 
-    let exchange = format!("{}.events", env.prefix);
+    let exchange = env.exchange();
     let prefix = format!("{}-", env.prefix);
     let out = tokio::task::spawn_blocking({
         let (dir, url) = (dir.clone(), common::amqp_url());

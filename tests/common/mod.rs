@@ -125,6 +125,9 @@ impl TestEnv {
             .unwrap();
     }
 
+    pub fn exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
     pub fn queue(&self) -> String {
         format!("{}.work", self.prefix)
     }
@@ -196,30 +199,23 @@ impl TestEnv {
 
     /// Publishes events as the CRM would (confirmed).
     pub async fn publish(&self, events: &[Value]) {
-        publish::publish_events(
-            &self.channel,
-            &format!("{}.events", self.prefix),
-            events,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        publish::publish_events(&self.channel, &self.exchange(), events, None, None)
+            .await
+            .unwrap();
+    }
+
+    /// Publishes bodies with their message ids, as fast as confirms allow.
+    pub async fn publish_bodies(&self, bodies: &[(String, Vec<u8>)]) {
+        publish::publish_bodies(&self.channel, &self.exchange(), bodies, None, None)
+            .await
+            .unwrap();
     }
 
     /// Publishes raw bodies (for invalid input).
     pub async fn publish_raw(&self, bodies: &[Vec<u8>]) {
         let bodies: Vec<(String, Vec<u8>)> =
             bodies.iter().map(|b| (String::new(), b.clone())).collect();
-        publish::publish_bodies(
-            &self.channel,
-            &format!("{}.events", self.prefix),
-            &bodies,
-            None,
-            None,
-        )
-        .await
-        .unwrap();
+        self.publish_bodies(&bodies).await;
     }
 
     /// A bulk assignment's events, with this test's user ids.
