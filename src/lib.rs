@@ -9,6 +9,7 @@
 //! - [`notice`]: the notice for a window and its deterministic id (pure).
 //! - [`coalescer`]: per-assignee windows and their close rules (pure + time).
 //! - [`broker`]: connect, declare the topology, publish with confirms.
+//! - [`reason`]: the one vocabulary of dead-letter reasons (headers, `dlq` filters, metric labels).
 //! - [`dispatch`]: rate budget, one call per assignee, outcome → ack/park/dead-letter.
 //! - [`wechat`]: tokens, the cloud-function and subscribe-message calls, errcode → outcome.
 //! - [`service`]: broker sessions, reconnects, shutdown drain (the `run` subcommand).
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod notice;
 pub mod progress;
 pub mod publish;
+pub mod reason;
 pub mod service;
 pub mod settings;
 pub mod shutdown;

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::reason::Reason;
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Every metric the service exports. Cheap to share behind an `Arc`.
@@ -30,6 +32,9 @@ pub struct Metrics {
     pub unacked_deliveries: Gauge<i64, AtomicI64>,
     token_fetches: Family<Labels, Counter>,
     pub consuming: Gauge<i64, AtomicI64>,
+    /// 1 while a configuration fault keeps this replica from calling WeChat.
+    pub config_fault: Gauge<i64, AtomicI64>,
+    quota_pauses: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -58,6 +63,8 @@ impl Metrics {
             unacked_deliveries: Gauge::default(),
             token_fetches: Family::default(),
             consuming: Gauge::default(),
+            config_fault: Gauge::default(),
+            quota_pauses: Family::default(),
         };
         registry.register(
             "events_received",
@@ -126,6 +133,16 @@ impl Metrics {
             "1 while this replica has a registered consumer",
             m.consuming.clone(),
         );
+        registry.register(
+            "config_fault",
+            "1 while a configuration fault (bad secret, unknown env or function, template not configured, …) holds this replica",
+            m.config_fault.clone(),
+        );
+        registry.register(
+            "quota_pauses",
+            "pauses of every WeChat call after a quota errcode, by quota (minute = 45011, daily = 45009)",
+            m.quota_pauses.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = registry;
         m
     }
@@ -152,9 +169,7 @@ impl Metrics {
     }
 
     pub fn wechat_call(&self, api: &str, outcome: &str, errcode: Option<i64>, seconds: f64) {
-        let code = errcode
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "none".into());
+        let code = errcode_label(errcode);
         self.wechat_calls
             .get_or_create(&vec![
                 ("api", api.to_string()),
@@ -173,10 +188,16 @@ impl Metrics {
             .inc_by(n);
     }
 
-    pub fn dead_letter(&self, reason: &str, n: u64) {
+    pub fn dead_letter(&self, reason: Reason, n: u64) {
         self.dead_letters
-            .get_or_create(&vec![("reason", reason.to_string())])
+            .get_or_create(&vec![("reason", reason.as_str().to_string())])
             .inc_by(n);
+    }
+
+    pub fn quota_pause(&self, quota: &'static str) {
+        self.quota_pauses
+            .get_or_create(&vec![("quota", quota.to_string())])
+            .inc();
     }
 
     pub fn token_fetch(&self, mode: &str, outcome: &str) {
@@ -186,5 +207,30 @@ impl Metrics {
                 ("outcome", outcome.to_string()),
             ])
             .inc();
+    }
+}
+
+/// The `errcode` label: a code of the contract's table as itself, any other
+/// as `other`, no errcode as `none`. A reply can carry any integer, and each
+/// distinct label value is a new time series, so the set must stay small.
+fn errcode_label(errcode: Option<i64>) -> String {
+    match errcode {
+        None => "none".into(),
+        Some(c) if crate::wechat::outcome::is_known(c) => c.to_string(),
+        Some(_) => "other".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errcode_labels_stay_within_the_table() {
+        assert_eq!(errcode_label(None), "none");
+        assert_eq!(errcode_label(Some(45011)), "45011");
+        assert_eq!(errcode_label(Some(-501000)), "-501000");
+        assert_eq!(errcode_label(Some(123_456_789)), "other");
+        assert_eq!(errcode_label(Some(i64::MIN)), "other");
     }
 }

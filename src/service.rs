@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::broker::{self, ParkHeaders};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
-use crate::dispatch::{DeadReason, Dispatcher, Pending, SessionLink};
+use crate::dispatch::{Dispatcher, Pending, Reason, SessionLink};
 use crate::event;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
@@ -268,7 +268,7 @@ impl Service {
                 let link = link.clone();
                 tasks.spawn(async move {
                     let h = ParkHeaders {
-                        reason: Some(DeadReason::InvalidEvent.as_str().into()),
+                        reason: Some(Reason::InvalidEvent.as_str().into()),
                         detail: Some(invalid.detail),
                         errcode: None,
                         attempts: pending.attempts,
@@ -277,7 +277,7 @@ impl Service {
                         }),
                     };
                     dispatcher
-                        .dead_letter(&pending, DeadReason::InvalidEvent, &h, &link)
+                        .dead_letter(&pending, Reason::InvalidEvent, &h, &link)
                         .await;
                 });
                 Vec::new()

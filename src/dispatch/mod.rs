@@ -24,6 +24,7 @@ use crate::broker::{self, headers, ParkHeaders};
 use crate::coalescer::Closed;
 use crate::metrics::Metrics;
 use crate::notice::Notice;
+pub use crate::reason::Reason;
 use crate::settings::Settings;
 use crate::wechat::{CallResult, Outcome, WeChat};
 
@@ -85,30 +86,6 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         self.metrics.unacked_deliveries.dec();
-    }
-}
-
-/// Why messages leave for the dead-letter queue (the `x-notifier-reason` words).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadReason {
-    InvalidEvent,
-    WechatRejected,
-    FunctionFailed,
-    NoOpenid,
-    RetriesExhausted,
-    Expired,
-}
-
-impl DeadReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::InvalidEvent => "invalid_event",
-            DeadReason::WechatRejected => "wechat_rejected",
-            DeadReason::FunctionFailed => "function_failed",
-            DeadReason::NoOpenid => "no_openid",
-            DeadReason::RetriesExhausted => "retries_exhausted",
-            DeadReason::Expired => "expired",
-        }
     }
 }
 
@@ -277,28 +254,28 @@ impl Dispatcher {
                 }
                 Outcome::Transient | Outcome::TokenInvalid | Outcome::MinuteQuota => {
                     return self
-                        .park(closed, notice, &result, DeadReason::RetriesExhausted, link)
+                        .park(closed, notice, &result, Reason::RetriesExhausted, link)
                         .await;
                 }
                 Outcome::DailyQuota => {
                     self.pause(self.settings.retry_delays[0]);
                     return self
-                        .park(closed, notice, &result, DeadReason::RetriesExhausted, link)
+                        .park(closed, notice, &result, Reason::RetriesExhausted, link)
                         .await;
                 }
                 Outcome::FunctionFailed => {
                     return self
-                        .park(closed, notice, &result, DeadReason::FunctionFailed, link)
+                        .park(closed, notice, &result, Reason::FunctionFailed, link)
                         .await;
                 }
                 Outcome::Rejected => {
                     return self
-                        .dead_letter_all(closed, DeadReason::WechatRejected, &result, link)
+                        .dead_letter_all(closed, Reason::WechatRejected, &result, link)
                         .await;
                 }
                 Outcome::NoOpenid => {
                     return self
-                        .dead_letter_all(closed, DeadReason::NoOpenid, &result, link)
+                        .dead_letter_all(closed, Reason::NoOpenid, &result, link)
                         .await;
                 }
                 Outcome::ConfigFault => {
@@ -386,13 +363,13 @@ impl Dispatcher {
         for (i, p) in deliveries {
             if expired[i] {
                 let h = ParkHeaders {
-                    reason: Some(DeadReason::Expired.as_str().into()),
+                    reason: Some(Reason::Expired.as_str().into()),
                     detail: Some(detail.clone()),
                     errcode: None,
                     attempts: p.attempts,
                     first_failed_at: p.first_failed_at.clone().unwrap_or_else(now_rfc3339),
                 };
-                self.dead_letter(&p, DeadReason::Expired, &h, link).await;
+                self.dead_letter(&p, Reason::Expired, &h, link).await;
             } else {
                 kept.push((new_index[i], p));
             }
@@ -412,7 +389,7 @@ impl Dispatcher {
     pub async fn dead_letter(
         &self,
         p: &Pending,
-        reason: DeadReason,
+        reason: Reason,
         h: &ParkHeaders,
         link: &SessionLink,
     ) -> bool {
@@ -427,7 +404,7 @@ impl Dispatcher {
         .await
         {
             Ok(()) => {
-                self.metrics.dead_letter(reason.as_str(), 1);
+                self.metrics.dead_letter(reason, 1);
                 p.ack().await
             }
             Err(e) => {
@@ -440,7 +417,7 @@ impl Dispatcher {
     async fn dead_letter_all(
         &self,
         closed: &Closed<Pending>,
-        reason: DeadReason,
+        reason: Reason,
         result: &CallResult,
         link: &SessionLink,
     ) {
@@ -468,7 +445,7 @@ impl Dispatcher {
         closed: &Closed<Pending>,
         notice: &Notice,
         result: &CallResult,
-        exhausted: DeadReason,
+        exhausted: Reason,
         link: &SessionLink,
     ) {
         let first_failed = now_rfc3339();
