@@ -1,10 +1,12 @@
-//! The command line of contract section 7. The doc comments are the help text.
-//! Settings come from the environment (see `settings`); flags here only choose
-//! what a subcommand does.
+//! The command line of contract section 7. The doc comments are the help text;
+//! the settings table at the end of `--help` is generated from
+//! `settings::VARIABLES`. Settings come from the environment (see `settings`);
+//! flags here only choose what a subcommand does.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,6 +19,24 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// Parses the process arguments; `--help` (of every subcommand) ends with
+    /// the table of settings and their environment variables.
+    pub fn parse_with_settings_help() -> Cli {
+        let table = crate::settings::help_table();
+        let mut command = Cli::command().after_long_help(table.clone());
+        let names: Vec<String> = command
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        for name in names {
+            command = command.mut_subcommand(name, |c| c.after_long_help(table.clone()));
+        }
+        let matches = command.get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (the default): consume, coalesce, notify, ack.
@@ -27,24 +47,41 @@ pub enum Command {
     Publish(PublishArgs),
     /// Run the simulator, the service and a bulk assignment in one process; print what WeChat received.
     Demo(DemoArgs),
-    /// Validate the settings, reach the broker and WeChat; exit 0, or 1 with the reason.
+    /// Read-only: settings, broker (each queue present, missing or mismatched; nothing is
+    /// created) and the WeChat probe the service makes; exit 0, or 1 naming the problems.
     Check,
-    /// List, replay or purge the dead-letter queue.
+    /// Depth and consumers of the work, retry and dead-letter queues, and the active replica.
+    Status,
+    /// List, export, replay or purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
 }
 
+/// Every `dlq` action looks at most at the messages in the dead-letter queue
+/// when it starts (a replayed message that fails again at once is not seen
+/// twice) and holds a bounded number of them unacked at a time.
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters: reason, errcode, attempts, age, event id.
+    /// Show dead letters: reason, errcode, attempts, age, assignee, event id, detail.
+    /// Every message stays in the queue.
     List {
         #[command(flatten)]
         filter: DlqFilter,
-        /// Print JSON instead of a table.
+        /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Move chosen dead letters back into the work queue (each confirmed before it leaves).
+    /// Write chosen dead letters as JSON lines (body and headers) so they can be
+    /// republished elsewhere. Every message stays in the queue.
+    Export {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Write to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Move chosen dead letters back into the work queue (each copy confirmed before the
+    /// original leaves), with fresh attempts.
     Replay {
         #[command(flatten)]
         filter: DlqFilter,
@@ -59,15 +96,19 @@ pub enum DlqCommand {
     },
 }
 
-/// Which dead letters (all when neither is given).
+/// Which dead letters (every one when no filter is given).
 #[derive(Debug, clap::Args)]
 pub struct DlqFilter {
-    /// Only this reason (invalid_event, wechat_rejected, function_failed, no_openid, retries_exhausted, expired, delivery_limit).
+    /// Only this reason: invalid_event, wechat_rejected, function_failed, no_openid,
+    /// retries_exhausted, expired, delivery_limit.
     #[arg(long)]
     pub reason: Option<String>,
     /// Only this event id.
     #[arg(long)]
     pub event_id: Option<String>,
+    /// Act on at most this many messages.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]

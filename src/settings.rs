@@ -115,7 +115,218 @@ pub struct Settings {
     pub retry_queue_prefix: String,
     pub metrics_addr: SocketAddr,
     pub log_format: LogFormat,
+    /// RabbitMQ's management API (`status` asks it which replica is active);
+    /// the URL may carry credentials, so it is kept as a secret.
+    pub management_url: Option<Secret>,
 }
+
+/// What a subcommand reads: `publish`, `dlq` and `status` only talk to the
+/// broker, so they must start without any WeChat setting (a publisher host has
+/// no business holding the AppSecret). `run` and `check` read everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `AMQP_URL`, the names, the retry ladder (it names the retry queues),
+    /// `NOTIFIER_MANAGEMENT_URL` and `NOTIFIER_LOG_FORMAT`. Every other field
+    /// holds its default (the WeChat ones are empty) and must not be used.
+    Broker,
+    /// Every setting, each checked.
+    Everything,
+}
+
+/// One setting: its variable, its default as written, what it means. The one
+/// list behind `--help`, the TOML file's known keys and `config.example.toml`'s test.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, meaning: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        meaning,
+    }
+}
+
+/// Every setting the program reads (contract section 5, plus ours).
+pub const VARIABLES: &[Variable] = &[
+    var(
+        "AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        "broker URL(s), comma-separated for a cluster",
+    ),
+    var(
+        "WECHAT_API_BASE",
+        "https://api.weixin.qq.com",
+        "where the WeChat HTTP API lives",
+    ),
+    var(
+        "WECHAT_APPID",
+        "required (run, check)",
+        "mini program appid",
+    ),
+    var(
+        "WECHAT_APPSECRET",
+        "this or the _FILE (run, check)",
+        "the AppSecret (never logged)",
+    ),
+    var("WECHAT_APPSECRET_FILE", "-", "a file holding the AppSecret"),
+    var("WECHAT_TOKEN_MODE", "stable", "stable or classic"),
+    var(
+        "WECHAT_DELIVERY_MODE",
+        "cloud_function",
+        "cloud_function or subscribe_message",
+    ),
+    var(
+        "WECHAT_CLOUD_ENV",
+        "required in cloud_function mode",
+        "cloud environment id",
+    ),
+    var(
+        "WECHAT_CLOUD_FUNCTION",
+        "quickstartFunctions",
+        "cloud function name",
+    ),
+    var(
+        "WECHAT_TEMPLATE_ID",
+        "required in subscribe_message mode",
+        "subscribe-message template id",
+    ),
+    var(
+        "WECHAT_TEMPLATE_PAGE",
+        "-",
+        "direct mode: page the notice opens",
+    ),
+    var(
+        "WECHAT_MINIPROGRAM_STATE",
+        "formal",
+        "direct mode: developer, trial or formal",
+    ),
+    var("WECHAT_LANG", "zh_CN", "direct mode: language"),
+    var(
+        "WECHAT_TEMPLATE_DATA",
+        "required in subscribe_message mode",
+        "direct mode: keyword mapping as JSON",
+    ),
+    var(
+        "WECHAT_CALL_TIMEOUT",
+        "15s",
+        "how long one WeChat call may take",
+    ),
+    var(
+        "NOTIFIER_CONFIG",
+        "-",
+        "a TOML file adding to the environment",
+    ),
+    var(
+        "NOTIFIER_RATE_PER_SEC",
+        "10",
+        "WeChat calls per second, whole fleet",
+    ),
+    var("NOTIFIER_RATE_BURST", "1", "calls allowed back to back"),
+    var(
+        "NOTIFIER_BATCH_WINDOW_MS",
+        "2000",
+        "quiet period closing a window (ms)",
+    ),
+    var(
+        "NOTIFIER_BATCH_MAX_WAIT_MS",
+        "10000",
+        "longest a window stays open (ms)",
+    ),
+    var("NOTIFIER_BATCH_MAX", "50", "events per notice (1..1000)"),
+    var(
+        "NOTIFIER_PREFETCH",
+        "2000",
+        "unacked deliveries a replica holds",
+    ),
+    var(
+        "NOTIFIER_RETRY_DELAYS",
+        "5s,30s,2m,10m,30m",
+        "the retry ladder, one queue per step",
+    ),
+    var(
+        "NOTIFIER_MAX_ATTEMPTS",
+        "10",
+        "then dead-letter retries_exhausted",
+    ),
+    var(
+        "NOTIFIER_MAX_AGE",
+        "24h",
+        "older events are dead-lettered expired",
+    ),
+    var(
+        "NOTIFIER_SHUTDOWN_GRACE",
+        "20s",
+        "how long SIGTERM may take",
+    ),
+    var(
+        "NOTIFIER_CONFIG_RETRY",
+        "15s",
+        "recheck interval during a configuration fault",
+    ),
+    var("NOTIFIER_EXCHANGE", "crm.events", "the CRM's exchange"),
+    var(
+        "NOTIFIER_QUEUE",
+        "wechat-notifier.customer-assigned",
+        "the work queue",
+    ),
+    var(
+        "NOTIFIER_DEAD_QUEUE",
+        "wechat-notifier.dead",
+        "the dead-letter queue",
+    ),
+    var(
+        "NOTIFIER_RETRY_QUEUE_PREFIX",
+        "wechat-notifier.retry",
+        "retry queues are <prefix>.<delay>",
+    ),
+    var(
+        "NOTIFIER_METRICS_ADDR",
+        "0.0.0.0:9090",
+        "/metrics, /healthz, /readyz",
+    ),
+    var(
+        "NOTIFIER_LOG_FORMAT",
+        "text",
+        "text or json (level from RUST_LOG)",
+    ),
+    var(
+        "NOTIFIER_MANAGEMENT_URL",
+        "-",
+        "RabbitMQ management API, for status",
+    ),
+];
+
+/// The settings as a table for `--help` (generated, so it cannot miss one).
+pub fn help_table() -> String {
+    let width = VARIABLES.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let mut out = String::from(
+        "Settings (environment variables; a TOML file named by NOTIFIER_CONFIG may set the same\n\
+         names in lowercase, the environment wins; see config.example.toml):\n",
+    );
+    for v in VARIABLES {
+        out.push_str(&format!(
+            "  {:<width$}  {}  [default: {}]\n",
+            v.name, v.meaning, v.default
+        ));
+    }
+    out
+}
+
+/// The top-level TOML keys a configuration file may hold: every variable in
+/// lowercase (not `notifier_config` itself), and the `[subscribe_message]` table.
+fn known_file_key(key: &str) -> bool {
+    key == "subscribe_message"
+        || VARIABLES
+            .iter()
+            .any(|v| v.name != "NOTIFIER_CONFIG" && v.name.to_ascii_lowercase() == key)
+}
+
+/// The keys `[subscribe_message]` may hold.
+const TEMPLATE_KEYS: &[&str] = &["template_id", "page", "miniprogram_state", "lang", "data"];
 
 /// Where values come from: the environment first, then the TOML file's
 /// lowercase top-level keys. Tests build one from pairs.
@@ -163,6 +374,29 @@ impl Source {
             let msg = e.message().to_string();
             SettingsError::new(var, format!("valid TOML in {}, but: {msg}", path.display()))
         })?;
+        // A mistyped or upper-case key would otherwise be silently ignored.
+        let mut unknown: Vec<String> = table
+            .keys()
+            .filter(|k| !known_file_key(k))
+            .cloned()
+            .collect();
+        if let Some(toml::Value::Table(t)) = table.get("subscribe_message") {
+            unknown.extend(
+                t.keys()
+                    .filter(|k| !TEMPLATE_KEYS.contains(&k.as_str()))
+                    .map(|k| format!("subscribe_message.{k}")),
+            );
+        }
+        if !unknown.is_empty() {
+            return Err(SettingsError::new(
+                var,
+                format!(
+                    "only known settings as lowercase keys (see config.example.toml), but {} has unknown key(s): {}",
+                    path.display(),
+                    unknown.join(", ")
+                ),
+            ));
+        }
         for (key, value) in table {
             match value {
                 toml::Value::Table(t) if key == "subscribe_message" => self.file_template = Some(t),
@@ -538,20 +772,21 @@ fn template(src: &Source) -> Result<TemplateSettings, SettingsError> {
     })
 }
 
-impl Settings {
-    /// Reads the process environment (and `NOTIFIER_CONFIG`).
-    pub fn from_env() -> Result<Self, SettingsError> {
-        Self::from_source(&Source::from_env()?)
-    }
+/// The WeChat half of the settings, read together because the delivery mode
+/// decides which of them are required.
+struct WeChatPart {
+    api_base: String,
+    appid: String,
+    appsecret: Secret,
+    token_mode: TokenMode,
+    delivery_mode: DeliveryMode,
+    cloud_env: String,
+    cloud_function: String,
+    template: Option<TemplateSettings>,
+}
 
-    /// Reads the given pairs as if they were the environment.
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Result<Self, SettingsError> {
-        Self::from_source(&Source::from_pairs(pairs)?)
-    }
-
-    pub fn from_source(src: &Source) -> Result<Self, SettingsError> {
+impl WeChatPart {
+    fn read(src: &Source) -> Result<Self, SettingsError> {
         let delivery_mode = choice(
             src,
             "WECHAT_DELIVERY_MODE",
@@ -575,13 +810,8 @@ impl Settings {
             DeliveryMode::SubscribeMessage => Some(template(src)?),
             DeliveryMode::CloudFunction => None,
         };
-        let batch_window = duration(src, "NOTIFIER_BATCH_WINDOW_MS", "2000ms")
-            .or_else(|_| millis(src, "NOTIFIER_BATCH_WINDOW_MS"))?;
-        let batch_max_wait = duration(src, "NOTIFIER_BATCH_MAX_WAIT_MS", "10000ms")
-            .or_else(|_| millis(src, "NOTIFIER_BATCH_MAX_WAIT_MS"))?;
-        let settings = Settings {
-            amqp_urls: amqp_urls(src)?,
-            wechat_api_base: api_base(src)?,
+        Ok(WeChatPart {
+            api_base: api_base(src)?,
             appid: src
                 .required("WECHAT_APPID", "the mini program's appid")?
                 .trim()
@@ -600,28 +830,111 @@ impl Settings {
             cloud_env,
             cloud_function: name(src, "WECHAT_CLOUD_FUNCTION", "quickstartFunctions")?,
             template,
-            rate_per_sec: rate(src)?,
-            rate_burst: integer(src, "NOTIFIER_RATE_BURST", "1", 1u32, 10_000)?,
+        })
+    }
+
+    /// For a command that never calls WeChat: nothing read, nothing usable.
+    fn unused() -> Self {
+        WeChatPart {
+            api_base: "https://api.weixin.qq.com".into(),
+            appid: String::new(),
+            appsecret: Secret::new(""),
+            token_mode: TokenMode::Stable,
+            delivery_mode: DeliveryMode::CloudFunction,
+            cloud_env: String::new(),
+            cloud_function: "quickstartFunctions".into(),
+            template: None,
+        }
+    }
+}
+
+fn management_url(src: &Source) -> Result<Option<Secret>, SettingsError> {
+    let var = "NOTIFIER_MANAGEMENT_URL";
+    let Some(raw) = src.get(var) else {
+        return Ok(None);
+    };
+    match reqwest::Url::parse(raw.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            Ok(Some(Secret::new(raw.trim().trim_end_matches('/'))))
+        }
+        // Not echoed: the URL may carry the management user's password.
+        _ => Err(SettingsError::new(
+            var,
+            "an http:// or https:// URL like http://user:pass@host:15672, but it is malformed",
+        )),
+    }
+}
+
+impl Settings {
+    /// Reads the process environment (and `NOTIFIER_CONFIG`).
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_source(&Source::from_env()?)
+    }
+
+    /// Reads the given pairs as if they were the environment.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, SettingsError> {
+        Self::from_source(&Source::from_pairs(pairs)?)
+    }
+
+    /// Every setting, each checked (what `run` and `check` need).
+    pub fn from_source(src: &Source) -> Result<Self, SettingsError> {
+        Self::for_command(src, Needs::Everything)
+    }
+
+    /// Reads the process environment for a subcommand that needs only `needs`.
+    pub fn from_env_for(needs: Needs) -> Result<Self, SettingsError> {
+        Self::for_command(&Source::from_env()?, needs)
+    }
+
+    /// The settings a subcommand uses, each checked; with `Needs::Broker` the
+    /// WeChat and service settings are not read at all (see `Needs`).
+    pub fn for_command(src: &Source, needs: Needs) -> Result<Self, SettingsError> {
+        // A broker-only command reads the service's settings from nothing, so a
+        // bad value it never uses cannot stop it; they hold their defaults.
+        let nothing = Source::default();
+        let (svc, wechat) = match needs {
+            Needs::Everything => (src, WeChatPart::read(src)?),
+            Needs::Broker => (&nothing, WeChatPart::unused()),
+        };
+        let batch_window = duration(svc, "NOTIFIER_BATCH_WINDOW_MS", "2000ms")
+            .or_else(|_| millis(svc, "NOTIFIER_BATCH_WINDOW_MS"))?;
+        let batch_max_wait = duration(svc, "NOTIFIER_BATCH_MAX_WAIT_MS", "10000ms")
+            .or_else(|_| millis(svc, "NOTIFIER_BATCH_MAX_WAIT_MS"))?;
+        let settings = Settings {
+            amqp_urls: amqp_urls(src)?,
+            wechat_api_base: wechat.api_base,
+            appid: wechat.appid,
+            appsecret: wechat.appsecret,
+            token_mode: wechat.token_mode,
+            delivery_mode: wechat.delivery_mode,
+            cloud_env: wechat.cloud_env,
+            cloud_function: wechat.cloud_function,
+            template: wechat.template,
+            rate_per_sec: rate(svc)?,
+            rate_burst: integer(svc, "NOTIFIER_RATE_BURST", "1", 1u32, 10_000)?,
             batch_window,
             batch_max_wait,
-            batch_max: integer(src, "NOTIFIER_BATCH_MAX", "50", 1usize, 1000)?,
-            prefetch: integer(src, "NOTIFIER_PREFETCH", "2000", 1u16, u16::MAX)?,
+            batch_max: integer(svc, "NOTIFIER_BATCH_MAX", "50", 1usize, 1000)?,
+            prefetch: integer(svc, "NOTIFIER_PREFETCH", "2000", 1u16, u16::MAX)?,
             retry_delays: retry_delays(src)?,
-            max_attempts: integer(src, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
-            max_age: duration(src, "NOTIFIER_MAX_AGE", "24h")?,
-            shutdown_grace: duration(src, "NOTIFIER_SHUTDOWN_GRACE", "20s")?,
-            config_retry: duration(src, "NOTIFIER_CONFIG_RETRY", "15s")?,
+            max_attempts: integer(svc, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
+            max_age: duration(svc, "NOTIFIER_MAX_AGE", "24h")?,
+            shutdown_grace: duration(svc, "NOTIFIER_SHUTDOWN_GRACE", "20s")?,
+            config_retry: duration(svc, "NOTIFIER_CONFIG_RETRY", "15s")?,
             exchange: name(src, "NOTIFIER_EXCHANGE", "crm.events")?,
             queue: name(src, "NOTIFIER_QUEUE", "wechat-notifier.customer-assigned")?,
             dead_queue: name(src, "NOTIFIER_DEAD_QUEUE", "wechat-notifier.dead")?,
             retry_queue_prefix: name(src, "NOTIFIER_RETRY_QUEUE_PREFIX", "wechat-notifier.retry")?,
-            metrics_addr: metrics_addr(src)?,
+            metrics_addr: metrics_addr(svc)?,
             log_format: choice(
                 src,
                 "NOTIFIER_LOG_FORMAT",
                 "text",
                 &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             )?,
+            management_url: management_url(src)?,
         };
         if settings.batch_max_wait < settings.batch_window {
             return Err(SettingsError::new(

@@ -1,7 +1,10 @@
 //! RabbitMQ: connecting (several cluster URLs tried in turn), declaring the
 //! topology of contract section 2 idempotently, and publishing with a confirm
 //! so a message is only acked once its copy in a retry or dead-letter queue is
-//! safe. Nothing here knows about events or WeChat.
+//! safe. Nothing here knows about events or WeChat. `inspect` looks without
+//! changing anything (passive declares, the management API).
+
+pub mod inspect;
 
 use std::time::Duration;
 
@@ -30,16 +33,92 @@ pub mod headers {
     pub const FIRST_FAILED_AT: &str = "x-notifier-first-failed-at";
 }
 
+/// How to get a broker when none answers (the README's first command).
+pub const START_HINT: &str = "start one with scripts/broker.sh, or `docker compose up -d rabbitmq`";
+
+/// A broker failure, each variant one line an operator can act on: a refused
+/// login is not an unreachable broker, and a queue declared with other
+/// arguments (406) is not a lost connection.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("no broker reachable ({tried} URL(s) tried); last error: {last}")]
-    Unreachable { tried: usize, last: String },
-    #[error("{0}")]
+    #[error("no broker reachable at {tried} ({last}); {START_HINT}")]
+    Unreachable { tried: String, last: String },
+    #[error("the broker at {url} refused the login: check the user and password in AMQP_URL")]
+    AccessRefused { url: String },
+    #[error("{}", describe(.0))]
     Amqp(#[from] lapin::Error),
     #[error("the broker refused the message (nack)")]
     Nacked,
     #[error("the message was returned as unroutable (no queue named {0:?})")]
     Unroutable(String),
+}
+
+/// What kind of broker failure, for callers that branch (and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No node answered (refused, timed out, DNS).
+    Unreachable,
+    /// The login was refused (403 at connection level).
+    AccessRefused,
+    /// A queue or exchange exists with other arguments (406 PRECONDITION_FAILED).
+    Mismatch,
+    /// A queue or exchange does not exist (404 NOT_FOUND).
+    NotFound,
+    /// The connection or channel went away under us.
+    ConnectionLost,
+    /// Anything else the broker refused (a nack, an unroutable message, a 5xx).
+    Refused,
+}
+
+impl BrokerError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            BrokerError::Unreachable { .. } => FailureKind::Unreachable,
+            BrokerError::AccessRefused { .. } => FailureKind::AccessRefused,
+            BrokerError::Amqp(e) => lapin_kind(e),
+            BrokerError::Nacked | BrokerError::Unroutable(_) => FailureKind::Refused,
+        }
+    }
+}
+
+/// The AMQP reply code of a protocol error (403, 404, 406, …), if it is one.
+pub fn reply_code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => Some(p.get_id()),
+        _ => None,
+    }
+}
+
+fn lapin_kind(e: &lapin::Error) -> FailureKind {
+    match reply_code(e) {
+        Some(403) => FailureKind::AccessRefused,
+        Some(404) => FailureKind::NotFound,
+        Some(406) => FailureKind::Mismatch,
+        Some(_) => FailureKind::Refused,
+        None => FailureKind::ConnectionLost,
+    }
+}
+
+/// One line for a lapin error: the broker's own reply text where it sent one
+/// (it names the queue and the argument), otherwise what happened to the link.
+fn describe(e: &lapin::Error) -> String {
+    let text = match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => p.get_message().as_str().to_string(),
+        _ => e.to_string(),
+    };
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match lapin_kind(e) {
+        FailureKind::Mismatch => format!(
+            "a queue or exchange exists with other arguments than the settings ask for ({text}); \
+             delete it or fix the NOTIFIER_* names"
+        ),
+        FailureKind::NotFound => format!("not found on the broker ({text})"),
+        FailureKind::AccessRefused => {
+            format!("the broker refused access ({text}): check the user, password and vhost in AMQP_URL")
+        }
+        FailureKind::ConnectionLost => format!("the broker connection was lost ({text})"),
+        _ => format!("the broker refused ({text})"),
+    }
 }
 
 /// Where a URL points, without its password: for logs.
@@ -63,21 +142,41 @@ pub fn redact_url(url: &str) -> String {
 /// Connects to the first URL that answers, trying each in turn.
 ///
 /// # Errors
-/// `Unreachable` when none answers.
+/// `AccessRefused` when a node answered but refused the login (and none
+/// accepted it), otherwise `Unreachable` when none answers.
 pub async fn connect(urls: &[String], name: &str) -> Result<Connection, BrokerError> {
     let mut last = String::from("no URL configured");
+    let mut refused = None;
     for url in urls {
         let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
         match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
             Ok(Ok(conn)) => return Ok(conn),
-            Ok(Err(e)) => last = format!("{}: {e}", redact_url(url)),
+            Ok(Err(e)) if login_refused(&e) => refused = Some(redact_url(url)),
+            Ok(Err(e)) => last = format!("{}: {}", redact_url(url), one_line(&e.to_string())),
             Err(_) => last = format!("{}: connect timed out", redact_url(url)),
         }
     }
+    if let Some(url) = refused {
+        return Err(BrokerError::AccessRefused { url });
+    }
     Err(BrokerError::Unreachable {
-        tried: urls.len(),
+        tried: urls
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(", "),
         last,
     })
+}
+
+/// RabbitMQ answers a wrong user or password with 403 ACCESS_REFUSED at
+/// connection level (the client announces `authentication_failure_close`).
+fn login_refused(e: &lapin::Error) -> bool {
+    reply_code(e) == Some(403)
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn long(s: &str) -> AMQPValue {

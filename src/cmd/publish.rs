@@ -1,8 +1,10 @@
 //! The `publish` subcommand: sample `customer.assigned` events published as the
 //! CRM would (persistent, JSON, `message_id`, with publisher confirms) — one
 //! event, or a bulk assignment of N customers over M assignees sharing one
-//! `batch.id`. Used by the demo, the tests and load runs.
+//! `batch.id`. Used by the demo, the tests and load runs. It reads only the
+//! broker's settings: a publisher host needs no WeChat secret.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
@@ -11,7 +13,75 @@ use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 
 use crate::broker::{self, BrokerError, ROUTING_KEY};
+use crate::cli::PublishArgs;
 use crate::progress::Progress;
+use crate::settings::Needs;
+use crate::telemetry;
+
+/// The `publish` subcommand.
+pub async fn main(args: PublishArgs) -> ExitCode {
+    if let Some(rate) = args.rate {
+        if let Err(why) = check_rate(rate) {
+            return super::bad_usage(why);
+        }
+    }
+    let settings = match super::settings(Needs::Broker) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    telemetry::init(settings.log_format, "warn");
+    let mut bulk = Bulk::new(args.customers, args.assignees);
+    if args.no_batch {
+        bulk.batch_id = None;
+        bulk.source = "web";
+    }
+    let events = sample_events(&bulk);
+    let result = async {
+        let conn = broker::connect(&settings.amqp_urls, "wechat-notifier-publish").await?;
+        let channel = broker::confirm_channel(&conn).await?;
+        // So that a publish before the first `run` is not returned as unroutable.
+        broker::declare_topology(&channel, &settings).await?;
+        let progress = Progress::start("published", events.len(), "events");
+        publish_events(
+            &channel,
+            &settings.exchange,
+            &events,
+            args.rate,
+            Some(&progress),
+        )
+        .await?;
+        progress.finish();
+        let _ = conn.close(200, "published".into()).await;
+        Ok::<_, BrokerError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            println!(
+                "published {} event(s) to {}",
+                events.len(),
+                settings.exchange
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(e),
+    }
+}
+
+/// `--rate` must be a positive, finite number of events per second (a zero
+/// would mean an infinite spacing).
+///
+/// # Errors
+/// The one line to print.
+pub fn check_rate(rate: f64) -> Result<(), String> {
+    if rate.is_finite() && rate > 0.0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "--rate: a positive number of events per second (omit it for as fast as confirms allow), got {rate}"
+        ))
+    }
+}
 
 const SURNAMES: &[&str] = &[
     "张", "王", "李", "赵", "刘", "陈", "杨", "黄", "周", "吴", "徐", "孙",
@@ -135,7 +205,10 @@ pub async fn publish_bodies(
     rate: Option<f64>,
     progress: Option<&Progress>,
 ) -> Result<(), BrokerError> {
-    let spacing = rate.map(|r| Duration::from_secs_f64(1.0 / r));
+    // A rate that is not a positive number means no pacing (the CLI refuses it first).
+    let spacing = rate
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .map(|r| Duration::from_secs_f64(1.0 / r));
     let in_flight = match spacing {
         Some(s) if s >= Duration::from_millis(5) => 1,
         _ => 256,

@@ -1,8 +1,10 @@
 //! The `demo` subcommand: the simulator, the service and a bulk assignment in
 //! one process against the broker at `AMQP_URL`, on queue names of its own
-//! (deleted afterwards), printing what WeChat received.
+//! (deleted afterwards), printing what WeChat received. It reads only
+//! `AMQP_URL`: everything else is its own.
 
 use std::collections::BTreeSet;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;
@@ -13,15 +15,35 @@ use crate::cli::DemoArgs;
 use crate::progress::Progress;
 use crate::publish::{self, Bulk};
 use crate::service::Service;
-use crate::settings::Settings;
-use crate::shutdown;
+use crate::settings::{Needs, Settings};
 use crate::sim::{Sim, SimConfig};
+use crate::{shutdown, telemetry};
+
+/// The `demo` subcommand.
+pub async fn main(args: DemoArgs) -> ExitCode {
+    telemetry::init(telemetry::format_from_env(), "warn");
+    let settings = match super::settings(Needs::Broker) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match run(&args, &settings.amqp_urls.join(",")).await {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => super::fail(format!("{e:#}")),
+    }
+}
 
 /// Runs the demo; returns the table it printed.
 ///
 /// # Errors
 /// The broker is unreachable, or the notices did not all arrive within a minute.
 pub async fn run(args: &DemoArgs, amqp_url: &str) -> anyhow::Result<String> {
+    // The broker first: unlike `run`, the demo does not wait for one to appear,
+    // it says how to start one and exits.
+    let urls: Vec<String> = amqp_url.split(',').map(str::to_string).collect();
+    let conn = broker::connect(&urls, "wechat-notifier-demo").await?;
     let sim = Sim::start_local(SimConfig::default()).await?;
     let names = format!(
         "wechat-notifier-demo-{}-{:04x}",
@@ -47,7 +69,6 @@ pub async fn run(args: &DemoArgs, amqp_url: &str) -> anyhow::Result<String> {
     let service = Service::build(settings.clone(), signal).await?;
     let running = tokio::spawn(service.run_until_stopped());
 
-    let conn = broker::connect(&settings.amqp_urls, "wechat-notifier-demo").await?;
     let channel = broker::confirm_channel(&conn).await?;
     broker::declare_topology(&channel, &settings).await?;
     let bulk = Bulk::new(args.customers, args.assignees);

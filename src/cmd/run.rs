@@ -1,0 +1,106 @@
+//! `run` (the default): wires the settings, logging and the shutdown signal
+//! into `service::Service`, says once what it runs with, and waits.
+
+use std::process::ExitCode;
+
+use crate::broker::redact_url;
+use crate::service::Service;
+use crate::settings::{format_duration, DeliveryMode, Needs, Settings, TokenMode};
+use crate::{shutdown, telemetry};
+
+pub async fn main() -> ExitCode {
+    let settings = match super::settings(Needs::Everything) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    telemetry::init(settings.log_format, "info");
+    tracing::info!("{}", startup_line(&settings));
+    let (trigger, signal) = shutdown::channel();
+    shutdown::on_signals(trigger);
+    let service = match Service::build(settings, signal).await {
+        Ok(s) => s,
+        Err(e) => return super::fail(format!("cannot bind NOTIFIER_METRICS_ADDR: {e}")),
+    };
+    // Whatever the log level: scripts and tests read the bound address here
+    // (NOTIFIER_METRICS_ADDR may name port 0).
+    eprintln!("wechat-notifier: http listening on {}", service.http_addr());
+    match service.run_until_stopped().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => super::fail(format!("{e:#}")),
+    }
+}
+
+/// What this replica runs with, in one line: version, delivery mode, queue
+/// names, rate, windows, prefetch, retry ladder, token mode. Secrets are not
+/// in `Settings`' printable fields, and the AMQP URLs lose their password.
+pub fn startup_line(s: &Settings) -> String {
+    let mode = match s.delivery_mode {
+        DeliveryMode::CloudFunction => format!(
+            "cloud_function (env {}, function {})",
+            s.cloud_env, s.cloud_function
+        ),
+        DeliveryMode::SubscribeMessage => "subscribe_message".to_string(),
+    };
+    let token = match s.token_mode {
+        TokenMode::Stable => "stable",
+        TokenMode::Classic => "classic",
+    };
+    let ladder: Vec<String> = s.retry_delays.iter().map(|d| format_duration(*d)).collect();
+    let brokers: Vec<String> = s.amqp_urls.iter().map(|u| redact_url(u)).collect();
+    format!(
+        "wechat-notifier {} starting: broker {}, appid {}, delivery {mode}, token {token}, \
+         exchange {}, queue {}, dead-letter queue {}, retry queues {}.<{}>, \
+         rate {}/s burst {}, window {} (max wait {}, max {} events), prefetch {}, \
+         max attempts {}, max age {}",
+        env!("CARGO_PKG_VERSION"),
+        brokers.join(","),
+        s.appid,
+        s.exchange,
+        s.queue,
+        s.dead_queue,
+        s.retry_queue_prefix,
+        ladder.join(","),
+        s.rate_per_sec,
+        s.rate_burst,
+        format_duration(s.batch_window),
+        format_duration(s.batch_max_wait),
+        s.batch_max,
+        s.prefetch,
+        s.max_attempts,
+        format_duration(s.max_age),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_startup_line_names_the_settings_and_hides_the_secrets() {
+        let s = Settings::from_pairs([
+            ("AMQP_URL", "amqp://ops:amqp-pass-123@mq.example:5672/%2f"),
+            ("WECHAT_APPID", "wx123"),
+            ("WECHAT_APPSECRET", "appsecret-xyz"),
+            ("WECHAT_CLOUD_ENV", "env-1"),
+            ("NOTIFIER_RETRY_DELAYS", "5s,1m"),
+        ])
+        .unwrap();
+        let line = startup_line(&s);
+        for want in [
+            env!("CARGO_PKG_VERSION"),
+            "cloud_function",
+            "wechat-notifier.customer-assigned",
+            "wechat-notifier.dead",
+            "rate 10/s burst 1",
+            "window 2s",
+            "prefetch 2000",
+            "5s,1m",
+            "token stable",
+            "mq.example:5672",
+        ] {
+            assert!(line.contains(want), "{want} in {line}");
+        }
+        assert!(!line.contains("amqp-pass-123") && !line.contains("appsecret-xyz"));
+        assert!(!line.contains('\n'));
+    }
+}
