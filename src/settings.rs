@@ -1130,4 +1130,72 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.var, "WECHAT_TEMPLATE_DATA");
     }
+
+    #[test]
+    fn a_broker_only_command_needs_no_wechat_setting() {
+        let src = Source::from_pairs([("AMQP_URL", "amqp://u:p@mq:5672/%2f")]).unwrap();
+        let s = Settings::for_command(&src, Needs::Broker).unwrap();
+        assert_eq!(s.amqp_urls, vec!["amqp://u:p@mq:5672/%2f"]);
+        assert_eq!(s.dead_queue, "wechat-notifier.dead");
+        assert_eq!(s.retry_delays.len(), 5);
+        let err = Settings::for_command(&src, Needs::Everything).unwrap_err();
+        assert!(err.var.starts_with("WECHAT_"), "{err}");
+        // A bad value of a setting the command does not use does not stop it.
+        let src = Source::from_pairs([("NOTIFIER_RATE_PER_SEC", "fast")]).unwrap();
+        assert!(Settings::for_command(&src, Needs::Broker).is_ok());
+        // The broker's own settings are still checked.
+        let src = Source::from_pairs([("NOTIFIER_QUEUE", " ")]).unwrap();
+        assert!(Settings::for_command(&src, Needs::Broker).is_ok(), "blank is unset");
+        let src = Source::from_pairs([("AMQP_URL", "http://x")]).unwrap();
+        assert_eq!(
+            Settings::for_command(&src, Needs::Broker).unwrap_err().var,
+            "AMQP_URL"
+        );
+        let src = Source::from_pairs([("NOTIFIER_MANAGEMENT_URL", "nope")]).unwrap();
+        assert_eq!(
+            Settings::for_command(&src, Needs::Broker).unwrap_err().var,
+            "NOTIFIER_MANAGEMENT_URL"
+        );
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_named_and_case_matters() {
+        let path = std::env::temp_dir().join(format!("wn-unknown-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "notifier_batch_max = 7\nNOTIFIER_RATE_PER_SEC = 3\nnotifier_rate_per_second = 2\n\
+             [subscribe_message]\ntemplate_id = \"t\"\ntemplate = \"x\"\n",
+        )
+        .unwrap();
+        let err = Source::from_pairs([("NOTIFIER_CONFIG", path.to_str().unwrap())]).unwrap_err();
+        assert_eq!(err.var, "NOTIFIER_CONFIG");
+        let msg = err.to_string();
+        for key in [
+            "NOTIFIER_RATE_PER_SEC",
+            "notifier_rate_per_second",
+            "subscribe_message.template",
+        ] {
+            assert!(msg.contains(key), "{key} in {msg}");
+        }
+        assert!(!msg.contains("notifier_batch_max"), "{msg}");
+        assert!(!msg.contains('\n'));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn help_lists_every_variable_the_parser_reads() {
+        let help = help_table();
+        let code = include_str!("settings.rs");
+        // Every quoted upper-case setting name in this file is in the table.
+        for chunk in code.split('"').skip(1).step_by(2) {
+            let looks_like_var = (chunk.starts_with("NOTIFIER_")
+                || chunk.starts_with("WECHAT_")
+                || chunk == "AMQP_URL")
+                && chunk.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+            if looks_like_var {
+                assert!(help.contains(chunk), "{chunk} is missing from --help");
+            }
+        }
+        assert!(help.contains("WECHAT_CALL_TIMEOUT"));
+    }
 }
