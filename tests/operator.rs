@@ -1,0 +1,641 @@
+//! Operator tools that are safe in production: `dlq` acts once per message
+//! even while the service dead-letters its replays again, `check` and
+//! `status` change nothing, each command asks only for its own settings, and
+//! every failure is one line that says what to fix. Also: the repository
+//! stands alone, and the example configuration is read by the real parser.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{ids, TestEnv};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+use wechat_notifier::settings::{Settings, Source, VARIABLES};
+use wechat_notifier::sim::{Api, Fault, FaultAction};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The one line a failing command printed (and that there was only one).
+fn one_line(out: &Output) -> String {
+    let err = stderr(out);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {err}");
+    assert!(
+        !err.contains('\x1b'),
+        "no colour codes off a terminal: {err:?}"
+    );
+    lines[0].to_string()
+}
+
+/// Runs the binary with exactly `vars` as its environment.
+async fn run(args: &[&str], vars: Vec<(String, String)>) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+            .args(args)
+            .env_clear()
+            .envs(vars)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Only the broker's settings of a test (no WECHAT_* at all).
+fn broker_vars(env: &TestEnv) -> Vec<(String, String)> {
+    env.vars
+        .iter()
+        .filter(|(k, _)| {
+            k == "AMQP_URL"
+                || k == "NOTIFIER_EXCHANGE"
+                || k == "NOTIFIER_QUEUE"
+                || k == "NOTIFIER_DEAD_QUEUE"
+                || k == "NOTIFIER_RETRY_QUEUE_PREFIX"
+                || k == "NOTIFIER_RETRY_DELAYS"
+        })
+        .cloned()
+        .collect()
+}
+
+fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String, String)> {
+    vars.retain(|(k, _)| k != key);
+    vars.push((key.into(), value.into()));
+    vars
+}
+
+/// Whether a queue exists (a passive declare on a channel of its own).
+async fn exists(env: &TestEnv, queue: &str) -> bool {
+    let ch = env.conn.create_channel().await.unwrap();
+    let found = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .is_ok();
+    let _ = ch.close(200, "ok".into()).await;
+    found
+}
+
+/// Polls the ready count of `queue` until `want` or the deadline.
+async fn wait_ready(env: &TestEnv, queue: &str, want: u32) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if env.ready(queue).await == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// How many WeChat notice calls covered each event id.
+fn calls_per_event(env: &TestEnv) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for call in env.sim.notice_calls() {
+        for id in call.body["notice"]["event_ids"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            *out.entry(id.as_str().unwrap_or_default().to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_while_the_service_rejects_again_replays_each_message_once() {
+    let mut env = TestEnv::new("replay-once").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let svc = env.start_service().await;
+    // Every notice is refused for good (43101), so each replayed copy is
+    // dead-lettered again at once, while the replay still runs.
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::FunctionErrcode(43101),
+        times: None,
+    });
+    let events = env.bulk(30, 30, false);
+    env.publish(&events).await;
+    let dead = env.dead_queue();
+    assert!(wait_ready(&env, &dead, 30).await, "30 dead letters");
+
+    let out = run(&["dlq", "replay"], env.vars.clone()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("replayed 30 into {}", env.queue())),
+        "{}",
+        stdout(&out)
+    );
+
+    // Every replayed copy comes back (refused again), and then nothing moves.
+    let want = ids(&events);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let calls = calls_per_event(&env);
+        if env.ready(&dead).await == 30 && want.iter().all(|id| calls.get(id) == Some(&2)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "each event was sent twice (once, then once replayed): {calls:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    svc.stop().await;
+    let calls = calls_per_event(&env);
+    assert!(
+        want.iter().all(|id| calls.get(id) == Some(&2)),
+        "replayed once each, never twice: {calls:?}"
+    );
+    let left = env.drain(&dead).await;
+    let left_ids: Vec<String> = left
+        .iter()
+        .map(|(body, _)| {
+            serde_json::from_slice::<Value>(body).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(left_ids.len(), 30, "the same messages, once each");
+    assert_eq!(left_ids.iter().cloned().collect::<BTreeSet<_>>(), want);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
+    let mut env = TestEnv::new("dlq-tools").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let svc = env.start_service().await;
+    let rejected = env.bulk(1, 1, false);
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: rejected[0]["assignee"]["user_id"]
+            .as_str()
+            .map(str::to_string),
+        action: FaultAction::FunctionErrcode(43101),
+        times: None,
+    });
+    env.publish(&rejected).await;
+    env.publish_raw(&[b"not json".to_vec(), vec![0xff, 0xfe]])
+        .await;
+    let dead = env.dead_queue();
+    assert!(wait_ready(&env, &dead, 3).await);
+    svc.stop().await;
+    let vars = broker_vars(&env);
+
+    let typo = run(&["dlq", "list", "--reason", "invalid_evnt"], vars.clone()).await;
+    assert_eq!(typo.status.code(), Some(2));
+    let line = one_line(&typo);
+    assert!(
+        line.contains("invalid_evnt") && line.contains("invalid_event, wechat_rejected"),
+        "{line}"
+    );
+
+    let table = run(&["dlq", "list"], vars.clone()).await;
+    assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
+    let text = stdout(&table);
+    let header = text.lines().next().unwrap();
+    for col in [
+        "reason", "errcode", "attempts", "age", "assignee", "event_id", "detail",
+    ] {
+        assert!(header.contains(col), "{col} in {header}");
+    }
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("wechat_rejected"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let user = rejected[0]["assignee"]["user_id"].as_str().unwrap();
+    let event = rejected[0]["event_id"].as_str().unwrap();
+    assert!(
+        row.contains("43101") && row.contains(user) && row.contains(event),
+        "{row}"
+    );
+    assert!(text.contains("3 shown"), "{text}");
+
+    let limited = run(&["dlq", "list", "--json", "--limit", "1"], vars.clone()).await;
+    let rows: Vec<Value> = serde_json::from_slice(&limited.stdout).unwrap();
+    assert_eq!(rows.len(), 1);
+
+    let file = std::env::temp_dir().join(format!("{}.jsonl", env.prefix));
+    let export = run(
+        &[
+            "dlq",
+            "export",
+            "--reason",
+            "invalid_event",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(export.status.code(), Some(0), "{}", stderr(&export));
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().any(|l| l["body"] == "not json"));
+    assert!(lines.iter().any(|l| l["body_base64"] == "//4="));
+    assert!(lines
+        .iter()
+        .all(|l| l["headers"]["x-notifier-reason"] == "invalid_event"));
+    assert_eq!(
+        env.ready(&dead).await,
+        3,
+        "list and export keep every message"
+    );
+
+    let purge = run(
+        &["dlq", "purge", "--yes", "--reason", "wechat_rejected"],
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(purge.status.code(), Some(0), "{}", stderr(&purge));
+    assert!(
+        stdout(&purge).starts_with("purged 1;"),
+        "{}",
+        stdout(&purge)
+    );
+    let left = env.drain(&dead).await;
+    assert_eq!(left.len(), 2);
+    assert!(left
+        .iter()
+        .all(|(b, _)| !String::from_utf8_lossy(b).contains(event)));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_creates_nothing_and_names_every_missing_queue() {
+    let env = TestEnv::new("check-empty").await;
+    let s = env.settings();
+    let retry = s.retry_queue(s.retry_delays[0]);
+    let out = run(&["check"], env.vars.clone()).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = one_line(&out);
+    for name in [&s.queue, &s.dead_queue, &retry, &s.exchange] {
+        assert!(line.contains(name.as_str()), "{name} in {line}");
+    }
+    let report = stdout(&out);
+    assert!(report.contains("missing"), "{report}");
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("WeChat") && l.contains(" ok (")),
+        "WeChat answered the probe: {report}"
+    );
+    for q in [&s.queue, &s.dead_queue, &retry] {
+        assert!(!exists(&env, q).await, "check created {q}");
+    }
+    // Declared, the same check passes.
+    env.declare().await;
+    let ok = run(&["check"], env.vars.clone()).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_wechat_reports_a_configuration_fault() {
+    let env = TestEnv::new("check-85088").await;
+    env.declare().await;
+    // The probe `run` makes before consuming, answered "cloud development not
+    // enabled": check must not say ok.
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::Errcode(85088),
+        times: None,
+    });
+    let out = run(&["check"], env.vars.clone()).await;
+    let line = one_line(&out);
+    assert_eq!(out.status.code(), Some(1), "{line}");
+    assert!(line.contains("85088"), "{line}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_depths_with_broker_settings_only() {
+    let env = TestEnv::new("status").await;
+    env.declare().await;
+    env.publish(&env.bulk(3, 1, true)).await;
+    let out = run(&["status"], broker_vars(&env)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let work = text
+        .lines()
+        .find(|l| l.starts_with("work queue"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let cols: Vec<&str> = work.split_whitespace().collect();
+    assert_eq!(cols[2], env.queue());
+    assert_eq!((cols[3], cols[4]), ("3", "0"), "{work}");
+    assert!(text.contains("dead-letter queue"), "{text}");
+    assert!(
+        text.contains("active replica: unknown (set NOTIFIER_MANAGEMENT_URL)"),
+        "{text}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_needs_only_the_broker_and_refuses_a_zero_rate() {
+    let env = TestEnv::new("publish-only").await;
+    let vars = broker_vars(&env);
+    assert!(vars.iter().all(|(k, _)| !k.starts_with("WECHAT_")));
+    let out = run(
+        &["publish", "--customers", "4", "--assignees", "2"],
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(wait_ready(&env, &env.queue(), 4).await);
+
+    for rate in ["0", "-3", "NaN", "inf"] {
+        let arg = format!("--rate={rate}");
+        let out = run(&["publish", &arg], vars.clone()).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--rate {rate}: {}",
+            stderr(&out)
+        );
+        assert!(one_line(&out).contains("--rate"), "{}", stderr(&out));
+    }
+    assert_eq!(env.ready(&env.queue()).await, 4, "nothing more published");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_toml_key_stops_every_command_with_exit_2() {
+    let env = TestEnv::new("toml-keys").await;
+    let path = std::env::temp_dir().join(format!("{}.toml", env.prefix));
+    std::fs::write(
+        &path,
+        "notifier_batch_max = 5\nNOTIFIER_RATE_PER_SEC = 3\nnotifer_prefetch = 10\n",
+    )
+    .unwrap();
+    let vars = with(broker_vars(&env), "NOTIFIER_CONFIG", path.to_str().unwrap());
+    for args in [&["publish"][..], &["run"][..]] {
+        let out = run(args, vars.clone()).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let line = one_line(&out);
+        assert!(
+            line.contains("NOTIFIER_CONFIG")
+                && line.contains("NOTIFIER_RATE_PER_SEC")
+                && line.contains("notifer_prefetch"),
+            "{line}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_and_a_mismatched_queue_each_say_so_in_one_line() {
+    let env = TestEnv::new("reasons").await;
+    let url = common::amqp_url();
+    let wrong = url.replacen("guest:guest@", "guest:not-the-password@", 1);
+    assert_ne!(url, wrong, "the test broker uses guest:guest");
+    let vars = with(broker_vars(&env), "AMQP_URL", &wrong);
+    for args in [&["status"][..], &["publish"][..], &["dlq", "list"][..]] {
+        let out = run(args, vars.clone()).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let line = one_line(&out);
+        assert!(
+            line.contains("refused the login") && line.contains("AMQP_URL"),
+            "{line}"
+        );
+        assert!(!line.contains("not-the-password"), "{line}");
+    }
+
+    // The work queue exists as a classic queue: `publish` declares the
+    // topology and the broker answers 406.
+    env.channel
+        .queue_declare(
+            env.queue().as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let out = run(&["publish"], broker_vars(&env)).await;
+    assert_eq!(out.status.code(), Some(1));
+    let line = one_line(&out);
+    assert!(
+        line.contains("other arguments") && line.contains(&env.queue()),
+        "{line}"
+    );
+    assert!(!line.contains("connection was lost"), "{line}");
+
+    // No broker at all: how to start one.
+    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::free_port());
+    let out = run(&["demo"], vec![("AMQP_URL".into(), closed)]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let line = one_line(&out);
+    assert!(line.contains("scripts/broker.sh"), "{line}");
+    env.cleanup().await;
+}
+
+/// Reads a child's stderr lines until one matches, or the deadline.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    want: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if want(&line) {
+                    return Some(line);
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn spawn_run(
+    vars: Vec<(String, String)>,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+        .arg("run")
+        .env_clear()
+        .envs(vars)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_says_where_it_listens_and_what_it_runs_with() {
+    let env = TestEnv::new("startup").await;
+    let vars = with(env.vars.clone(), "NOTIFIER_METRICS_ADDR", "127.0.0.1:0");
+    let (mut child, lines) = spawn_run(vars);
+    let (found, seen) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let line = wait_for_line(&lines, &mut seen, |l| {
+            l.starts_with("wechat-notifier: http listening on ")
+        });
+        (line, seen)
+    })
+    .await
+    .unwrap();
+    let line = found.unwrap_or_else(|| panic!("no listening line: {seen:?}"));
+    let addr = line.trim_start_matches("wechat-notifier: http listening on ");
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let startup = seen
+        .iter()
+        .find(|l| l.contains("starting:"))
+        .unwrap_or_else(|| panic!("a start-up line: {seen:?}"));
+    for want in [
+        env!("CARGO_PKG_VERSION"),
+        "cloud_function",
+        &env.queue(),
+        &env.dead_queue(),
+        "rate 200/s",
+        "prefetch 2000",
+    ] {
+        assert!(startup.contains(want), "{want} in {startup}");
+    }
+    assert!(!startup.contains(&env.sim.config().secret));
+    assert!(
+        seen.iter().all(|l| !l.contains('\x1b')),
+        "no colour: {seen:?}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_a_broker_keeps_trying_and_says_how_to_start_one() {
+    let env = TestEnv::new("nobroker").await;
+    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::free_port());
+    let vars = with(
+        with(env.vars.clone(), "AMQP_URL", &closed),
+        "NOTIFIER_METRICS_ADDR",
+        "127.0.0.1:0",
+    );
+    let (mut child, lines) = spawn_run(vars);
+    let (found, seen) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let line = wait_for_line(&lines, &mut seen, |l| l.contains("reconnecting"));
+        (line, seen)
+    })
+    .await
+    .unwrap();
+    let still_running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("a reconnect warning: {seen:?}"));
+    assert!(line.contains("scripts/broker.sh"), "{line}");
+    assert!(still_running, "a broker outage does not stop the service");
+}
+
+#[test]
+fn the_example_configuration_documents_every_setting_and_parses() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for v in VARIABLES.iter().filter(|v| v.name != "NOTIFIER_CONFIG") {
+        let key = v.name.to_ascii_lowercase();
+        assert!(
+            text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{key} ="))
+            }),
+            "config.example.toml documents {key}"
+        );
+    }
+    // The real parser, as `run` would read it (the secret from the environment,
+    // which wins over the file's example path).
+    let settings = Settings::from_pairs([
+        ("NOTIFIER_CONFIG", path),
+        ("WECHAT_APPSECRET", "from-the-environment"),
+    ])
+    .unwrap_or_else(|e| panic!("config.example.toml: {e}"));
+    assert_eq!(settings.appid, "wx0123456789abcdef");
+    assert_eq!(settings.queue, "wechat-notifier.customer-assigned");
+    // Its template table is valid too, in the direct mode.
+    let direct = Settings::from_pairs([
+        ("NOTIFIER_CONFIG", path),
+        ("WECHAT_APPSECRET", "x"),
+        ("WECHAT_DELIVERY_MODE", "subscribe_message"),
+    ])
+    .unwrap_or_else(|e| panic!("config.example.toml in direct mode: {e}"));
+    assert_eq!(direct.template.unwrap().data.len(), 4);
+    // Broker-only commands read it too.
+    Source::from_pairs([("NOTIFIER_CONFIG", path)]).unwrap();
+}
+
+#[test]
+fn no_tracked_file_names_a_path_outside_the_repository() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let files = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(root)
+        .output()
+        .expect("git runs");
+    // Built from pieces so this file does not match itself.
+    let needles = [["..", "/shared"].concat(), ["shared", "/contract"].concat()];
+    let mut offenders = Vec::new();
+    let listed = String::from_utf8_lossy(&files.stdout).into_owned();
+    let names: Vec<&str> = listed.split('\0').filter(|n| !n.is_empty()).collect();
+    assert!(names.len() > 20, "git ls-files lists the repository");
+    for name in names {
+        let Ok(bytes) = std::fs::read(format!("{root}/{name}")) else {
+            continue; // deleted in the worktree
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        for n in &needles {
+            if text.contains(n.as_str()) {
+                offenders.push(format!("{name} names {n}"));
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "{offenders:?}");
+}
