@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use wechat_notifier::cli::{Cli, Command};
-use wechat_notifier::settings::Settings;
+use wechat_notifier::settings::{Needs, Settings, Source};
 use yaml_rust2::{Yaml, YamlLoader};
 
 fn root() -> PathBuf {
@@ -172,15 +172,16 @@ fn the_compose_file_has_every_service_with_valid_settings() {
     argv.extend(publisher["command"].as_vec().unwrap().iter().map(str_of));
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     assert!(matches!(cli.command, Some(Command::Publish(_))));
-    Settings::from_pairs(
-        environment(publisher)
-            .into_iter()
-            .map(|(k, v)| match k.as_str() {
-                "WECHAT_APPSECRET_FILE" => (k, secret_file.to_string_lossy().into_owned()),
-                _ => (k, v),
-            }),
-    )
-    .expect("the publisher's settings");
+    // It reads only the broker's settings, and holds no WeChat setting or secret.
+    let env = environment(publisher);
+    assert!(
+        env.iter().all(|(k, _)| !k.starts_with("WECHAT_")),
+        "the publisher holds no WeChat setting: {env:?}"
+    );
+    assert!(publisher["secrets"].is_badvalue(), "no secret mounted");
+    let source = Source::from_pairs(env).expect("the publisher's settings");
+    let settings = Settings::for_command(&source, Needs::Broker).expect("the publisher's settings");
+    assert!(settings.amqp_urls[0].contains("@rabbitmq:5672/"));
 
     // Prometheus scrapes exactly the three replicas' metrics ports.
     let prom_service = &doc["services"]["prometheus"];
