@@ -1145,7 +1145,10 @@ mod tests {
         assert!(Settings::for_command(&src, Needs::Broker).is_ok());
         // The broker's own settings are still checked.
         let src = Source::from_pairs([("NOTIFIER_QUEUE", " ")]).unwrap();
-        assert!(Settings::for_command(&src, Needs::Broker).is_ok(), "blank is unset");
+        assert!(
+            Settings::for_command(&src, Needs::Broker).is_ok(),
+            "blank is unset"
+        );
         let src = Source::from_pairs([("AMQP_URL", "http://x")]).unwrap();
         assert_eq!(
             Settings::for_command(&src, Needs::Broker).unwrap_err().var,
