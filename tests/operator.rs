@@ -293,6 +293,57 @@ async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_over_several_chunks_sees_each_message_once_and_keeps_them_all() {
+    let mut env = TestEnv::new("dlq-chunks").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let svc = env.start_service().await;
+    // More than two chunks of invalid events, each body distinct.
+    let n = 2 * wechat_notifier::cmd::dlq::CHUNK + 50;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("not json {i}").into_bytes())
+        .collect();
+    env.publish_raw(&bodies).await;
+    let dead = env.dead_queue();
+    assert!(wait_ready(&env, &dead, n as u32).await);
+    svc.stop().await;
+
+    let out = run(&["dlq", "export"], broker_vars(&env)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let seen: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["body"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(seen.len(), n, "each message once, no more");
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), n, "none twice");
+    assert!(
+        stderr(&out).contains(&format!("{n} of {n} message(s) examined")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        env.ready(&dead).await,
+        n as u32,
+        "export keeps every message"
+    );
+
+    // --limit stops a purge exactly.
+    let out = run(
+        &["dlq", "purge", "--yes", "--limit", "7"],
+        broker_vars(&env),
+    )
+    .await;
+    assert!(stdout(&out).starts_with("purged 7;"), "{}", stdout(&out));
+    assert_eq!(env.ready(&dead).await, n as u32 - 7);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_creates_nothing_and_names_every_missing_queue() {
     let env = TestEnv::new("check-empty").await;
     let s = env.settings();
@@ -326,17 +377,24 @@ async fn check_fails_when_wechat_reports_a_configuration_fault() {
     let env = TestEnv::new("check-85088").await;
     env.declare().await;
     // The probe `run` makes before consuming, answered "cloud development not
-    // enabled": check must not say ok.
-    env.sim.push_fault(Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: None,
-        action: FaultAction::Errcode(85088),
-        times: None,
-    });
-    let out = run(&["check"], env.vars.clone()).await;
-    let line = one_line(&out);
-    assert_eq!(out.status.code(), Some(1), "{line}");
-    assert!(line.contains("85088"), "{line}");
+    // enabled" by WeChat itself, then "TEMPLATE_ID is not set" by the function
+    // inside resp_data: check must not say ok to either.
+    for action in [
+        FaultAction::Errcode(85088),
+        FaultAction::FunctionErrcode(85088),
+    ] {
+        env.sim.clear_faults();
+        env.sim.push_fault(Fault {
+            api: Some(Api::InvokeCloudFunction),
+            user_id: None,
+            action: action.clone(),
+            times: None,
+        });
+        let out = run(&["check"], env.vars.clone()).await;
+        assert_eq!(out.status.code(), Some(1), "{action:?}: {}", stderr(&out));
+        let line = one_line(&out);
+        assert!(line.contains("85088"), "{action:?}: {line}");
+    }
     env.cleanup().await;
 }
 

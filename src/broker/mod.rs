@@ -85,7 +85,9 @@ impl BrokerError {
             BrokerError::Unreachable { .. } => FailureKind::Unreachable,
             BrokerError::AccessRefused { .. } => FailureKind::AccessRefused,
             BrokerError::Amqp(e) => lapin_kind(e),
-            BrokerError::Nacked | BrokerError::Unroutable(_) => FailureKind::Refused,
+            BrokerError::Nacked | BrokerError::Unroutable(_) | BrokerError::ConfirmTimeout(_) => {
+                FailureKind::Refused
+            }
         }
     }
 }
