@@ -635,6 +635,139 @@ async fn run_without_a_broker_keeps_trying_and_says_how_to_start_one() {
     assert!(still_running, "a broker outage does not stop the service");
 }
 
+/// A stand-in for RabbitMQ's management API: answers queue and exchange
+/// records for `queues` (name -> record), and requires basic auth ops:secret.
+async fn fake_management(records: BTreeMap<String, Value>) -> String {
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::get;
+    use axum::Json;
+    type Shared = std::sync::Arc<BTreeMap<String, Value>>;
+    async fn record(
+        State(records): State<Shared>,
+        headers: HeaderMap,
+        Path((_kind, vhost, name)): Path<(String, String, String)>,
+    ) -> Result<Json<Value>, StatusCode> {
+        // "ops:secret", base64.
+        if headers.get("authorization").and_then(|v| v.to_str().ok())
+            != Some("Basic b3BzOnNlY3JldA==")
+        {
+            return Err(StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(vhost, "/", "the vhost of AMQP_URL");
+        records
+            .get(&name)
+            .cloned()
+            .map(Json)
+            .ok_or(StatusCode::NOT_FOUND)
+    }
+    let app = axum::Router::new()
+        .route("/api/{kind}/{vhost}/{name}", get(record))
+        .with_state(std::sync::Arc::new(records));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://ops:secret@{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_management_api_status_names_the_active_replica_and_check_compares_arguments() {
+    let env = TestEnv::new("mgmt").await;
+    env.declare().await;
+    let s = env.settings();
+    let consumer = |tag: &str, active: bool| {
+        serde_json::json!({"consumer_tag": tag, "active": active,
+            "activity_status": if active { "single_active" } else { "waiting" },
+            "channel_details": {"connection_name": tag}})
+    };
+    let mut records = BTreeMap::new();
+    records.insert(
+        s.exchange.clone(),
+        serde_json::json!({"type": "topic", "durable": true}),
+    );
+    records.insert(
+        s.queue.clone(),
+        serde_json::json!({
+            "arguments": {"x-queue-type": "quorum", "x-single-active-consumer": true,
+                          "x-dead-letter-routing-key": s.dead_queue},
+            "consumer_details": [consumer("wechat-notifier-a-7-0001", false),
+                                 consumer("wechat-notifier-b-9-0002", true)]
+        }),
+    );
+    // The dead-letter queue as the management API would show a classic queue.
+    records.insert(
+        s.dead_queue.clone(),
+        serde_json::json!({"arguments": {}, "consumer_details": []}),
+    );
+    for d in &s.retry_delays {
+        records.insert(
+            s.retry_queue(*d),
+            serde_json::json!({"arguments": {"x-queue-type": "quorum",
+                "x-message-ttl": d.as_millis() as u64, "x-dead-letter-routing-key": s.queue}}),
+        );
+    }
+    let url = fake_management(records).await;
+    let vars = with(env.vars.clone(), "NOTIFIER_MANAGEMENT_URL", &url);
+
+    let out = run(&["status"], vars.clone()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("active replica: wechat-notifier-b-9-0002"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stdout(&out).contains("secret"));
+
+    let out = run(&["check"], vars).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let line = one_line(&out);
+    assert!(
+        line.contains(&format!("dead-letter queue {} mismatched", s.dead_queue))
+            && line.contains("x-queue-type"),
+        "{line}"
+    );
+    assert!(
+        !line.contains(&s.queue) || !line.contains("work queue"),
+        "{line}"
+    );
+    assert!(!line.contains("secret"), "{line}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_names_a_mismatched_queue_when_it_retries() {
+    let env = TestEnv::new("run-406").await;
+    env.channel
+        .queue_declare(
+            env.queue().as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let vars = with(env.vars.clone(), "NOTIFIER_METRICS_ADDR", "127.0.0.1:0");
+    let (mut child, lines) = spawn_run(vars);
+    let (found, seen) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let line = wait_for_line(&lines, &mut seen, |l| l.contains("reconnecting"));
+        (line, seen)
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("a retry warning: {seen:?}"));
+    assert!(
+        line.contains("other arguments") && line.contains(&env.queue()),
+        "{line}"
+    );
+    assert!(!line.contains("connection was lost"), "{line}");
+    env.cleanup().await;
+}
+
 #[test]
 fn the_example_configuration_documents_every_setting_and_parses() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
