@@ -23,18 +23,22 @@ impl Cli {
     /// Parses the process arguments; `--help` (of every subcommand) ends with
     /// the table of settings and their environment variables.
     pub fn parse_with_settings_help() -> Cli {
-        let table = crate::settings::help_table();
-        let mut command = Cli::command().after_long_help(table.clone());
-        let names: Vec<String> = command
-            .get_subcommands()
-            .map(|c| c.get_name().to_string())
-            .collect();
-        for name in names {
-            command = command.mut_subcommand(name, |c| c.after_long_help(table.clone()));
-        }
-        let matches = command.get_matches();
+        let matches = with_settings_help(Cli::command()).get_matches();
         Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
+}
+
+/// `command` and every subcommand under it, with the settings table after `--help`.
+pub fn with_settings_help(command: clap::Command) -> clap::Command {
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let mut command = command.after_long_help(crate::settings::help_table());
+    for name in names {
+        command = command.mut_subcommand(name, with_settings_help);
+    }
+    command
 }
 
 #[derive(Debug, Subcommand)]

@@ -830,3 +830,23 @@ fn no_tracked_file_names_a_path_outside_the_repository() {
     }
     assert!(offenders.is_empty(), "{offenders:?}");
 }
+
+#[test]
+fn help_shows_every_settings_environment_variable() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"][..],
+        &["dlq", "replay", "--help"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let text = stdout(&out);
+        for v in VARIABLES {
+            assert!(text.contains(v.name), "{args:?}: {} missing", v.name);
+        }
+    }
+}
