@@ -299,7 +299,7 @@ async fn a_pass_over_several_chunks_sees_each_message_once_and_keeps_them_all() 
     env.declare().await;
     let svc = env.start_service().await;
     // More than two chunks of invalid events, each body distinct.
-    let n = 2 * wechat_notifier::cmd::dlq::CHUNK + 50;
+    let n = 2 * wechat_notifier::cmd::dlq::WINDOW as usize + 50;
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| format!("not json {i}").into_bytes())
         .collect();
