@@ -662,6 +662,10 @@ async fn fake_management(records: BTreeMap<String, Value>) -> String {
             .ok_or(StatusCode::NOT_FOUND)
     }
     let app = axum::Router::new()
+        .route(
+            "/api/overview",
+            get(|| async { Json(serde_json::json!({})) }),
+        )
         .route("/api/{kind}/{vhost}/{name}", get(record))
         .with_state(std::sync::Arc::new(records));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -727,9 +731,20 @@ async fn with_the_management_api_status_names_the_active_replica_and_check_compa
         "{line}"
     );
     assert!(
-        !line.contains(&s.queue) || !line.contains("work queue"),
-        "{line}"
+        !line.contains("work queue"),
+        "only the differing queue: {line}"
     );
+    assert!(!line.contains("secret"), "{line}");
+
+    // A management URL that does not answer is a problem, not a silent skip.
+    let closed = format!("http://ops:secret@127.0.0.1:{}", common::free_port());
+    let out = run(
+        &["check"],
+        with(env.vars.clone(), "NOTIFIER_MANAGEMENT_URL", &closed),
+    )
+    .await;
+    let line = one_line(&out);
+    assert!(line.contains("NOTIFIER_MANAGEMENT_URL"), "{line}");
     assert!(!line.contains("secret"), "{line}");
     env.cleanup().await;
 }

@@ -70,11 +70,19 @@ pub async fn run(settings: &Settings) -> (String, Vec<String>) {
                     }
                 }
             }
-            if settings.management_url.is_none() {
-                report.push_str(
+            match inspect::management(settings) {
+                None => report.push_str(
                     "                    arguments not compared: a passive declare cannot see them \
                      (set NOTIFIER_MANAGEMENT_URL to compare through the management API)\n",
-                );
+                ),
+                // Set but not answering: the comparison above silently did not happen.
+                Some(api) => match api.get("overview").await {
+                    Ok(_) => report.push_str("management API      ok (arguments compared)\n"),
+                    Err(e) => {
+                        report.push_str(&format!("management API      {e}\n"));
+                        problems.push(format!("NOTIFIER_MANAGEMENT_URL: {e}"));
+                    }
+                },
             }
             let _ = conn.close(200, "check done".into()).await;
         }
