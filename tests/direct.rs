@@ -199,13 +199,23 @@ async fn a_200_without_an_errcode_is_never_taken_for_a_success() {
     env.publish(&events).await;
     let want: BTreeSet<String> = common::ids(&events);
     assert!(
-        wait_until(WAIT, || subscribe_calls(&env).iter().any(|c| c.errcode == 0)).await,
+        wait_until(WAIT, || subscribe_calls(&env)
+            .iter()
+            .any(|c| c.errcode == 0))
+        .await,
         "delivered after the two answers without errcode"
     );
     let calls = subscribe_calls(&env);
     let answers: Vec<(u16, i64)> = calls.iter().map(|c| (c.http_status, c.errcode)).collect();
-    assert_eq!(answers, vec![(200, -2), (200, -2), (200, 0)], "retried, not acked");
-    let page = calls[2].body["page"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        answers,
+        vec![(200, -2), (200, -2), (200, 0)],
+        "retried, not acked"
+    );
+    let page = calls[2].body["page"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(page.contains(&notice_id(&want.iter().cloned().collect::<Vec<_>>())));
     let mut unacked = 1.0;
     for _ in 0..100 {
