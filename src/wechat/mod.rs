@@ -24,9 +24,6 @@ use token::TokenProvider;
 /// The `type` of the probe call; the cloud function answers it without sending anything.
 pub const PROBE_TYPE: &str = "wechatNotifierProbe";
 
-/// How long one WeChat call may take before it counts as a timeout (transient).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-
 #[derive(Deserialize)]
 struct ApiReply {
     errcode: Option<i64>,
@@ -56,10 +53,11 @@ pub struct WeChat {
     metrics: Arc<Metrics>,
 }
 
-/// The HTTP client every WeChat call uses (rustls, a whole-call timeout).
-pub fn http_client() -> reqwest::Client {
+/// The HTTP client every WeChat call uses (rustls, a whole-call timeout:
+/// `WECHAT_CALL_TIMEOUT`, after which the call counts as transient).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(CALL_TIMEOUT)
+        .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
         .build()
         .expect("a TLS backend is compiled in")
@@ -67,7 +65,7 @@ pub fn http_client() -> reqwest::Client {
 
 impl WeChat {
     pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Self {
-        let http = http_client();
+        let http = http_client(settings.call_timeout);
         WeChat {
             tokens: TokenProvider::new(settings, http.clone(), metrics.clone()),
             http,
