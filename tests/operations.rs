@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ids, queue_counts, wait_until, TestEnv};
+use common::{eventually, ids, wait_until, TestEnv};
 use serde_json::Value;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
@@ -86,7 +86,7 @@ async fn dlq_lists_and_replays_a_rejected_event_which_is_then_delivered() {
     });
     env.publish(&events).await;
     let dead = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead).0 == 1).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead).await == 1 }).await);
 
     let vars = env.vars.clone();
     let run = move |args: Vec<&'static str>| {
@@ -169,7 +169,7 @@ async fn metrics_move_as_the_run_implies() {
     let want = ids(&events);
     assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
     let dead = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead).0 == 2).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead).await == 2 }).await);
     let m = |name: &'static str, labels: &'static str| common::metric(&svc.http, name, labels);
     assert_eq!(m("wechat_notifier_events_received_total", "").await, 8.0);
     assert_eq!(
@@ -227,6 +227,7 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
     env.set("WECHAT_TOKEN_MODE", "classic");
     // Every library's debug logs too (HTTP client, connection pool, AMQP).
     env.set("RUST_LOG", "debug");
+    env.set("WECHAT_CALL_TIMEOUT", "1s");
     env.declare().await;
     let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
     let mut replica = env.spawn_process_logging(Some(&log));
@@ -234,7 +235,7 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
     env.sim.push_fault(Fault {
         api: Some(Api::InvokeCloudFunction),
         user_id: None,
-        action: FaultAction::DelayMs(16_000),
+        action: FaultAction::DelayMs(120_000),
         times: Some(1),
     });
     env.sim.push_fault(Fault {
@@ -266,7 +267,8 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
         .await
         .unwrap();
     replica.sigterm();
-    let _ = tokio::task::spawn_blocking(move || replica.child.wait()).await;
+    // Waits for the last log line too.
+    let _ = tokio::task::spawn_blocking(move || replica.wait()).await;
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains("notice delivered"), "the log was captured");
     let secret = env.sim.config().secret.clone();
@@ -317,6 +319,6 @@ async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
         "the result on stdout"
     );
     let queue = env.queue();
-    assert!(wait_until(WAIT, || queue_counts(&queue).0 == 45).await);
+    assert!(eventually(WAIT, || async { env.ready(&queue).await == 45 }).await);
     env.cleanup().await;
 }
