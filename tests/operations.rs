@@ -25,6 +25,7 @@ async fn each_bad_setting_exits_2_naming_its_variable() {
         ("WECHAT_TOKEN_MODE", "magic"),
         ("AMQP_URL", "http://nowhere"),
         ("NOTIFIER_LOG_FORMAT", "xml"),
+        ("WECHAT_CALL_TIMEOUT", "soon"),
         ("WECHAT_APPID", ""),
     ];
     for (var, value) in cases {
