@@ -37,6 +37,20 @@ struct State {
     last_forced: Option<Instant>,
 }
 
+/// Whether a stale stable token may be force-refreshed at `now`, given the
+/// last forced refresh (decisions take the clock as an argument: unit-tested).
+fn force_refresh_due(last_forced: Option<Instant>, now: Instant) -> bool {
+    last_forced.is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY)
+}
+
+/// How long a token that lives `expires_in` seconds is used: refreshed ahead
+/// of expiry, at 90% of its lifetime and at most 5 minutes early, never
+/// sooner than a second.
+fn use_for(expires_in: u64) -> Duration {
+    let ahead = (expires_in / 10).min(300);
+    Duration::from_secs(expires_in.saturating_sub(ahead).max(1))
+}
+
 /// Shared by every call of this replica.
 pub struct TokenProvider {
     http: reqwest::Client,
@@ -83,21 +97,16 @@ impl TokenProvider {
         }
         let force = self.mode == TokenMode::Stable
             && state.cached.as_ref().is_some_and(|c| c.stale)
-            && state
-                .last_forced
-                .is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY);
+            && force_refresh_due(state.last_forced, now);
         let result = self.fetch(force).await;
         match &result {
             Ok((token, expires_in)) => {
                 if force {
                     state.last_forced = Some(now);
                 }
-                // Refresh ahead of expiry: at 90% of the lifetime, at most 5 minutes early.
-                let ahead = (*expires_in / 10).min(300);
-                let lifetime = Duration::from_secs(expires_in.saturating_sub(ahead).max(1));
                 state.cached = Some(Cached {
                     token: token.clone(),
-                    refresh_at: now + lifetime,
+                    refresh_at: now + use_for(*expires_in),
                     stale: false,
                 });
                 self.metrics.token_fetch(self.mode_label(), "ok");
@@ -168,5 +177,36 @@ impl TokenProvider {
                 Err(result)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stable_token_is_force_refreshed_at_most_once_per_30s() {
+        let t0 = Instant::now();
+        assert!(force_refresh_due(None, t0), "never forced yet");
+        assert!(!force_refresh_due(Some(t0), t0));
+        assert!(!force_refresh_due(
+            Some(t0),
+            t0 + Duration::from_millis(29_999)
+        ));
+        assert!(force_refresh_due(Some(t0), t0 + Duration::from_secs(30)));
+        assert!(force_refresh_due(Some(t0), t0 + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn tokens_are_refreshed_ahead_of_expiry() {
+        // WeChat's usual 7200 s: five minutes early (the cap).
+        assert_eq!(use_for(7200), Duration::from_secs(6900));
+        // Shorter lives: at 90%.
+        assert_eq!(use_for(1000), Duration::from_secs(900));
+        assert_eq!(use_for(20), Duration::from_secs(18));
+        // A life of seconds is used whole, and never for less than a second.
+        assert_eq!(use_for(5), Duration::from_secs(5));
+        assert_eq!(use_for(1), Duration::from_secs(1));
+        assert_eq!(use_for(0), Duration::from_secs(1));
     }
 }
