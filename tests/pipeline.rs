@@ -339,9 +339,12 @@ async fn calls_are_spaced_by_the_rate_budget() {
         .collect();
     let span = times.last().unwrap() - times.first().unwrap();
     let min = (times.len() - 1) as f64 / rate * 1000.0;
-    // A few ms of tolerance for the request's trip through loopback.
+    // The simulator sees arrivals, not sends: a loaded machine can delay the
+    // first arrival more than the last. Half a slot of tolerance for that
+    // still fails a budget that lets a single extra call through.
+    let tolerance = 0.5 / rate * 1000.0;
     assert!(
-        span >= min - 20.0,
+        span >= min - tolerance,
         "{} calls took {span:.0} ms, less than {min:.0} ms",
         times.len()
     );
