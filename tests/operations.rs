@@ -293,12 +293,12 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
     let env = TestEnv::new("progress").await;
-    // 45 events at 15/s: three seconds, so at least one progress line.
+    // 24 events at 15/s: over 1.5 s, past the first report (at one second).
     let out = tokio::task::spawn_blocking({
         let vars = env.vars.clone();
         move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
-                .args(["publish", "--customers", "45", "--assignees", "3"])
+                .args(["publish", "--customers", "24", "--assignees", "3"])
                 .args(["--rate", "15"])
                 .env_clear()
                 .envs(vars)
@@ -312,14 +312,14 @@ async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
     let progress = stderr(&out);
     let lines: Vec<&str> = progress
         .lines()
-        .filter(|l| l.starts_with("published: ") && l.contains("/45 events"))
+        .filter(|l| l.starts_with("published: ") && l.contains("/24 events"))
         .collect();
     assert!(!lines.is_empty(), "a progress line on stderr: {progress}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("published 45 event(s)"),
+        String::from_utf8_lossy(&out.stdout).contains("published 24 event(s)"),
         "the result on stdout"
     );
     let queue = env.queue();
-    assert!(eventually(WAIT, || async { env.ready(&queue).await == 45 }).await);
+    assert!(eventually(WAIT, || async { env.ready(&queue).await == 24 }).await);
     env.cleanup().await;
 }
