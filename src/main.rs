@@ -36,6 +36,9 @@ async fn main() -> ExitCode {
             shutdown::on_signals(trigger);
             match service::Service::build(settings, signal).await {
                 Ok(svc) => {
+                    // One fixed line (not a log record) so whoever started us with port 0
+                    // learns the address, whatever the log format or level.
+                    eprintln!("wechat-notifier: http listening on {}", svc.http_addr());
                     tracing::info!(http = %svc.http_addr(), "wechat-notifier starting");
                     match svc.run_until_stopped().await {
                         Ok(()) => ExitCode::SUCCESS,

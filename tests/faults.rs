@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{ids, queue_counts, wait_until, TestEnv};
+use common::{eventually, ids, unacked, wait_until, TestEnv};
 use serde_json::Value;
 use wechat_notifier::broker::{header_int, header_str, headers};
 use wechat_notifier::sim::{Api, Fault, FaultAction};
@@ -73,7 +73,8 @@ async fn token_errors_fetch_a_token_again_and_deliver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_retry_with_backoff_and_deliver() {
-    let env = env("transient").await;
+    let mut env = env("transient").await;
+    env.set("WECHAT_CALL_TIMEOUT", "1s");
     let svc = env.start_service().await;
     let mut actions: Vec<FaultAction> = [-1, -1000, -501001, -501002, -501003, -501004]
         .into_iter()
@@ -82,8 +83,9 @@ async fn transient_errors_retry_with_backoff_and_deliver() {
     actions.push(FaultAction::FunctionErrcode(43108));
     actions.push(FaultAction::Http(500));
     actions.push(FaultAction::Http(503));
-    // Longer than the client's whole-call timeout: a timeout.
-    actions.push(FaultAction::DelayMs(16_000));
+    // Far longer than the client's 1 s timeout, and than this test: the held call
+    // never answers while the test runs, so only a retry can deliver the notice.
+    actions.push(FaultAction::DelayMs(120_000));
     for action in actions {
         let events = publish_one_with_fault(&env, action.clone(), Some(1)).await;
         let want = ids(&events);
@@ -116,7 +118,8 @@ async fn rejections_are_dead_lettered_with_their_errcode() {
         env.publish(&events).await;
     }
     let dead_queue = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == codes.len() as u64).await);
+    let n = codes.len() as u32;
+    assert!(eventually(WAIT, || async { env.ready(&dead_queue).await == n }).await);
     let dead = env.drain(&dead_queue).await;
     for (body, props) in dead {
         let code = expected[&body];
@@ -139,7 +142,7 @@ async fn a_throwing_function_is_retried_along_the_ladder_then_dead_lettered() {
     let svc = env.start_service().await;
     publish_one_with_fault(&env, FaultAction::Errcode(-504002), None).await;
     let dead_queue = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 1).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead_queue).await == 1 }).await);
     let (_, props) = env.drain(&dead_queue).await.remove(0);
     assert_eq!(
         header_str(&props, headers::REASON).as_deref(),
@@ -241,8 +244,12 @@ async fn configuration_faults_hold_every_message_dead_letter_nothing_and_recover
     env.cleanup().await;
 }
 
+/// Long enough for every notice to use up its in-memory retries (≈4 s), park
+/// in the 1 s retry queue and come back to fail again.
+const OUTAGE: Duration = Duration::from_secs(8);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_of_15s_loses_nothing_and_acks_nothing_early() {
+async fn an_outage_loses_nothing_and_acks_nothing_early() {
     let env = env("outage").await;
     let svc = env.start_service().await;
     let events = env.bulk(20, 5, false);
@@ -253,35 +260,35 @@ async fn an_outage_of_15s_loses_nothing_and_acks_nothing_early() {
         times: None,
     });
     env.publish(&events).await;
-    let s = env.settings();
-    let queues: Vec<String> = std::iter::once(s.queue.clone())
-        .chain(s.retry_delays.iter().map(|d| s.retry_queue(*d)))
-        .collect();
-    let held = || -> u64 {
-        queues
-            .iter()
-            .map(|q| {
-                let (r, u) = queue_counts(q);
-                r + u
-            })
-            .sum()
+    // Every message is ready in the work queue or a retry queue, or held
+    // unacked by the service: never acked while WeChat fails.
+    let held = || async {
+        env.ready_in_work_and_retry().await + unacked(&svc.http).await.unwrap_or(0) as u32
     };
-    // The broker's queue statistics trail by a few seconds: wait until they show the messages.
-    assert!(wait_until(WAIT, || held() >= 20).await);
-    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let until = tokio::time::Instant::now() + OUTAGE;
     let mut samples = 0;
     while tokio::time::Instant::now() < until {
-        // A message moving between queues, or a queue whose statistics trail, can
-        // make one reading short; a lost message would stay missing.
+        // A message between two queues (a retry copy confirmed, its original
+        // not yet acked; a TTL-expired copy on its way back) can make one
+        // reading short for a moment; a lost message would stay missing.
         assert!(
-            wait_until(Duration::from_secs(6), || held() >= 20).await,
+            eventually(Duration::from_secs(3), || async { held().await >= 20 }).await,
             "fewer than 20 messages are in the work queue, a retry queue or unacked"
         );
-        assert_eq!(queue_counts(&s.dead_queue), (0, 0));
+        assert_eq!(
+            env.ready(&env.dead_queue()).await,
+            0,
+            "nothing dead-lettered"
+        );
         samples += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(samples > 3);
+    assert!(samples > 10, "{samples} readings");
     assert!(env.sim.delivered().is_empty());
+    assert!(
+        common::metric(&svc.http, "wechat_notifier_retries_total", "").await > 0.0,
+        "notices were parked in the retry queue during the outage"
+    );
     env.sim.clear_faults();
     let want = ids(&events);
     assert!(
@@ -339,7 +346,7 @@ async fn one_rejected_assignee_does_not_hold_up_the_others() {
         "everyone else is notified"
     );
     let dead_queue = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 2).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead_queue).await == 2 }).await);
     for (body, props) in env.drain(&dead_queue).await {
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["assignee"]["user_id"], bad);
@@ -359,8 +366,12 @@ async fn sigterm_sends_the_open_window_before_exit() {
     let events = env.bulk(3, 1, false);
     env.publish(&events).await;
     let queue = env.queue();
+    let http = replica.http.clone();
     assert!(
-        wait_until(WAIT, || queue_counts(&queue) == (0, 3)).await,
+        eventually(WAIT, || async {
+            env.ready(&queue).await == 0 && unacked(&http).await == Some(3)
+        })
+        .await,
         "the window holds the events"
     );
     assert!(env.sim.delivered().is_empty());
@@ -376,7 +387,7 @@ async fn sigterm_sends_the_open_window_before_exit() {
         "sent at shutdown, before the quiet period ended"
     );
     assert_eq!(env.sim.delivered().len(), 1);
-    assert!(wait_until(WAIT, || queue_counts(&queue) == (0, 0)).await);
+    assert_eq!(env.ready(&queue).await, 0, "nothing returned to the queue");
     env.cleanup().await;
 }
 

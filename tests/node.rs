@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{queue_counts, wait_until, TestEnv};
+use common::{eventually, wait_until, TestEnv};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
@@ -146,8 +146,7 @@ async fn the_nestjs_publisher_example_ends_in_notices() {
         assert_eq!(notice["source"], "batch");
         assert_eq!(notice["assigned_by"]["name"], "李经理");
     }
-    let queue = env.queue();
-    assert!(wait_until(Duration::from_secs(30), || queue_counts(&queue) == (0, 0)).await);
+    assert!(eventually(Duration::from_secs(30), || env.settled(&svc.http)).await);
     assert!(
         env.drain(&env.dead_queue()).await.is_empty(),
         "none invalid"

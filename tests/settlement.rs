@@ -14,7 +14,7 @@ use lapin::BasicProperties;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use common::{ids, metric, wait_until, TestEnv};
+use common::{eventually, ids, metric, wait_until, TestEnv};
 use wechat_notifier::broker;
 use wechat_notifier::sim::{Fault, FaultAction, SimConfig};
 
@@ -25,22 +25,6 @@ async fn readyz(http: &str) -> (u16, String) {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(_) => (0, String::new()),
     }
-}
-
-/// Polls an async condition until it holds or `timeout` passes.
-async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// How often each event id was covered by a notice WeChat accepted.
