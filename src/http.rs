@@ -20,6 +20,7 @@ use crate::shutdown::Shutdown;
 pub struct Health {
     broker_up: AtomicBool,
     consuming: AtomicBool,
+    shutting_down: AtomicBool,
     fault: Mutex<Option<String>>,
 }
 
@@ -30,12 +31,19 @@ impl Health {
     pub fn set_consuming(&self, on: bool) {
         self.consuming.store(on, Ordering::SeqCst);
     }
+    /// From SIGTERM on: not ready, whatever else holds.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
     pub fn set_fault(&self, fault: Option<String>) {
         *self.fault.lock().expect("not poisoned") = fault;
     }
 
     /// `Ok` when ready, else the reason.
     pub fn ready(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
         if let Some(f) = self.fault.lock().expect("not poisoned").clone() {
             return Err(format!("configuration fault: {f}"));
         }

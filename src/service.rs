@@ -12,14 +12,13 @@ use futures_util::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, ParkHeaders};
+use crate::broker::{self, Pending};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
-use crate::dispatch::{Dispatcher, Pending, Reason, SessionLink};
+use crate::dispatch::Dispatcher;
 use crate::event;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
@@ -34,7 +33,6 @@ const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// How a broker session ended.
 enum SessionEnd {
     Shutdown,
-    ConfigFault(String),
 }
 
 /// A built, not yet running, service.
@@ -71,7 +69,12 @@ impl Service {
             fastrand::u32(..)
         );
         Ok(Service {
-            dispatcher: Arc::new(Dispatcher::new(settings.clone(), metrics.clone())),
+            dispatcher: Arc::new(Dispatcher::new(
+                settings.clone(),
+                metrics.clone(),
+                health.clone(),
+                &consumer_tag,
+            )),
             settings,
             metrics,
             health,
@@ -90,8 +93,7 @@ impl Service {
         self.metrics.clone()
     }
 
-    /// Runs sessions until shutdown: reconnects after broker loss, waits out
-    /// configuration faults on a slow timer.
+    /// Runs sessions until shutdown: reconnects after broker loss.
     ///
     /// # Errors
     /// None today; kept for callers that propagate.
@@ -100,57 +102,72 @@ impl Service {
         let mut backoff = RECONNECT_MIN;
         loop {
             if shutdown.is_triggered() {
-                return Ok(());
+                break;
             }
             let started = Instant::now();
             let end = self.session().await;
-            if let Ok(SessionEnd::ConfigFault(reason)) = &end {
-                // Reported before the flags drop, so /readyz names the real cause.
-                self.health.set_fault(Some(reason.clone()));
-            }
             self.health.set_consuming(false);
             self.health.set_broker_up(false);
             self.metrics.consuming.set(0);
             self.metrics.open_windows.set(0);
             let wait = match end {
-                Ok(SessionEnd::Shutdown) => return Ok(()),
-                Ok(SessionEnd::ConfigFault(reason)) => {
-                    let retry = self.settings.config_retry;
-                    warn!(%reason, retry_in_ms = retry.as_millis() as u64, "not consuming: configuration fault");
-                    retry
-                }
+                Ok(SessionEnd::Shutdown) => break,
                 Err(e) => {
                     if started.elapsed() > RECONNECT_MAX * 2 {
                         backoff = RECONNECT_MIN;
                     }
                     let wait = backoff.mul_f64(0.5 + fastrand::f64());
                     backoff = (backoff * 2).min(RECONNECT_MAX);
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker session ended; reconnecting");
+                    warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "broker session ended; reconnecting");
                     wait
                 }
             };
             tokio::select! {
-                _ = shutdown.wait() => return Ok(()),
+                _ = shutdown.wait() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        self.dispatcher.close().await;
+        Ok(())
     }
 
     async fn session(&self) -> anyhow::Result<SessionEnd> {
         let s = &self.settings;
         let conn = broker::connect(&s.amqp_urls, &self.consumer_tag).await?;
         self.health.set_broker_up(true);
-        let publish = broker::confirm_channel(&conn).await?;
-        broker::declare_topology(&publish, s).await?;
+        let setup = conn.create_channel().await?;
+        broker::declare_topology(&setup, s).await?;
+        let _ = setup.close(200, "declared".into()).await;
 
-        if let Err(e) = self.dispatcher.probe().await {
-            if e.outcome == Outcome::ConfigFault {
-                close(&conn).await;
-                return Ok(SessionEnd::ConfigFault(e.detail));
+        // A configuration fault found before consuming keeps this replica
+        // from consuming: nothing is held, nothing churns.
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            match self.dispatcher.probe().await {
+                Ok(()) => break,
+                Err(e) if e.outcome == Outcome::ConfigFault => {
+                    self.health.set_fault(Some(e.detail.clone()));
+                    self.metrics.config_fault.set(1);
+                    let retry = s.config_retry;
+                    warn!(detail = %e.detail, retry_in_ms = retry.as_millis() as u64, "not consuming: configuration fault");
+                    tokio::select! {
+                        _ = shutdown.wait() => {
+                            close(&conn).await;
+                            return Ok(SessionEnd::Shutdown);
+                        }
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    if !conn.status().connected() {
+                        anyhow::bail!("the broker connection closed during the start-up probe");
+                    }
+                }
+                Err(e) => {
+                    warn!(detail = %e.detail, "WeChat probe failed; consuming anyway (notices will retry)");
+                    break;
+                }
             }
-            warn!(detail = %e.detail, "WeChat probe failed; consuming anyway (notices will retry)");
         }
-        self.health.set_fault(None);
+        self.dispatcher.clear_fault();
 
         let consume = conn.create_channel().await?;
         consume
@@ -168,44 +185,59 @@ impl Service {
         self.metrics.consuming.set(1);
         info!(queue = %s.queue, consumer_tag = %self.consumer_tag, "consumer registered (active or standby)");
 
-        let (fault_tx, mut fault_rx) = mpsc::unbounded_channel();
-        let link = SessionLink {
-            channel: publish,
-            faults: fault_tx,
-        };
         let mut coalescer: Coalescer<Pending> = Coalescer::new(WindowRules {
             quiet: s.batch_window,
             max_wait: s.batch_max_wait,
             max_events: s.batch_max,
         });
         let mut tasks = JoinSet::new();
-        let mut shutdown = self.shutdown.clone();
 
         let end = loop {
             let deadline = coalescer.next_deadline();
             tokio::select! {
                 _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
-                Some(reason) = fault_rx.recv() => break Ok(SessionEnd::ConfigFault(reason)),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let closed = self.receive(delivery, &mut coalescer, &mut tasks, &link);
-                        self.spawn_all(closed, &mut tasks, &link);
+                        let closed = self.receive(delivery, &mut coalescer, &mut tasks);
+                        self.spawn_all(closed, &mut tasks);
                     }
                     Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
                     None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
                 },
                 _ = sleep_until_opt(deadline) => {
                     let closed = coalescer.expire(Instant::now());
-                    self.spawn_all(closed, &mut tasks, &link);
+                    self.spawn_all(closed, &mut tasks);
                 }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
             }
             self.metrics.open_windows.set(coalescer.len() as i64);
         };
 
         match end {
             Ok(SessionEnd::Shutdown) => {
-                // Cancel first so a standby takes the queue at once, then send what is open.
+                // Deliveries that arrive from now on are not read: they stay
+                // unacked and return to the queue when the channel closes.
+                self.health.set_shutting_down();
+                let open = coalescer.drain();
+                info!(
+                    windows = open.len(),
+                    in_flight = tasks.len(),
+                    "draining before exit; the consumer stays registered until the drain ends"
+                );
+                self.spawn_all(open, &mut tasks);
+                self.metrics.open_windows.set(0);
+                let drained = tokio::time::timeout(s.shutdown_grace, async {
+                    while let Some(done) = tasks.join_next().await {
+                        log_panic(done);
+                    }
+                })
+                .await;
+                if drained.is_err() {
+                    warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
+                    tasks.shutdown().await;
+                }
+                // Only now hand the queue to a standby: it must not call
+                // WeChat beside this replica's drain.
                 let _ = consume
                     .basic_cancel(
                         self.consumer_tag.as_str().into(),
@@ -214,35 +246,13 @@ impl Service {
                     .await;
                 self.health.set_consuming(false);
                 self.metrics.consuming.set(0);
-                let open = coalescer.drain();
-                info!(
-                    windows = open.len(),
-                    in_flight = tasks.len(),
-                    "draining before exit"
-                );
-                self.spawn_all(open, &mut tasks, &link);
-                let drained = tokio::time::timeout(s.shutdown_grace, async {
-                    while tasks.join_next().await.is_some() {}
-                })
-                .await;
-                if drained.is_err() {
-                    warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
-                    tasks.abort_all();
-                }
                 drop(consumer);
                 close(&conn).await;
                 Ok(SessionEnd::Shutdown)
             }
-            Ok(SessionEnd::ConfigFault(reason)) => {
-                // Closing the connection returns every unacked message to the queue.
-                tasks.abort_all();
-                drop(coalescer);
-                close(&conn).await;
-                Ok(SessionEnd::ConfigFault(reason))
-            }
             Err(e) => {
-                // The deliveries of a dead channel cannot be acked: drop, the broker redelivers.
-                tasks.abort_all();
+                // The deliveries of a dead channel cannot be acked: the broker redelivers.
+                tasks.shutdown().await;
                 Err(e)
             }
         }
@@ -255,7 +265,6 @@ impl Service {
         delivery: lapin::message::Delivery,
         coalescer: &mut Coalescer<Pending>,
         tasks: &mut JoinSet<()>,
-        link: &SessionLink,
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
         let pending = Pending::new(delivery, self.metrics.clone());
@@ -263,21 +272,10 @@ impl Service {
             Ok(event) => coalescer.push(event, pending, Instant::now()),
             Err(invalid) => {
                 self.metrics.event_invalid(invalid.kind.as_str());
-                warn!(detail = %invalid.detail, "invalid event: dead-lettering");
                 let dispatcher = self.dispatcher.clone();
-                let link = link.clone();
                 tasks.spawn(async move {
-                    let h = ParkHeaders {
-                        reason: Some(Reason::InvalidEvent.as_str().into()),
-                        detail: Some(invalid.detail),
-                        errcode: None,
-                        attempts: pending.attempts,
-                        first_failed_at: pending.first_failed_at.clone().unwrap_or_else(|| {
-                            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                        }),
-                    };
                     dispatcher
-                        .dead_letter(&pending, Reason::InvalidEvent, &h, &link)
+                        .dead_letter_invalid(pending, invalid.detail)
                         .await;
                 });
                 Vec::new()
@@ -285,12 +283,21 @@ impl Service {
         }
     }
 
-    fn spawn_all(&self, closed: Vec<Closed<Pending>>, tasks: &mut JoinSet<()>, link: &SessionLink) {
+    fn spawn_all(&self, closed: Vec<Closed<Pending>>, tasks: &mut JoinSet<()>) {
         for window in closed {
             let dispatcher = self.dispatcher.clone();
-            let link = link.clone();
             let ticket = dispatcher.ticket(&window);
-            tasks.spawn(async move { dispatcher.deliver(window, link, ticket).await });
+            tasks.spawn(async move { dispatcher.deliver(window, ticket).await });
+        }
+    }
+}
+
+/// A notice task that panicked is a bug: say so. Its deliveries were released
+/// when they were dropped (see `broker::Pending`).
+fn log_panic(done: Result<(), JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            error!(error = %e, "a notice task panicked; its messages were returned to the queue");
         }
     }
 }

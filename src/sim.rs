@@ -67,6 +67,11 @@ pub enum FaultAction {
     Http(u16),
     /// Hold the call this many milliseconds, then answer normally.
     DelayMs(u64),
+    /// As `FunctionErrcode`, but the start-up probe passes: a fault only a
+    /// real send finds (a template or permission problem inside the function).
+    NoticeFunctionErrcode(i64),
+    /// HTTP 200 with this body as it is (`{}`, a gateway's HTML page).
+    Body(String),
 }
 
 /// A scripted fault: applies to calls of `api` (any if `None`), for the
@@ -235,13 +240,15 @@ impl SimState {
         at.duration_since(self.started).as_secs_f64() * 1000.0
     }
 
-    /// The first matching fault, consumed once.
-    fn take_fault(&self, api: Api, user_id: Option<&str>) -> Option<FaultAction> {
+    /// The first matching fault, consumed once. A probe meets neither the
+    /// faults meant for one assignee nor those meant for notices only.
+    fn take_fault(&self, api: Api, user_id: Option<&str>, probe: bool) -> Option<FaultAction> {
         let mut inner = self.lock();
         let i = inner.faults.iter().position(|f| {
             f.api.is_none_or(|a| a == api)
                 && f.user_id.as_deref().is_none_or(|u| Some(u) == user_id)
                 && f.times != Some(0)
+                && !(probe && matches!(f.action, FaultAction::NoticeFunctionErrcode(_)))
         })?;
         let fault = &mut inner.faults[i];
         if let Some(t) = fault.times.as_mut() {
@@ -276,7 +283,7 @@ impl SimState {
         inner.tokens.insert(
             token.clone(),
             Token {
-                expires: Instant::now() + Duration::from_secs(self.config.token_ttl),
+                expires: expiry(self.config.token_ttl),
             },
         );
         token
@@ -291,6 +298,24 @@ impl SimState {
             Some(t) if t.expires <= Instant::now() => 42001,
             Some(_) => 0,
         }
+    }
+}
+
+/// A token lifetime the clock can hold: a huge `token_ttl` (to test a
+/// client against a hostile `expires_in`) lives a century here.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+fn expiry(ttl: u64) -> Instant {
+    Instant::now() + Duration::from_secs(ttl).min(CENTURY)
+}
+
+/// What a token's `expires_in` says: the time left, or the configured
+/// lifetime itself when it is longer than the clock can hold.
+fn expires_in(config: &SimConfig, remaining: Duration) -> u64 {
+    if Duration::from_secs(config.token_ttl) > CENTURY {
+        config.token_ttl
+    } else {
+        remaining.as_secs().max(1)
     }
 }
 
@@ -332,9 +357,23 @@ async fn apply_fault(
         Some(FaultAction::Errcode(code)) => {
             Err((200, code, wechat_error(code, "simulated errcode")))
         }
-        Some(FaultAction::FunctionErrcode(code)) if function => Ok(Some(code)),
-        Some(FaultAction::FunctionErrcode(code)) => {
+        Some(FaultAction::FunctionErrcode(code) | FaultAction::NoticeFunctionErrcode(code))
+            if function =>
+        {
+            Ok(Some(code))
+        }
+        Some(FaultAction::FunctionErrcode(code) | FaultAction::NoticeFunctionErrcode(code)) => {
             Err((200, code, wechat_error(code, "simulated errcode")))
+        }
+        Some(FaultAction::Body(body)) => {
+            let kind = if body.trim_start().starts_with('<') {
+                "text/html"
+            } else {
+                "application/json"
+            };
+            let resp = ([(axum::http::header::CONTENT_TYPE, kind)], body).into_response();
+            // Recorded as errcode -2: no WeChat errcode in the answer.
+            Err((200, -2, resp))
         }
     }
 }
@@ -355,7 +394,7 @@ async fn stable_token(
     let at = Instant::now();
     let recorded = json!({ "force_refresh": body.as_ref().map(|b| b.force_refresh) });
     if let Err((status, code, resp)) =
-        apply_fault(s.take_fault(Api::StableToken, None), false).await
+        apply_fault(s.take_fault(Api::StableToken, None, false), false).await
     {
         s.record(at, Api::StableToken, recorded, status, code);
         return resp;
@@ -399,7 +438,8 @@ async fn stable_token(
         (token, remaining)
     };
     s.record(at, Api::StableToken, recorded, 200, 0);
-    Json(json!({ "access_token": token, "expires_in": remaining.as_secs().max(1) })).into_response()
+    Json(json!({ "access_token": token, "expires_in": expires_in(&s.config, remaining) }))
+        .into_response()
 }
 
 async fn classic_token(
@@ -407,7 +447,9 @@ async fn classic_token(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let at = Instant::now();
-    if let Err((status, code, resp)) = apply_fault(s.take_fault(Api::Token, None), false).await {
+    if let Err((status, code, resp)) =
+        apply_fault(s.take_fault(Api::Token, None, false), false).await
+    {
         s.record(at, Api::Token, json!({}), status, code);
         return resp;
     }
@@ -454,8 +496,7 @@ async fn invoke(
         s.record(at, Api::InvokeCloudFunction, body, 200, -501000);
         return wechat_error(-501000, "function not found");
     }
-    // A probe meets only the faults meant for every call (no user_id).
-    let fault = s.take_fault(Api::InvokeCloudFunction, user_id.as_deref());
+    let fault = s.take_fault(Api::InvokeCloudFunction, user_id.as_deref(), probe);
     let applied = {
         let _held = InFlight::enter(&s);
         apply_fault(fault, true).await
@@ -542,8 +583,11 @@ async fn subscribe_send(
         .get("touser")
         .and_then(Value::as_str)
         .map(str::to_string);
-    if let Err((status, code, resp)) =
-        apply_fault(s.take_fault(Api::SubscribeSend, openid.as_deref()), false).await
+    if let Err((status, code, resp)) = apply_fault(
+        s.take_fault(Api::SubscribeSend, openid.as_deref(), false),
+        false,
+    )
+    .await
     {
         s.record(at, Api::SubscribeSend, body, status, code);
         return resp;

@@ -12,7 +12,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
+use crate::reason::Reason;
 use crate::settings::Settings;
+
+pub mod delivery;
+pub mod publisher;
+
+pub use delivery::Pending;
+pub use publisher::Publisher;
 
 /// The CRM's routing key for one assigned customer.
 pub const ROUTING_KEY: &str = "customer.assigned";
@@ -40,6 +47,8 @@ pub enum BrokerError {
     Nacked,
     #[error("the message was returned as unroutable (no queue named {0:?})")]
     Unroutable(String),
+    #[error("the broker did not confirm the message within {0:?}")]
+    ConfirmTimeout(Duration),
 }
 
 /// Where a URL points, without its password: for logs.
@@ -248,32 +257,147 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
-/// The headers of a message parked in a retry or dead-letter queue.
-#[derive(Debug, Clone, Default)]
+/// The headers of a copy in a retry or dead-letter queue (contract section 2).
+/// One constructor builds them, so every exit writes the same set.
+#[derive(Debug, Clone)]
 pub struct ParkHeaders {
-    pub reason: Option<String>,
-    pub detail: Option<String>,
+    /// For a retry copy, the reason it will carry if the ladder runs out.
+    pub reason: Reason,
+    pub detail: String,
     pub errcode: Option<i64>,
     pub attempts: i64,
     pub first_failed_at: String,
 }
 
-/// The original properties with the `x-notifier-*` headers set (others kept).
+impl ParkHeaders {
+    /// `first_failed_at` is kept from an earlier round, else it is `now`.
+    pub fn new(
+        reason: Reason,
+        detail: impl Into<String>,
+        errcode: Option<i64>,
+        attempts: i64,
+        first_failed_at: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        ParkHeaders {
+            reason,
+            detail: detail.into(),
+            errcode,
+            attempts,
+            first_failed_at: first_failed_at
+                .map(str::to_string)
+                .unwrap_or_else(|| now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        }
+    }
+}
+
+/// The original properties for a copy, with the `x-notifier-*` headers set
+/// (other headers kept). Dropped: `expiration` (a CRM's per-message TTL would
+/// let the copy expire silently in a retry or the dead-letter queue) and
+/// `user_id` (the broker checks it against the publishing user).
 pub fn with_park_headers(original: &BasicProperties, h: &ParkHeaders) -> BasicProperties {
-    let mut headers = original.headers().clone().unwrap_or_default();
+    let mut map = original
+        .headers()
+        .as_ref()
+        .map(|t| t.inner().clone())
+        .unwrap_or_default();
     let mut set = |k: &str, v: AMQPValue| {
-        headers.insert(ShortString::from(k), v);
+        map.insert(ShortString::from(k), v);
     };
-    if let Some(r) = &h.reason {
-        set(headers::REASON, long(r));
-    }
-    if let Some(d) = &h.detail {
-        set(headers::DETAIL, long(d));
-    }
-    if let Some(c) = h.errcode {
-        set(headers::ERRCODE, AMQPValue::LongLongInt(c));
-    }
+    set(headers::REASON, long(h.reason.as_str()));
+    set(headers::DETAIL, long(&h.detail));
     set(headers::ATTEMPTS, AMQPValue::LongLongInt(h.attempts));
     set(headers::FIRST_FAILED_AT, long(&h.first_failed_at));
-    original.clone().with_headers(headers)
+    match h.errcode {
+        Some(c) => set(headers::ERRCODE, AMQPValue::LongLongInt(c)),
+        None => {
+            map.remove(headers::ERRCODE);
+        }
+    }
+    copy_properties(original).with_headers(FieldTable::from(map))
+}
+
+/// Every property of `p` except `expiration`, `user_id` and the headers.
+fn copy_properties(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_keeps_the_crm_properties_but_not_its_expiration() {
+        let original = BasicProperties::default()
+            .with_message_id("e-1".into())
+            .with_content_type("application/json".into())
+            .with_expiration("60000".into())
+            .with_user_id("crm".into());
+        let h = ParkHeaders::new(
+            Reason::WechatRejected,
+            "WeChat answered errcode 43101",
+            Some(43101),
+            3,
+            None,
+            chrono::Utc::now(),
+        );
+        let copy = with_park_headers(&original, &h);
+        assert_eq!(copy.message_id().as_ref().map(|m| m.as_str()), Some("e-1"));
+        assert!(copy.expiration().is_none() && copy.user_id().is_none());
+        assert_eq!(header_int(&copy, headers::ERRCODE), Some(43101));
+        assert_eq!(header_int(&copy, headers::ATTEMPTS), Some(3));
+        assert_eq!(
+            header_str(&copy, headers::REASON).as_deref(),
+            Some("wechat_rejected")
+        );
+        // A later copy without an errcode does not inherit the old one.
+        let again = ParkHeaders::new(
+            Reason::Expired,
+            "old",
+            None,
+            4,
+            Some("t0"),
+            chrono::Utc::now(),
+        );
+        let copy2 = with_park_headers(&copy, &again);
+        assert_eq!(header_int(&copy2, headers::ERRCODE), None);
+        assert_eq!(
+            header_str(&copy2, headers::FIRST_FAILED_AT).as_deref(),
+            Some("t0")
+        );
+    }
 }

@@ -27,11 +27,25 @@ pub const PROBE_TYPE: &str = "wechatNotifierProbe";
 /// How long one WeChat call may take before it counts as a timeout (transient).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// WeChat's envelope. Fields of an unexpected type read as absent, so a
+/// reply that is JSON but not WeChat's is classified, not a parse error.
 #[derive(Deserialize)]
 struct ApiReply {
+    #[serde(default, deserialize_with = "lenient")]
     errcode: Option<i64>,
+    #[serde(default, deserialize_with = "lenient")]
     errmsg: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
     resp_data: Option<String>,
+}
+
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let v = Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 #[derive(Deserialize)]
@@ -107,15 +121,19 @@ impl WeChat {
         let reply = self
             .post(&url, &query, &serde_json::json!({ "type": PROBE_TYPE }))
             .await?;
-        match reply.errcode.unwrap_or(0) {
-            0 => Ok(()),
-            code => {
-                let result = CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
-                if result.outcome == Outcome::TokenInvalid {
-                    self.tokens.invalidate(&token).await;
-                }
+        // The platform's answer first (env, function name, token), then the
+        // function's own check of its settings inside `resp_data`.
+        let result = match platform_result(&reply) {
+            Some(failed) => failed,
+            None => function_result(reply.resp_data.as_deref()),
+        };
+        match result.outcome {
+            Outcome::Delivered => Ok(()),
+            Outcome::TokenInvalid => {
+                self.tokens.invalidate(&token).await;
                 Err(result)
             }
+            _ => Err(result),
         }
     }
 
@@ -202,22 +220,36 @@ impl WeChat {
             Ok(r) => r,
             Err(e) => return e,
         };
-        let code = reply.errcode.unwrap_or(0);
-        if code != 0 {
-            return CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
+        match platform_result(&reply) {
+            Some(failed) => failed,
+            None => function_result(reply.resp_data.as_deref()),
         }
-        function_result(reply.resp_data.as_deref())
     }
 
     async fn subscribe_send(&self, body: &Value, token: &str) -> CallResult {
         let url = format!("{}/cgi-bin/message/subscribe/send", self.base);
         match self.post(&url, &[("access_token", token)], body).await {
-            Ok(reply) => CallResult::from_errcode(
-                reply.errcode.unwrap_or(0),
-                reply.errmsg.as_deref().unwrap_or(""),
-            ),
+            Ok(reply) => {
+                platform_result(&reply).unwrap_or_else(|| CallResult::from_errcode(0, "ok"))
+            }
             Err(e) => e,
         }
+    }
+}
+
+/// The platform's verdict: `None` for errcode 0, else the failure. A reply
+/// without a numeric errcode (a gateway's `{}`, JSON that is not WeChat's)
+/// is never a success: it is transient.
+fn platform_result(reply: &ApiReply) -> Option<CallResult> {
+    match reply.errcode {
+        Some(0) => None,
+        Some(code) => Some(CallResult::from_errcode(
+            code,
+            reply.errmsg.as_deref().unwrap_or(""),
+        )),
+        None => Some(CallResult::transient(
+            "WeChat answered HTTP 200 without an errcode",
+        )),
     }
 }
 
@@ -263,5 +295,25 @@ mod tests {
             Outcome::FunctionFailed
         );
         assert_eq!(function_result(None).outcome, Outcome::FunctionFailed);
+    }
+
+    fn reply(json: &str) -> ApiReply {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_reply_without_a_numeric_errcode_is_never_a_success() {
+        for body in [
+            r#"{}"#,
+            r#"{"errcode":"0"}"#,
+            r#"{"ok":true}"#,
+            r#"{"errcode":null}"#,
+        ] {
+            let r = platform_result(&reply(body)).expect("not a success");
+            assert_eq!(r.outcome, Outcome::Transient, "{body}");
+        }
+        assert!(platform_result(&reply(r#"{"errcode":0,"errmsg":"ok"}"#)).is_none());
+        let r = platform_result(&reply(r#"{"errcode":-501000,"errmsg":"no such function"}"#));
+        assert_eq!(r.map(|r| r.outcome), Some(Outcome::ConfigFault));
     }
 }

@@ -14,6 +14,17 @@ use super::outcome::{classify, CallResult, Outcome};
 use crate::metrics::Metrics;
 use crate::settings::{Secret, Settings, TokenMode};
 
+/// A token is kept at most this long, whatever `expires_in` says (WeChat's
+/// live 2 hours; a hostile or broken value must not overflow the clock).
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// When to fetch again a token that lives `expires_in` seconds: at 90% of its
+/// lifetime, at most 5 minutes early, never later than `MAX_LIFETIME`.
+pub fn refresh_after(expires_in: u64) -> Duration {
+    let ahead = (expires_in / 10).min(300);
+    Duration::from_secs(expires_in.saturating_sub(ahead).max(1)).min(MAX_LIFETIME)
+}
+
 /// A stable token is force-refreshed at most this often (contract section 4).
 const FORCE_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
@@ -92,9 +103,7 @@ impl TokenProvider {
                 if force {
                     state.last_forced = Some(now);
                 }
-                // Refresh ahead of expiry: at 90% of the lifetime, at most 5 minutes early.
-                let ahead = (*expires_in / 10).min(300);
-                let lifetime = Duration::from_secs(expires_in.saturating_sub(ahead).max(1));
+                let lifetime = refresh_after(*expires_in);
                 state.cached = Some(Cached {
                     token: token.clone(),
                     refresh_at: now + lifetime,
@@ -168,5 +177,20 @@ impl TokenProvider {
                 Err(result)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_refreshed_ahead_of_expiry_and_never_overflows_the_clock() {
+        assert_eq!(refresh_after(7200), Duration::from_secs(6900));
+        assert_eq!(refresh_after(600), Duration::from_secs(540));
+        assert_eq!(refresh_after(0), Duration::from_secs(1));
+        assert_eq!(refresh_after(1 << 62), MAX_LIFETIME);
+        assert_eq!(refresh_after(u64::MAX), MAX_LIFETIME);
+        let _ = tokio::time::Instant::now() + refresh_after(u64::MAX);
     }
 }

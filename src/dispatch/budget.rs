@@ -1,0 +1,177 @@
+//! The fleet-wide rate budget (contract section 3) and the two things that
+//! stop calls altogether: a quota pause (`45011`/`45009`) and a held
+//! configuration fault, during which only one retry of the failed notice
+//! goes out every `NOTIFIER_CONFIG_RETRY`.
+//!
+//! `governor` keeps the budget: even spacing at R with a bucket of B.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{watch, OwnedMutexGuard};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::http::Health;
+use crate::metrics::Metrics;
+
+/// How close to its rate slot a call stops sleeping and yields instead (the
+/// timer's resolution is a millisecond, and a late take shifts every later
+/// slot when the burst is 1).
+const BUDGET_SPIN: Duration = Duration::from_micros(1500);
+
+/// The rate budget of contract section 3: even spacing at `rate`, `burst` back to back.
+pub fn quota(rate_per_sec: f64, burst: u32) -> Quota {
+    let period = Duration::from_secs_f64(1.0 / rate_per_sec).max(Duration::from_nanos(1));
+    Quota::with_period(period)
+        .expect("period is positive")
+        .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"))
+}
+
+/// Which quota paused the calls (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaKind {
+    Minute,
+    Daily,
+}
+
+impl QuotaKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            QuotaKind::Minute => "minute",
+            QuotaKind::Daily => "daily",
+        }
+    }
+}
+
+/// The right to retry a held notice while a configuration fault stands: one
+/// task at a time holds it.
+pub type ProbeTurn = OwnedMutexGuard<()>;
+
+/// Shared by every call of this replica; outlives broker sessions.
+pub struct Budget {
+    limiter: DefaultDirectRateLimiter,
+    clock: DefaultClock,
+    /// Calls take the budget one at a time, in the order they asked (a fair
+    /// lock), so thousands of waiting windows do not all wake at every slot.
+    turn: tokio::sync::Mutex<()>,
+    pause_until: Mutex<Option<Instant>>,
+    /// The configuration fault being held, if any.
+    fault: watch::Sender<Option<String>>,
+    probe: Arc<tokio::sync::Mutex<()>>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl Budget {
+    pub fn new(rate_per_sec: f64, burst: u32, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
+        let clock = DefaultClock::default();
+        Budget {
+            limiter: RateLimiter::direct_with_clock(quota(rate_per_sec, burst), clock.clone()),
+            clock,
+            turn: tokio::sync::Mutex::new(()),
+            pause_until: Mutex::new(None),
+            fault: watch::channel(None).0,
+            probe: Arc::new(tokio::sync::Mutex::new(())),
+            health,
+            metrics,
+        }
+    }
+
+    /// Waits while a configuration fault is held, then for a quota pause to
+    /// end, then takes one call from the rate budget.
+    pub async fn take(&self) {
+        let mut fault = self.fault.subscribe();
+        loop {
+            let _ = fault.wait_for(Option::is_none).await;
+            let turn = self.turn.lock().await;
+            if self.fault.borrow().is_some() {
+                continue; // held while this call waited for its turn
+            }
+            self.take_in_turn(turn).await;
+            return;
+        }
+    }
+
+    /// As `take`, for the one retry of a held notice: the fault does not stop it.
+    pub async fn take_as_probe(&self, _turn: &ProbeTurn) {
+        self.take_unheld().await;
+    }
+
+    /// As `take`, whatever fault is held (the start-up probe).
+    pub async fn take_unheld(&self) {
+        let turn = self.turn.lock().await;
+        self.take_in_turn(turn).await;
+    }
+
+    async fn take_in_turn(&self, _turn: tokio::sync::MutexGuard<'_, ()>) {
+        let started = Instant::now();
+        loop {
+            let until = *self.pause_until.lock().expect("not poisoned");
+            match until {
+                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                _ => break,
+            }
+        }
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(self.clock.now());
+            if wait > BUDGET_SPIN {
+                tokio::time::sleep(wait - BUDGET_SPIN).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        self.metrics
+            .rate_limiter_wait
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Pauses every call of this replica for `d` (a later end wins).
+    pub fn pause(&self, d: Duration, kind: QuotaKind) {
+        let until = Instant::now() + d;
+        let mut p = self.pause_until.lock().expect("not poisoned");
+        if p.is_none_or(|cur| cur < until) {
+            *p = Some(until);
+        }
+        self.metrics.quota_pause(kind.as_str());
+        warn!(
+            quota = kind.as_str(),
+            seconds = d.as_secs_f64(),
+            "pausing every WeChat call (quota)"
+        );
+    }
+
+    /// Holds a configuration fault: calls stop, `/readyz` reports it. Returns
+    /// the probe turn if nobody else retries a held notice yet.
+    pub fn hold(&self, detail: &str) -> Option<ProbeTurn> {
+        let newly = self.fault.send_if_modified(|f| {
+            let changed = f.as_deref() != Some(detail);
+            *f = Some(detail.to_string());
+            changed
+        });
+        if newly {
+            warn!(%detail, "configuration fault: holding every message, calling WeChat only to retry one notice");
+        }
+        self.health.set_fault(Some(detail.to_string()));
+        self.metrics.config_fault.set(1);
+        self.probe.clone().try_lock_owned().ok()
+    }
+
+    /// The fault is gone: calls resume.
+    pub fn release(&self) {
+        let was = self.fault.send_replace(None);
+        self.health.set_fault(None);
+        self.metrics.config_fault.set(0);
+        if was.is_some() {
+            info!("configuration fault cleared: calls resume");
+        }
+    }
+
+    /// Resolves when no fault is held.
+    pub async fn wait_released(&self) {
+        let _ = self.fault.subscribe().wait_for(Option::is_none).await;
+    }
+}
