@@ -58,9 +58,9 @@ Page({
       await guideToSettings(wx);
     }
     if (result.state !== 'error') {
-      // The CRM keeps a count of each salesperson's authorisations, to show
-      // who can be notified. Advisory: WeChat holds the real one, so a failed
-      // report is not the user's problem.
+      // The CRM keeps each salesperson's last answer, so a manager can see
+      // who switched the notices off. Advisory: WeChat holds the real
+      // authorisations, so a failed report is not the user's problem.
       await crm
         .request(wx, {
           path: '/wechat/subscriptions',
