@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::Parser;
 use common::TestEnv;
 use serde_json::Value;
+use wechat_notifier::cli::{Cli, Command};
 use wechat_notifier::settings::Settings;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 use yaml_rust2::{Yaml, YamlLoader};
@@ -389,6 +391,11 @@ async fn the_kubernetes_manifests_agree_with_the_service() {
     assert_eq!(containers.len(), 1);
     let container = &containers[0];
     assert_eq!(deployment["spec"]["replicas"].as_i64(), Some(3));
+    // The image's entrypoint is the binary; its arguments must be `run`.
+    let mut argv = vec!["wechat-notifier".to_string()];
+    argv.extend(container["args"].as_vec().unwrap().iter().map(str_of));
+    let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(matches!(cli.command, Some(Command::Run)), "{argv:?}");
     assert_eq!(
         deployment["spec"]["selector"]["matchLabels"].as_hash(),
         Some(pod_labels)
@@ -410,7 +417,13 @@ async fn the_kubernetes_manifests_agree_with_the_service() {
     let env_from = container["envFrom"].as_vec().expect("envFrom");
     assert_eq!(str_of(&env_from[0]["configMapRef"]["name"]), cm_name);
     for (k, v) in config_map["data"].as_hash().unwrap() {
-        env.insert(str_of(k), str_of(v));
+        let key = str_of(k);
+        // Anyone who can read the namespace reads a ConfigMap.
+        assert!(
+            !key.contains("SECRET") && key != "AMQP_URL",
+            "{key} belongs in the Secret"
+        );
+        env.insert(key, str_of(v));
     }
     for entry in container["env"].as_vec().unwrap() {
         let value = match &entry["valueFrom"]["secretKeyRef"] {
