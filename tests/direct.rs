@@ -181,3 +181,44 @@ async fn an_unknown_openid_is_rejected_40003_and_a_missing_one_is_no_openid() {
     env.cleanup().await;
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_without_an_errcode_is_never_taken_for_a_success() {
+    let (env, path) = direct_env("direct-noerrcode").await;
+    // A gateway answers 200 with `{}`, then with an HTML page; then WeChat answers.
+    for body in ["{}", "<html><body>502 Bad Gateway</body></html>"] {
+        env.sim.push_fault(wechat_notifier::sim::Fault {
+            api: Some(Api::SubscribeSend),
+            user_id: None,
+            action: wechat_notifier::sim::FaultAction::Body(body.into()),
+            times: Some(1),
+        });
+    }
+    let svc = env.start_service().await;
+    let events = env.bulk(1, 1, false);
+    env.publish(&events).await;
+    let want: BTreeSet<String> = common::ids(&events);
+    assert!(
+        wait_until(WAIT, || subscribe_calls(&env).iter().any(|c| c.errcode == 0)).await,
+        "delivered after the two answers without errcode"
+    );
+    let calls = subscribe_calls(&env);
+    let answers: Vec<(u16, i64)> = calls.iter().map(|c| (c.http_status, c.errcode)).collect();
+    assert_eq!(answers, vec![(200, -2), (200, -2), (200, 0)], "retried, not acked");
+    let page = calls[2].body["page"].as_str().unwrap_or_default().to_string();
+    assert!(page.contains(&notice_id(&want.iter().cloned().collect::<Vec<_>>())));
+    let mut unacked = 1.0;
+    for _ in 0..100 {
+        unacked = common::metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await;
+        if unacked == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(unacked, 0.0, "acked after the success");
+    assert_eq!(env.ready(&env.queue()).await, 0);
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    svc.stop().await;
+    env.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}

@@ -175,3 +175,72 @@ impl Budget {
         let _ = self.fault.subscribe().wait_for(Option::is_none).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::dispatch::policy::{until_next_minute, MINUTE_MARGIN};
+
+    fn budget() -> Budget {
+        Budget::new(
+            1000.0,
+            10,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_minute_quota_no_call_goes_before_the_minute_boundary_and_one_goes_right_after()
+    {
+        let b = budget();
+        // 41.3 s into a minute: 18.7 s to the boundary.
+        let now = UNIX_EPOCH + Duration::from_millis(1_795_615_380_000 + 41_300);
+        let boundary = Duration::from_millis(18_700);
+        let start = Instant::now();
+        b.pause(until_next_minute(now), QuotaKind::Minute);
+        let mut call = Box::pin(b.take());
+        tokio::time::advance(boundary - Duration::from_millis(1)).await;
+        assert!(
+            futures_util::poll!(&mut call).is_pending(),
+            "no call before the minute boundary"
+        );
+        call.await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= boundary && waited <= boundary + MINUTE_MARGIN + Duration::from_millis(5),
+            "the call goes right after the boundary: {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_fault_stops_every_call_but_the_probe_until_released() {
+        let b = Arc::new(budget());
+        let turn = b
+            .hold("WeChat answered errcode 85088")
+            .expect("first holder probes");
+        assert!(b.hold("again").is_none(), "one probe at a time");
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take().await })
+        };
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(
+            !waiting.is_finished(),
+            "held for as long as the fault lasts"
+        );
+        b.take_as_probe(&turn).await;
+        assert!(b
+            .health
+            .ready()
+            .unwrap_err()
+            .contains("configuration fault: again"));
+        drop(turn);
+        b.release();
+        waiting.await.unwrap();
+        let reason = b.health.ready().unwrap_err();
+        assert!(!reason.contains("configuration fault"), "{reason}");
+    }
+}
