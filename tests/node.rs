@@ -1,5 +1,6 @@
 //! The JavaScript halves, run with the machine's Node.js: the cloud function's
-//! own tests (`node --test`, against the hand-made fake of wx-server-sdk), and
+//! own tests (`node --test`, against the hand-made fake of wx-server-sdk), the
+//! mini program's (`node --test`, against a hand-made fake of `wx`), and
 //! the CRM's NestJS publisher example, built and run for real against the
 //! broker while the service delivers what it published.
 
@@ -47,6 +48,15 @@ fn the_cloud_functions_node_tests_pass() {
         &["--test", "test/"],
         &[("NODE_PATH", "test/fake_modules")],
     );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("# fail 0"), "{report}");
+    assert!(!report.contains("# pass 0"), "tests ran: {report}");
+}
+
+#[test]
+fn the_mini_programs_node_tests_pass() {
+    let dir = root().join("miniprogram");
+    let out = run(&dir, "node", &["--test", "test/"], &[]);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("# fail 0"), "{report}");
     assert!(!report.contains("# pass 0"), "tests ran: {report}");
