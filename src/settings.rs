@@ -628,7 +628,7 @@ impl Settings {
             max_attempts: integer(src, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
             max_age: duration(src, "NOTIFIER_MAX_AGE", "24h")?,
             shutdown_grace: duration(src, "NOTIFIER_SHUTDOWN_GRACE", "20s")?,
-            config_retry: duration(src, "NOTIFIER_CONFIG_RETRY", "15s")?,
+            config_retry: nonzero_duration(src, "NOTIFIER_CONFIG_RETRY", "15s")?,
             exchange: name(src, "NOTIFIER_EXCHANGE", "crm.events")?,
             queue: name(src, "NOTIFIER_QUEUE", "wechat-notifier.customer-assigned")?,
             dead_queue: name(src, "NOTIFIER_DEAD_QUEUE", "wechat-notifier.dead")?,

@@ -18,7 +18,7 @@ use crate::settings::Settings;
 pub mod delivery;
 pub mod publisher;
 
-pub use delivery::Pending;
+pub use delivery::{Abandon, Pending};
 pub use publisher::Publisher;
 
 /// The CRM's routing key for one assigned customer.

@@ -262,17 +262,10 @@ fn function_result(resp_data: Option<&str>) -> CallResult {
                 result.detail = format!("cloud function: {}", result.detail);
                 result
             }
-            None => CallResult {
-                outcome: Outcome::FunctionFailed,
-                errcode: None,
-                detail: "cloud function answered without errcode".into(),
-            },
+            // Never a success: an answer without a numeric errcode is transient.
+            None => CallResult::transient("cloud function answered without errcode"),
         },
-        None => CallResult {
-            outcome: Outcome::FunctionFailed,
-            errcode: None,
-            detail: "cloud function answered no JSON resp_data".into(),
-        },
+        None => CallResult::transient("cloud function answered no JSON resp_data"),
     }
 }
 
@@ -288,11 +281,9 @@ mod tests {
         );
         let r = function_result(Some(r#"{"errCode":43101,"errMsg":"user refuse"}"#));
         assert_eq!((r.outcome, r.errcode), (Outcome::Rejected, Some(43101)));
-        assert_eq!(
-            function_result(Some("null")).outcome,
-            Outcome::FunctionFailed
-        );
-        assert_eq!(function_result(None).outcome, Outcome::FunctionFailed);
+        assert_eq!(function_result(Some("null")).outcome, Outcome::Transient);
+        assert_eq!(function_result(Some("{}")).outcome, Outcome::Transient);
+        assert_eq!(function_result(None).outcome, Outcome::Transient);
     }
 
     fn reply(json: &str) -> ApiReply {

@@ -26,6 +26,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether this answer shows the settings work (WeChat and the function
+    /// got as far as judging the notice): it ends a held configuration fault.
+    pub fn proves_settings(self) -> bool {
+        matches!(
+            self,
+            Outcome::Delivered | Outcome::Rejected | Outcome::NoOpenid
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
