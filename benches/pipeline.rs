@@ -13,7 +13,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use common::{metric, queue_counts, try_metric, wait_until, Replica, TestEnv};
+use common::{eventually, metric, try_metric, wait_until, Replica, TestEnv};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
@@ -291,8 +291,7 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
     let drain_secs = t.elapsed().as_secs_f64();
     let calls = env.sim.calls();
     let notices = notice_calls(&calls).len();
-    let q = env.queue();
-    let drained = wait_until(Duration::from_secs(60), || queue_counts(&q) == (0, 0)).await;
+    let drained = eventually(Duration::from_secs(60), || env.settled(&svc.http)).await;
     svc.stop().await;
     env.cleanup().await;
     let drain_rate = if done { n as f64 / drain_secs } else { 0.0 };

@@ -357,6 +357,40 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_of_several_windows_come_in_order_and_stale_ones_are_skipped() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(100, 1000, 3));
+        c.push(ev("a1", "u1", None), 1, t0);
+        c.push(ev("b1", "u2", None), 2, ms(t0, 50));
+        // u1's quiet period moves past u2's.
+        c.push(ev("a2", "u1", None), 3, ms(t0, 80));
+        assert_eq!(c.next_deadline(), Some(ms(t0, 150)));
+        assert!(c.expire(ms(t0, 149)).is_empty());
+        let closed = c.expire(ms(t0, 150));
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].events[0].assignee.user_id, "u2");
+        assert_eq!(c.next_deadline(), Some(ms(t0, 180)));
+        let closed = c.expire(ms(t0, 180));
+        assert_eq!(
+            (closed[0].events.len(), closed[0].reason),
+            (2, CloseReason::Quiet)
+        );
+
+        // A window closed by its event count leaves its deadline behind; the
+        // assignee's next window has its own, and the old one closes nothing.
+        for (i, id) in ["c1", "c2", "c3"].iter().enumerate() {
+            let closed = c.push(ev(id, "u3", None), i as u64, ms(t0, 200));
+            assert_eq!(closed.len(), usize::from(i == 2));
+        }
+        c.push(ev("c4", "u3", None), 4, ms(t0, 250));
+        assert_eq!(c.next_deadline(), Some(ms(t0, 350)));
+        assert!(c.expire(ms(t0, 300)).is_empty(), "the stale deadline");
+        let closed = c.expire(ms(t0, 350));
+        assert_eq!(closed[0].events.len(), 1);
+        assert!(c.is_empty() && c.next_deadline().is_none());
+    }
+
+    #[test]
     fn max_wait_caps_a_busy_window() {
         let t0 = Instant::now();
         let mut c = Coalescer::new(rules(100, 250, 50));

@@ -16,7 +16,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Pending};
+use crate::broker::{self, Abandon, Pending};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
 use crate::dispatch::Dispatcher;
 use crate::event;
@@ -99,6 +99,14 @@ impl Service {
     /// None today; kept for callers that propagate.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let mut shutdown = self.shutdown.clone();
+        {
+            // Not ready from the signal on, whatever the session is doing.
+            let (health, mut signal) = (self.health.clone(), self.shutdown.clone());
+            tokio::spawn(async move {
+                signal.wait().await;
+                health.set_shutting_down();
+            });
+        }
         let mut backoff = RECONNECT_MIN;
         loop {
             if shutdown.is_triggered() {
@@ -133,7 +141,11 @@ impl Service {
 
     async fn session(&self) -> anyhow::Result<SessionEnd> {
         let s = &self.settings;
-        let conn = broker::connect(&s.amqp_urls, &self.consumer_tag).await?;
+        let mut shutdown = self.shutdown.clone();
+        let conn = tokio::select! {
+            _ = shutdown.wait() => return Ok(SessionEnd::Shutdown),
+            conn = broker::connect(&s.amqp_urls, &self.consumer_tag) => conn?,
+        };
         self.health.set_broker_up(true);
         let setup = conn.create_channel().await?;
         broker::declare_topology(&setup, s).await?;
@@ -141,13 +153,17 @@ impl Service {
 
         // A configuration fault found before consuming keeps this replica
         // from consuming: nothing is held, nothing churns.
-        let mut shutdown = self.shutdown.clone();
         loop {
-            match self.dispatcher.probe().await {
+            let checked = tokio::select! {
+                _ = shutdown.wait() => {
+                    close(&conn).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                checked = self.dispatcher.check_before_consuming() => checked,
+            };
+            match checked {
                 Ok(()) => break,
                 Err(e) if e.outcome == Outcome::ConfigFault => {
-                    self.health.set_fault(Some(e.detail.clone()));
-                    self.metrics.config_fault.set(1);
                     let retry = s.config_retry;
                     warn!(detail = %e.detail, retry_in_ms = retry.as_millis() as u64, "not consuming: configuration fault");
                     tokio::select! {
@@ -167,8 +183,6 @@ impl Service {
                 }
             }
         }
-        self.dispatcher.clear_fault();
-
         let consume = conn.create_channel().await?;
         consume
             .basic_qos(s.prefetch, BasicQosOptions::default())
@@ -191,6 +205,9 @@ impl Service {
             max_events: s.batch_max,
         });
         let mut tasks = JoinSet::new();
+        // Set when this session is given up: its unsettled deliveries are left
+        // to the channel's close (one return each), not nacked one by one.
+        let abandon = Abandon::default();
 
         let end = loop {
             let deadline = coalescer.next_deadline();
@@ -198,7 +215,7 @@ impl Service {
                 _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let closed = self.receive(delivery, &mut coalescer, &mut tasks);
+                        let closed = self.receive(delivery, &mut coalescer, &mut tasks, &abandon);
                         self.spawn_all(closed, &mut tasks);
                     }
                     Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
@@ -234,6 +251,7 @@ impl Service {
                 .await;
                 if drained.is_err() {
                     warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
+                    abandon.abandon();
                     tasks.shutdown().await;
                 }
                 // Only now hand the queue to a standby: it must not call
@@ -252,7 +270,10 @@ impl Service {
             }
             Err(e) => {
                 // The deliveries of a dead channel cannot be acked: the broker redelivers.
+                abandon.abandon();
                 tasks.shutdown().await;
+                drop(coalescer);
+                close(&conn).await;
                 Err(e)
             }
         }
@@ -265,9 +286,10 @@ impl Service {
         delivery: lapin::message::Delivery,
         coalescer: &mut Coalescer<Pending>,
         tasks: &mut JoinSet<()>,
+        abandon: &Abandon,
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
-        let pending = Pending::new(delivery, self.metrics.clone());
+        let pending = Pending::new(delivery, self.metrics.clone(), abandon);
         match event::parse(&pending.body) {
             Ok(event) => coalescer.push(event, pending, Instant::now()),
             Err(invalid) => {

@@ -97,6 +97,9 @@ pub struct Settings {
     pub cloud_env: String,
     pub cloud_function: String,
     pub template: Option<TemplateSettings>,
+    /// How long one WeChat call (token fetch or notice) may take before it
+    /// counts as a timeout, which is transient (not in the contract).
+    pub call_timeout: Duration,
     pub rate_per_sec: f64,
     pub rate_burst: u32,
     pub batch_window: Duration,
@@ -474,6 +477,20 @@ fn duration(src: &Source, var: &str, default: &str) -> Result<Duration, Settings
             format!("a duration like 500ms, 5s, 2m or 24h, got {raw:?}"),
         )
     })
+}
+
+/// As `duration`, refusing zero (a zero timeout would fail every call).
+fn nonzero_duration(src: &Source, var: &str, default: &str) -> Result<Duration, SettingsError> {
+    match parse_duration(src.or(var, default)) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(SettingsError::new(
+            var,
+            format!(
+                "a non-zero duration like 500ms, 5s or 2m, got {:?}",
+                src.or(var, default)
+            ),
+        )),
+    }
 }
 
 fn integer<T: std::str::FromStr + PartialOrd + fmt::Display + Copy>(
@@ -912,6 +929,7 @@ impl Settings {
             cloud_env: wechat.cloud_env,
             cloud_function: wechat.cloud_function,
             template: wechat.template,
+            call_timeout: nonzero_duration(svc, "WECHAT_CALL_TIMEOUT", "15s")?,
             rate_per_sec: rate(svc)?,
             rate_burst: integer(svc, "NOTIFIER_RATE_BURST", "1", 1u32, 10_000)?,
             batch_window,
@@ -922,7 +940,7 @@ impl Settings {
             max_attempts: integer(svc, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
             max_age: duration(svc, "NOTIFIER_MAX_AGE", "24h")?,
             shutdown_grace: duration(svc, "NOTIFIER_SHUTDOWN_GRACE", "20s")?,
-            config_retry: duration(svc, "NOTIFIER_CONFIG_RETRY", "15s")?,
+            config_retry: nonzero_duration(svc, "NOTIFIER_CONFIG_RETRY", "15s")?,
             exchange: name(src, "NOTIFIER_EXCHANGE", "crm.events")?,
             queue: name(src, "NOTIFIER_QUEUE", "wechat-notifier.customer-assigned")?,
             dead_queue: name(src, "NOTIFIER_DEAD_QUEUE", "wechat-notifier.dead")?,
@@ -1004,6 +1022,7 @@ mod tests {
         assert_eq!(s.max_attempts, 10);
         assert_eq!(s.max_age, Duration::from_secs(86_400));
         assert_eq!(s.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(s.call_timeout, Duration::from_secs(15));
         assert_eq!(s.queue, "wechat-notifier.customer-assigned");
         assert_eq!(s.dead_queue, "wechat-notifier.dead");
         assert_eq!(s.exchange, "crm.events");
@@ -1020,6 +1039,8 @@ mod tests {
             ("NOTIFIER_PREFETCH", "70000"),
             ("NOTIFIER_RETRY_DELAYS", "5s,,2m"),
             ("NOTIFIER_MAX_AGE", "1d"),
+            ("WECHAT_CALL_TIMEOUT", "15"),
+            ("WECHAT_CALL_TIMEOUT", "0s"),
             ("WECHAT_TOKEN_MODE", "magic"),
             ("WECHAT_DELIVERY_MODE", "sms"),
             ("NOTIFIER_LOG_FORMAT", "xml"),

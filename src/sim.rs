@@ -110,6 +110,10 @@ struct Inner {
     serial: u64,
     /// Notice calls received and not yet answered.
     in_flight: usize,
+    /// Notice calls in flight per assignee, and how often a call came while
+    /// another for the same assignee was still in flight (WeChat's 43108).
+    in_flight_by_user: HashMap<String, usize>,
+    overlaps: usize,
     /// Events covered by accepted cloud-function notices (cheap to poll).
     delivered_events: usize,
 }
@@ -191,6 +195,12 @@ impl Sim {
     /// Notice calls received and not answered yet (held by a delay fault).
     pub fn in_flight(&self) -> usize {
         self.state.lock().in_flight
+    }
+
+    /// How many notice calls arrived while another call for the same
+    /// assignee was still in flight (the service promises none).
+    pub fn overlapping_calls(&self) -> usize {
+        self.state.lock().overlaps
     }
 
     /// How many events accepted cloud-function notices covered (with repeats),
@@ -320,18 +330,36 @@ fn expires_in(config: &SimConfig, remaining: Duration) -> u64 {
 }
 
 /// Counts a notice call as in flight until it is answered or abandoned.
-struct InFlight<'a>(&'a SimState);
+struct InFlight<'a>(&'a SimState, Option<String>);
 
 impl<'a> InFlight<'a> {
-    fn enter(s: &'a SimState) -> Self {
-        s.lock().in_flight += 1;
-        InFlight(s)
+    fn enter(s: &'a SimState, user: Option<String>) -> Self {
+        let mut inner = s.lock();
+        inner.in_flight += 1;
+        if let Some(u) = &user {
+            let n = inner.in_flight_by_user.entry(u.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                inner.overlaps += 1;
+            }
+        }
+        drop(inner);
+        InFlight(s, user)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.lock().in_flight -= 1;
+        let mut inner = self.0.lock();
+        inner.in_flight -= 1;
+        if let Some(u) = &self.1 {
+            if let Some(n) = inner.in_flight_by_user.get_mut(u) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.in_flight_by_user.remove(u);
+                }
+            }
+        }
     }
 }
 
@@ -498,7 +526,7 @@ async fn invoke(
     }
     let fault = s.take_fault(Api::InvokeCloudFunction, user_id.as_deref(), probe);
     let applied = {
-        let _held = InFlight::enter(&s);
+        let _held = InFlight::enter(&s, user_id.clone());
         apply_fault(fault, true).await
     };
     let function_code = match applied {

@@ -1,7 +1,9 @@
 //! `docker-compose.yml` checked without Docker (this machine's client has no
 //! compose plugin): parsed as YAML with its merge keys applied, each service's
 //! settings run through the service's own settings parser and CLI, and the
-//! pieces checked against each other (ports, secrets, Prometheus targets).
+//! pieces checked against each other (ports, secrets, Prometheus targets,
+//! Grafana's data source and dashboards). `.ci/run` also runs the real
+//! parser, `docker-compose config -q`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -87,6 +89,7 @@ fn the_compose_file_has_every_service_with_valid_settings() {
         "notifier-3",
         "publisher",
         "prometheus",
+        "grafana",
     ]
     .map(String::from)
     .into();
@@ -183,11 +186,11 @@ fn the_compose_file_has_every_service_with_valid_settings() {
     let settings = Settings::for_command(&source, Needs::Broker).expect("the publisher's settings");
     assert!(settings.amqp_urls[0].contains("@rabbitmq:5672/"));
 
-    // Prometheus scrapes exactly the three replicas' metrics ports.
+    // Prometheus scrapes exactly the three replicas' metrics ports, and loads
+    // rule files that are in the folder it mounts.
     let prom_service = &doc["services"]["prometheus"];
-    let volume = str_of(&prom_service["volumes"][0]);
-    let prom_file = volume.trim_start_matches("./").split(':').next().unwrap();
-    let prom = load(prom_file);
+    let prom_dir = mount_source(prom_service, "/etc/prometheus");
+    let prom = load(&format!("{prom_dir}/prometheus.yml"));
     let scraped: BTreeSet<String> = prom["scrape_configs"][0]["static_configs"][0]["targets"]
         .as_vec()
         .unwrap()
@@ -195,6 +198,72 @@ fn the_compose_file_has_every_service_with_valid_settings() {
         .map(str_of)
         .collect();
     assert_eq!(scraped, targets);
+    let rule_files = prom["rule_files"].as_vec().expect("rule_files");
+    assert!(!rule_files.is_empty());
+    for file in rule_files {
+        let path = root().join(&prom_dir).join(str_of(file));
+        assert!(path.is_file(), "{} is mounted", path.display());
+    }
+
+    // Grafana reads Prometheus at its container port, and the dashboards
+    // from the folder its provisioning names.
+    let prom_port = str_of(&prom_service["ports"][0])
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let grafana = &doc["services"]["grafana"];
+    let provisioning = mount_source(grafana, "/etc/grafana/provisioning");
+    let sources = load(&format!("{provisioning}/datasources/prometheus.yml"));
+    let source = &sources["datasources"][0];
+    assert_eq!(
+        str_of(&source["url"]),
+        format!("http://prometheus:{prom_port}")
+    );
+    let uid = str_of(&source["uid"]);
+    let providers = load(&format!("{provisioning}/dashboards/wechat-notifier.yml"));
+    let in_container = str_of(&providers["providers"][0]["options"]["path"]);
+    let dashboards = mount_source(grafana, &in_container);
+    let home = var(
+        &environment(grafana),
+        "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH",
+    );
+    let home = home
+        .strip_prefix(&format!("{in_container}/"))
+        .expect("the home dashboard is a provisioned one");
+    assert!(root().join(&dashboards).join(home).is_file(), "{home}");
+    let mut count = 0;
+    for entry in std::fs::read_dir(root().join(&dashboards)).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            if panel["type"] != "row" {
+                assert_eq!(
+                    panel["datasource"]["uid"],
+                    uid.as_str(),
+                    "{}",
+                    panel["title"]
+                );
+            }
+        }
+        count += 1;
+    }
+    assert!(count > 0, "a dashboard in {dashboards}");
+}
+
+/// The host folder (relative, without `./`) a service mounts at `target`.
+fn mount_source(service: &Yaml, target: &str) -> String {
+    service["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .map(str_of)
+        .find_map(|v| {
+            let mut parts = v.split(':');
+            let (source, to) = (parts.next()?, parts.next()?);
+            (to == target).then(|| source.trim_start_matches("./").to_string())
+        })
+        .unwrap_or_else(|| panic!("a volume mounted at {target}"))
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{queue_counts, wait_until, TestEnv};
+use common::{eventually, wait_until, TestEnv};
 use serde_json::{json, Value};
 use wechat_notifier::broker::{header_int, header_str, headers};
 use wechat_notifier::notice::notice_id;
@@ -71,8 +71,12 @@ async fn a_bulk_assignment_is_one_subscribe_message_per_assignee_cut_by_characte
         "three messages accepted, got {:?}",
         subscribe_calls(&env)
     );
-    // Give a fourth (wrong) call the time to show up before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once every delivery is acked, no queue holds a message and no call is
+    // open, nothing can reach WeChat any more: the count below is final.
+    assert!(
+        eventually(WAIT, || env.settled(&svc.http)).await,
+        "all 60 acked"
+    );
     let calls = subscribe_calls(&env);
     assert_eq!(calls.len(), 3, "one subscribe/send per assignee");
 
@@ -124,12 +128,6 @@ async fn a_bulk_assignment_is_one_subscribe_message_per_assignee_cut_by_characte
         .map(|c| c.body["touser"].as_str().unwrap())
         .collect();
     assert_eq!(openids.len(), 3);
-
-    let queue = env.queue();
-    assert!(
-        wait_until(WAIT, || queue_counts(&queue) == (0, 0)).await,
-        "all 60 acked"
-    );
     assert!(env.drain(&env.dead_queue()).await.is_empty());
     svc.stop().await;
     env.cleanup().await;
@@ -153,7 +151,7 @@ async fn an_unknown_openid_is_rejected_40003_and_a_missing_one_is_no_openid() {
     env.publish(&events).await;
 
     let dead_queue = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead_queue).0 == 2).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead_queue).await == 2 }).await);
     let dead = env.drain(&dead_queue).await;
     assert_eq!(dead.len(), 2);
     for (body, props) in dead {
@@ -175,8 +173,60 @@ async fn an_unknown_openid_is_rejected_40003_and_a_missing_one_is_no_openid() {
     }
     assert!(wait_until(WAIT, || env.sim.delivered().len() == 1).await);
     assert_eq!(env.sim.delivered()[0]["touser"], good.as_str());
-    // The event without an openid never reached WeChat.
+    // The event without an openid never reached WeChat (counted once all is settled).
+    assert!(eventually(WAIT, || env.settled(&svc.http)).await);
     assert_eq!(subscribe_calls(&env).len(), 2);
+    svc.stop().await;
+    env.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_without_an_errcode_is_never_taken_for_a_success() {
+    let (env, path) = direct_env("direct-noerrcode").await;
+    // A gateway answers 200 with `{}`, then with an HTML page; then WeChat answers.
+    for body in ["{}", "<html><body>502 Bad Gateway</body></html>"] {
+        env.sim.push_fault(wechat_notifier::sim::Fault {
+            api: Some(Api::SubscribeSend),
+            user_id: None,
+            action: wechat_notifier::sim::FaultAction::Body(body.into()),
+            times: Some(1),
+        });
+    }
+    let svc = env.start_service().await;
+    let events = env.bulk(1, 1, false);
+    env.publish(&events).await;
+    let want: BTreeSet<String> = common::ids(&events);
+    assert!(
+        wait_until(WAIT, || subscribe_calls(&env)
+            .iter()
+            .any(|c| c.errcode == 0))
+        .await,
+        "delivered after the two answers without errcode"
+    );
+    let calls = subscribe_calls(&env);
+    let answers: Vec<(u16, i64)> = calls.iter().map(|c| (c.http_status, c.errcode)).collect();
+    assert_eq!(
+        answers,
+        vec![(200, -2), (200, -2), (200, 0)],
+        "retried, not acked"
+    );
+    let page = calls[2].body["page"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(page.contains(&notice_id(&want.iter().cloned().collect::<Vec<_>>())));
+    let mut unacked = 1.0;
+    for _ in 0..100 {
+        unacked = common::metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await;
+        if unacked == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(unacked, 0.0, "acked after the success");
+    assert_eq!(env.ready(&env.queue()).await, 0);
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
     svc.stop().await;
     env.cleanup().await;
     let _ = std::fs::remove_file(path);

@@ -1,5 +1,6 @@
 //! The JavaScript halves, run with the machine's Node.js: the cloud function's
-//! own tests (`node --test`, against the hand-made fake of wx-server-sdk), and
+//! own tests (`node --test`, against the hand-made fake of wx-server-sdk), the
+//! mini program's (`node --test`, against a hand-made fake of `wx`), and
 //! the CRM's NestJS publisher example, built and run for real against the
 //! broker while the service delivers what it published.
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{queue_counts, wait_until, TestEnv};
+use common::{eventually, wait_until, TestEnv};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::Value;
@@ -47,6 +48,15 @@ fn the_cloud_functions_node_tests_pass() {
         &["--test", "test/"],
         &[("NODE_PATH", "test/fake_modules")],
     );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("# fail 0"), "{report}");
+    assert!(!report.contains("# pass 0"), "tests ran: {report}");
+}
+
+#[test]
+fn the_mini_programs_node_tests_pass() {
+    let dir = root().join("miniprogram");
+    let out = run(&dir, "node", &["--test", "test/"], &[]);
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("# fail 0"), "{report}");
     assert!(!report.contains("# pass 0"), "tests ran: {report}");
@@ -146,8 +156,7 @@ async fn the_nestjs_publisher_example_ends_in_notices() {
         assert_eq!(notice["source"], "batch");
         assert_eq!(notice["assigned_by"]["name"], "李经理");
     }
-    let queue = env.queue();
-    assert!(wait_until(Duration::from_secs(30), || queue_counts(&queue) == (0, 0)).await);
+    assert!(eventually(Duration::from_secs(30), || env.settled(&svc.http)).await);
     assert!(
         env.drain(&env.dead_queue()).await.is_empty(),
         "none invalid"

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ids, queue_counts, wait_until, TestEnv};
+use common::{eventually, ids, wait_until, TestEnv};
 use serde_json::Value;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
@@ -25,6 +25,7 @@ async fn each_bad_setting_exits_2_naming_its_variable() {
         ("WECHAT_TOKEN_MODE", "magic"),
         ("AMQP_URL", "http://nowhere"),
         ("NOTIFIER_LOG_FORMAT", "xml"),
+        ("WECHAT_CALL_TIMEOUT", "soon"),
         ("WECHAT_APPID", ""),
     ];
     for (var, value) in cases {
@@ -88,7 +89,7 @@ async fn dlq_lists_and_replays_a_rejected_event_which_is_then_delivered() {
     });
     env.publish(&events).await;
     let dead = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead).0 == 1).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead).await == 1 }).await);
 
     let vars = env.vars.clone();
     let run = move |args: Vec<&'static str>| {
@@ -171,7 +172,7 @@ async fn metrics_move_as_the_run_implies() {
     let want = ids(&events);
     assert!(wait_until(WAIT, || want.is_subset(&env.notified_ids())).await);
     let dead = env.dead_queue();
-    assert!(wait_until(WAIT, || queue_counts(&dead).0 == 2).await);
+    assert!(eventually(WAIT, || async { env.ready(&dead).await == 2 }).await);
     let m = |name: &'static str, labels: &'static str| common::metric(&svc.http, name, labels);
     assert_eq!(m("wechat_notifier_events_received_total", "").await, 8.0);
     assert_eq!(
@@ -229,6 +230,7 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
     env.set("WECHAT_TOKEN_MODE", "classic");
     // Every library's debug logs too (HTTP client, connection pool, AMQP).
     env.set("RUST_LOG", "debug");
+    env.set("WECHAT_CALL_TIMEOUT", "1s");
     env.declare().await;
     let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
     let mut replica = env.spawn_process_logging(Some(&log));
@@ -236,7 +238,7 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
     env.sim.push_fault(Fault {
         api: Some(Api::InvokeCloudFunction),
         user_id: None,
-        action: FaultAction::DelayMs(16_000),
+        action: FaultAction::DelayMs(120_000),
         times: Some(1),
     });
     env.sim.push_fault(Fault {
@@ -268,7 +270,8 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
         .await
         .unwrap();
     replica.sigterm();
-    let _ = tokio::task::spawn_blocking(move || replica.child.wait()).await;
+    // Waits for the last log line too.
+    let _ = tokio::task::spawn_blocking(move || replica.wait()).await;
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains("notice delivered"), "the log was captured");
     let secret = env.sim.config().secret.clone();
@@ -292,12 +295,12 @@ async fn no_secret_or_token_reaches_logs_or_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
     let env = TestEnv::new("progress").await;
-    // 45 events at 15/s: three seconds, so at least one progress line.
+    // 24 events at 15/s: over 1.5 s, past the first report (at one second).
     let out = tokio::task::spawn_blocking({
         let vars = env.vars.clone();
         move || {
             std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
-                .args(["publish", "--customers", "45", "--assignees", "3"])
+                .args(["publish", "--customers", "24", "--assignees", "3"])
                 .args(["--rate", "15"])
                 .env_clear()
                 .envs(vars)
@@ -311,14 +314,14 @@ async fn a_long_publish_shows_its_progress_and_every_event_arrives() {
     let progress = stderr(&out);
     let lines: Vec<&str> = progress
         .lines()
-        .filter(|l| l.starts_with("published: ") && l.contains("/45 events"))
+        .filter(|l| l.starts_with("published: ") && l.contains("/24 events"))
         .collect();
     assert!(!lines.is_empty(), "a progress line on stderr: {progress}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("published 45 event(s)"),
+        String::from_utf8_lossy(&out.stdout).contains("published 24 event(s)"),
         "the result on stdout"
     );
     let queue = env.queue();
-    assert!(wait_until(WAIT, || queue_counts(&queue).0 == 45).await);
+    assert!(eventually(WAIT, || async { env.ready(&queue).await == 24 }).await);
     env.cleanup().await;
 }

@@ -55,6 +55,15 @@ async fn run(args: &[&str], vars: Vec<(String, String)>) -> Output {
     .unwrap()
 }
 
+/// A local port nothing listens on (bound, read, released at once).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Only the broker's settings of a test (no WECHAT_* at all).
 fn broker_vars(env: &TestEnv) -> Vec<(String, String)> {
     env.vars
@@ -514,7 +523,7 @@ async fn a_wrong_password_and_a_mismatched_queue_each_say_so_in_one_line() {
     assert!(!line.contains("connection was lost"), "{line}");
 
     // No broker at all: how to start one.
-    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::free_port());
+    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port());
     let out = run(&["demo"], vec![("AMQP_URL".into(), closed)]).await;
     assert_eq!(out.status.code(), Some(1));
     let line = one_line(&out);
@@ -613,7 +622,7 @@ async fn run_says_where_it_listens_and_what_it_runs_with() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_without_a_broker_keeps_trying_and_says_how_to_start_one() {
     let env = TestEnv::new("nobroker").await;
-    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::free_port());
+    let closed = format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed_port());
     let vars = with(
         with(env.vars.clone(), "AMQP_URL", &closed),
         "NOTIFIER_METRICS_ADDR",
@@ -737,7 +746,7 @@ async fn with_the_management_api_status_names_the_active_replica_and_check_compa
     assert!(!line.contains("secret"), "{line}");
 
     // A management URL that does not answer is a problem, not a silent skip.
-    let closed = format!("http://ops:secret@127.0.0.1:{}", common::free_port());
+    let closed = format!("http://ops:secret@127.0.0.1:{}", closed_port());
     let out = run(
         &["check"],
         with(env.vars.clone(), "NOTIFIER_MANAGEMENT_URL", &closed),

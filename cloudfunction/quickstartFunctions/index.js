@@ -27,11 +27,26 @@ const USERS = 'users';
 // Errcodes this function answers itself (WeChat's own meanings).
 const INVALID_OPENID = 40003; // no openid for the assignee: rejected, dead-lettered by the service
 const INVALID_ARGUMENT = 47003; // a malformed notice or template: rejected
-const CONFIG_FAULT = 85088; // the function is not configured: the service stops and reports it
+const CONFIG_FAULT = 85088; // the function is not configured: the service holds and reports it
+const NO_PERMISSION = -604101; // config.json does not grant openapi subscribeMessage.send
+
+// A notice the probe renders TEMPLATE_DATA with, as a real send would.
+const PROBE_NOTICE = {
+  notice_id: 'probe',
+  assignee: { user_id: 'probe', name: '探测' },
+  customer_count: 1,
+  customers: [{ id: 'probe', name: '探测客户' }],
+  assigned_by: { user_id: 'probe', name: '探测' },
+  source: 'web',
+  first_assigned_at: '2026-01-01T00:00:00+08:00',
+  last_assigned_at: '2026-01-01T00:00:00+08:00',
+  summary: false,
+  event_ids: ['probe'],
+};
 
 function settings(env) {
   let data = DEFAULT_DATA;
-  if (env.TEMPLATE_DATA) data = JSON.parse(env.TEMPLATE_DATA);
+  if (env.TEMPLATE_DATA) data = JSON.parse(env.TEMPLATE_DATA); // throws on bad JSON: see configFault
   return {
     templateId: env.TEMPLATE_ID || '',
     page: env.TEMPLATE_PAGE || '',
@@ -43,6 +58,37 @@ function settings(env) {
 
 function reply(errcode, errmsg) {
   return { errcode, errmsg };
+}
+
+// What is wrong with this function's own settings, as the errcode a send would
+// get, or null. A bad setting is a configuration fault, never the notice's
+// fault: the service holds its messages instead of dead-lettering them.
+function configFault(env, permissions) {
+  const granted = (permissions && permissions.openapi) || [];
+  if (!granted.includes('subscribeMessage.send')) {
+    return reply(NO_PERMISSION, 'config.json does not grant openapi subscribeMessage.send');
+  }
+  let conf;
+  try {
+    conf = settings(env);
+  } catch (err) {
+    return reply(CONFIG_FAULT, `TEMPLATE_DATA is not valid JSON: ${err.message}`);
+  }
+  if (!conf.templateId) return reply(CONFIG_FAULT, 'TEMPLATE_ID is not set for this function');
+  try {
+    buildData(conf.data, PROBE_NOTICE);
+  } catch (err) {
+    return reply(CONFIG_FAULT, `TEMPLATE_DATA: ${err.message}`);
+  }
+  return null;
+}
+
+function permissions() {
+  try {
+    return require('./config.json').permissions;
+  } catch (err) {
+    return null;
+  }
 }
 
 function checkNotice(notice) {
@@ -84,8 +130,9 @@ async function sendCustomerAssignNotification(event) {
   const problem = checkNotice(notice);
   if (problem) return reply(INVALID_ARGUMENT, problem);
 
+  const fault = configFault(process.env, permissions());
+  if (fault) return fault;
   const conf = settings(process.env);
-  if (!conf.templateId) return reply(CONFIG_FAULT, 'TEMPLATE_ID is not set for this function');
 
   const db = cloud.database();
   if (await alreadySent(db, notice.notice_id)) {
@@ -100,12 +147,7 @@ async function sendCustomerAssignNotification(event) {
     );
   }
 
-  let data;
-  try {
-    data = buildData(conf.data, notice);
-  } catch (err) {
-    return reply(INVALID_ARGUMENT, `TEMPLATE_DATA: ${err.message}`);
-  }
+  const data = buildData(conf.data, notice); // the mapping was checked by configFault
 
   const message = {
     touser: openid,
@@ -146,9 +188,13 @@ exports.main = async (event) => {
     case 'sendCustomerAssignNotification':
       return sendCustomerAssignNotification(event);
     case 'wechatNotifierProbe':
-      // The service's start-up check that the function exists and answers.
-      return reply(0, 'ok');
+      // The service's start-up check: the errcode a send would get for this
+      // function's own settings, without sending anything.
+      return configFault(process.env, permissions()) || reply(0, 'ok');
     default:
       return reply(INVALID_ARGUMENT, `unknown type ${JSON.stringify(event && event.type)}`);
   }
 };
+
+// For the tests: the settings check with the permissions given.
+exports.configFault = configFault;

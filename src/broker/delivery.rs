@@ -1,9 +1,13 @@
 //! One delivery held unacked by this replica, and the only ways it leaves:
 //! acked (its notice was accepted, or its copy is safe in a retry or
 //! dead-letter queue) or released back to the queue (nack with requeue). A
-//! delivery dropped unsettled — a task that panicked or was aborted — is
-//! released too, so nothing stays pinned on a live channel.
+//! delivery dropped unsettled — a task that panicked — is released too, so
+//! nothing stays pinned on a live channel; when its session is being given up
+//! (shutdown grace elapsed, connection lost) it is left to the channel's close,
+//! which returns it once (a nack first would count twice against the delivery
+//! limit, and a still-registered consumer would only get it back).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -13,10 +17,26 @@ use tracing::{debug, warn};
 use super::{header_int, header_str, headers};
 use crate::metrics::Metrics;
 
+/// Set when a session is given up: its unsettled deliveries are then left
+/// to the channel's close instead of being nacked one by one.
+#[derive(Clone, Default)]
+pub struct Abandon(Arc<AtomicBool>);
+
+impl Abandon {
+    pub fn abandon(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// One unacked delivery and what is needed to copy it elsewhere.
 pub struct Pending {
     /// `None` once settled (acked or released).
     acker: Option<Acker>,
+    abandon: Abandon,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
     /// Failed rounds so far (`x-notifier-attempts` of a message back from a
@@ -36,9 +56,14 @@ pub fn attempts_of(properties: &BasicProperties) -> i64 {
 }
 
 impl Pending {
-    pub fn new(delivery: lapin::message::Delivery, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        delivery: lapin::message::Delivery,
+        metrics: Arc<Metrics>,
+        abandon: &Abandon,
+    ) -> Self {
         metrics.unacked_deliveries.inc();
         Pending {
+            abandon: abandon.clone(),
             attempts: attempts_of(&delivery.properties),
             first_failed_at: header_str(&delivery.properties, headers::FIRST_FAILED_AT),
             acker: Some(delivery.acker),
@@ -96,8 +121,11 @@ impl Drop for Pending {
             return;
         };
         self.metrics.unacked_deliveries.dec();
-        // Unsettled: a task panicked or was aborted. Hand the message back
-        // rather than leave it pinned until the channel closes.
+        if self.abandon.abandoned() {
+            return; // the session's channel is closing: that returns it
+        }
+        // Unsettled: a task panicked. Hand the message back rather than leave
+        // it pinned on a live channel.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = acker.nack(requeue()).await;

@@ -21,7 +21,7 @@ use crate::settings::Settings;
 pub mod delivery;
 pub mod publisher;
 
-pub use delivery::Pending;
+pub use delivery::{Abandon, Pending};
 pub use publisher::Publisher;
 
 /// The CRM's routing key for one assigned customer.
@@ -500,5 +500,139 @@ mod tests {
             header_str(&copy2, headers::FIRST_FAILED_AT).as_deref(),
             Some("t0")
         );
+    }
+
+    fn with(entries: &[(&str, AMQPValue)]) -> BasicProperties {
+        BasicProperties::default().with_headers(table(entries))
+    }
+
+    #[test]
+    fn header_int_reads_every_integer_width_a_publisher_may_choose() {
+        let props = with(&[
+            ("a", AMQPValue::ShortShortInt(-5)),
+            ("b", AMQPValue::ShortShortUInt(250)),
+            ("c", AMQPValue::ShortInt(-300)),
+            ("d", AMQPValue::ShortUInt(60_000)),
+            ("e", AMQPValue::LongInt(-504_002)),
+            ("f", AMQPValue::LongUInt(4_000_000_000)),
+            ("g", AMQPValue::LongLongInt(i64::MIN)),
+            ("s", long("7")),
+        ]);
+        let got: Vec<Option<i64>> = ["a", "b", "c", "d", "e", "f", "g"]
+            .iter()
+            .map(|k| header_int(&props, k))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Some(-5),
+                Some(250),
+                Some(-300),
+                Some(60_000),
+                Some(-504_002),
+                Some(4_000_000_000),
+                Some(i64::MIN)
+            ]
+        );
+        assert_eq!(header_int(&props, "s"), None, "a string is not a number");
+        assert_eq!(header_int(&props, "missing"), None);
+        assert_eq!(header_int(&BasicProperties::default(), "a"), None);
+    }
+
+    #[test]
+    fn header_str_reads_long_and_short_strings_only() {
+        let props = with(&[
+            ("long", long("wechat_rejected")),
+            ("short", AMQPValue::ShortString("expired".into())),
+            ("utf8", long("用户拒绝")),
+            ("n", AMQPValue::LongLongInt(1)),
+        ]);
+        assert_eq!(
+            header_str(&props, "long").as_deref(),
+            Some("wechat_rejected")
+        );
+        assert_eq!(header_str(&props, "short").as_deref(), Some("expired"));
+        assert_eq!(header_str(&props, "utf8").as_deref(), Some("用户拒绝"));
+        assert_eq!(header_str(&props, "n"), None);
+        assert_eq!(header_str(&props, "missing"), None);
+        assert_eq!(header_str(&BasicProperties::default(), "long"), None);
+    }
+
+    #[test]
+    fn park_headers_are_set_and_everything_else_is_kept() {
+        // A message back from a retry queue: the CRM's own header and the
+        // previous round's attempts.
+        let original = with(&[
+            ("x-crm-trace", long("abc")),
+            (headers::ATTEMPTS, AMQPValue::LongLongInt(1)),
+            (headers::ERRCODE, AMQPValue::LongLongInt(-1)),
+        ])
+        .with_message_id("ev-1".into())
+        .with_content_type("application/json".into());
+        let parked = with_park_headers(
+            &original,
+            &ParkHeaders {
+                reason: Reason::WechatRejected,
+                detail: "WeChat answered errcode 43101: user refuse".into(),
+                errcode: Some(43101),
+                attempts: 2,
+                first_failed_at: "2026-11-25T06:03:27.000Z".into(),
+            },
+        );
+        assert_eq!(header_str(&parked, "x-crm-trace").as_deref(), Some("abc"));
+        assert_eq!(
+            parked.message_id().as_ref().map(|m| m.as_str()),
+            Some("ev-1")
+        );
+        assert_eq!(
+            parked.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            header_str(&parked, headers::REASON).as_deref(),
+            Some("wechat_rejected")
+        );
+        assert_eq!(
+            header_str(&parked, headers::DETAIL).as_deref(),
+            Some("WeChat answered errcode 43101: user refuse")
+        );
+        assert_eq!(header_int(&parked, headers::ERRCODE), Some(43101));
+        assert_eq!(header_int(&parked, headers::ATTEMPTS), Some(2));
+        assert_eq!(
+            header_str(&parked, headers::FIRST_FAILED_AT).as_deref(),
+            Some("2026-11-25T06:03:27.000Z")
+        );
+        // The contract's types: errcode and attempts are integers, the rest strings.
+        let h = parked.headers().as_ref().unwrap().inner();
+        assert!(matches!(
+            h.get(headers::ERRCODE),
+            Some(AMQPValue::LongLongInt(_))
+        ));
+        assert!(matches!(
+            h.get(headers::ATTEMPTS),
+            Some(AMQPValue::LongLongInt(_))
+        ));
+        assert!(matches!(
+            h.get(headers::REASON),
+            Some(AMQPValue::LongString(_))
+        ));
+
+        // Without an errcode, none is written.
+        let plain = with_park_headers(
+            &BasicProperties::default(),
+            &ParkHeaders {
+                reason: Reason::Expired,
+                detail: "old".into(),
+                errcode: None,
+                attempts: 1,
+                first_failed_at: "t".into(),
+            },
+        );
+        assert_eq!(
+            header_str(&plain, headers::REASON).as_deref(),
+            Some("expired")
+        );
+        assert_eq!(header_int(&plain, headers::ERRCODE), None);
+        assert_eq!(header_int(&plain, headers::ATTEMPTS), Some(1));
     }
 }

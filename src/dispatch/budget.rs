@@ -67,10 +67,14 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// The bucket starts empty: a replica that takes over from another must
+    /// not add its whole burst on top of the calls the other just made.
     pub fn new(rate_per_sec: f64, burst: u32, health: Arc<Health>, metrics: Arc<Metrics>) -> Self {
         let clock = DefaultClock::default();
+        let limiter = RateLimiter::direct_with_clock(quota(rate_per_sec, burst), clock.clone());
+        while limiter.check().is_ok() {}
         Budget {
-            limiter: RateLimiter::direct_with_clock(quota(rate_per_sec, burst), clock.clone()),
+            limiter,
             clock,
             turn: tokio::sync::Mutex::new(()),
             pause_until: Mutex::new(None),
@@ -82,18 +86,36 @@ impl Budget {
     }
 
     /// Waits while a configuration fault is held, then for a quota pause to
-    /// end, then takes one call from the rate budget.
-    pub async fn take(&self) {
+    /// end, then takes one call from the rate budget (`None`). While a fault
+    /// is held and nobody retries a notice for it (the one that did was parked
+    /// or its task ended), the caller gets the probe turn instead (`Some`): its
+    /// notice becomes the one retried.
+    pub async fn take(&self) -> Option<ProbeTurn> {
         let mut fault = self.fault.subscribe();
         loop {
-            let _ = fault.wait_for(Option::is_none).await;
+            if fault.borrow_and_update().is_some() {
+                tokio::select! {
+                    _ = fault.changed() => {}
+                    probe = self.probe.clone().lock_owned() => {
+                        if self.fault.borrow().is_some() {
+                            return Some(probe);
+                        }
+                    }
+                }
+                continue;
+            }
             let turn = self.turn.lock().await;
             if self.fault.borrow().is_some() {
                 continue; // held while this call waited for its turn
             }
             self.take_in_turn(turn).await;
-            return;
+            return None;
         }
+    }
+
+    /// Whether a configuration fault is held.
+    pub fn is_held(&self) -> bool {
+        self.fault.borrow().is_some()
     }
 
     /// As `take`, for the one retry of a held notice: the fault does not stop it.
@@ -169,9 +191,105 @@ impl Budget {
             info!("configuration fault cleared: calls resume");
         }
     }
+}
 
-    /// Resolves when no fault is held.
-    pub async fn wait_released(&self) {
-        let _ = self.fault.subscribe().wait_for(Option::is_none).await;
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::dispatch::policy::{until_next_minute, MINUTE_MARGIN};
+
+    fn budget() -> Budget {
+        Budget::new(
+            1000.0,
+            1,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_minute_quota_no_call_goes_before_the_minute_boundary_and_one_goes_right_after()
+    {
+        let b = budget();
+        // 41.3 s into a minute: 18.7 s to the boundary.
+        let now = UNIX_EPOCH + Duration::from_millis(1_795_615_380_000 + 41_300);
+        let boundary = Duration::from_millis(18_700);
+        let start = Instant::now();
+        b.pause(until_next_minute(now), QuotaKind::Minute);
+        let mut call = Box::pin(b.take());
+        tokio::time::advance(boundary - Duration::from_millis(1)).await;
+        assert!(
+            futures_util::poll!(&mut call).is_pending(),
+            "no call before the minute boundary"
+        );
+        call.await;
+        let waited = start.elapsed();
+        assert!(
+            waited >= boundary && waited <= boundary + MINUTE_MARGIN + Duration::from_millis(5),
+            "the call goes right after the boundary: {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_fault_stops_every_call_but_the_probe_until_released() {
+        let b = Arc::new(budget());
+        let turn = b
+            .hold("WeChat answered errcode 85088")
+            .expect("first holder probes");
+        assert!(b.hold("again").is_none(), "one probe at a time");
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take().await.is_none() })
+        };
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(
+            !waiting.is_finished(),
+            "held for as long as the fault lasts"
+        );
+        b.take_as_probe(&turn).await;
+        assert!(b
+            .health
+            .ready()
+            .unwrap_err()
+            .contains("configuration fault: again"));
+        b.release();
+        drop(turn);
+        assert!(waiting.await.unwrap(), "a normal call once released");
+        let reason = b.health.ready().unwrap_err();
+        assert!(!reason.contains("configuration fault"), "{reason}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_the_retried_notice_leaves_a_waiting_one_takes_over_the_retries() {
+        let b = Arc::new(budget());
+        let turn = b
+            .hold("WeChat answered errcode 85088")
+            .expect("first holder probes");
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take().await.is_some() })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // The retried notice was parked: its task drops the turn, the fault stays.
+        drop(turn);
+        assert!(
+            waiting.await.unwrap(),
+            "the waiting notice becomes the one retried"
+        );
+        assert!(b.is_held());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_replica_starts_with_an_empty_bucket() {
+        let b = Budget::new(
+            10.0,
+            5,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        assert!(b.limiter.check().is_err(), "no burst at start");
     }
 }

@@ -15,7 +15,7 @@ pub mod lanes;
 pub mod policy;
 pub mod settle;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tracing::{debug, Instrument};
@@ -27,12 +27,12 @@ use crate::metrics::Metrics;
 use crate::notice::Notice;
 pub use crate::reason::Reason;
 use crate::settings::Settings;
-use crate::wechat::{CallResult, WeChat};
+use crate::wechat::{CallResult, Outcome, WeChat};
 pub use budget::quota;
 use budget::{Budget, ProbeTurn, QuotaKind};
 use lanes::{Lanes, Ticket};
 use policy::{Step, Tries};
-use settle::Settler;
+use settle::{Expiry, Settler};
 
 /// Shared by every window this replica sends; outlives broker sessions so the
 /// token cache, the rate budget and a held fault survive a reconnect.
@@ -42,6 +42,11 @@ pub struct Dispatcher {
     budget: Budget,
     lanes: Lanes,
     settle: Settler,
+    /// The notice whose real send found the configuration fault being held:
+    /// a new session sends it again before consuming (the start-up probe
+    /// cannot see such a fault). Its `notice_id` lets WeChat's side drop a
+    /// duplicate.
+    held_notice: Mutex<Option<Notice>>,
 }
 
 impl Dispatcher {
@@ -63,23 +68,42 @@ impl Dispatcher {
             ),
             lanes: Lanes::default(),
             settle: Settler::new(publisher, settings.clone(), metrics),
+            held_notice: Mutex::new(None),
             settings,
         }
     }
 
-    /// Reaches WeChat without a notice (within the rate budget, even while a
-    /// fault is held) to find configuration faults before consuming.
+    /// Before consuming: reaches WeChat without a notice (within the rate
+    /// budget) to find configuration faults; and if a fault found on a real
+    /// send is held, sends that notice again, since only a real send shows
+    /// such a fault. A configuration fault is held (not ready, with the
+    /// reason); passing releases it.
     ///
     /// # Errors
-    /// The classified failure.
-    pub async fn probe(&self) -> Result<(), CallResult> {
+    /// The classified failure; the caller decides which outcomes matter.
+    pub async fn check_before_consuming(&self) -> Result<(), CallResult> {
         self.budget.take_unheld().await;
-        self.wechat.probe().await
-    }
-
-    /// The start-up probe passed: a fault held from an earlier session ends.
-    pub fn clear_fault(&self) {
-        self.budget.release();
+        let mut result = self.wechat.probe().await;
+        let held = self.held_notice.lock().expect("not poisoned").clone();
+        if let (Ok(()), Some(notice)) = (&result, held) {
+            if self.budget.is_held() {
+                self.budget.take_unheld().await;
+                let sent = self.wechat.send(&notice).await;
+                result = match sent.outcome {
+                    Outcome::ConfigFault => Err(sent),
+                    _ => Ok(()),
+                };
+            }
+        }
+        match &result {
+            Ok(()) => {
+                *self.held_notice.lock().expect("not poisoned") = None;
+                self.budget.release();
+            }
+            Err(e) if e.outcome == Outcome::ConfigFault => drop(self.budget.hold(&e.detail)),
+            Err(_) => {}
+        }
+        result
     }
 
     /// Takes this window's place in its assignee's lane. Called in arrival
@@ -97,9 +121,7 @@ impl Dispatcher {
     /// every delivery it holds.
     pub async fn deliver(&self, closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
-        let Some(mut closed) = self.settle.drop_expired(closed).await else {
-            return;
-        };
+        let mut closed = closed;
         let notice = closed.notice();
         let span = tracing::info_span!(
             "notice",
@@ -121,12 +143,7 @@ impl Dispatcher {
     }
 
     async fn send(&self, closed: &mut Closed<Pending>, notice: &Notice) {
-        let prior = closed
-            .deliveries
-            .iter()
-            .map(|(_, p)| p.attempts)
-            .max()
-            .unwrap_or(0);
+        let mut notice = notice.clone();
         let mut tries = Tries::default();
         // Held while this notice is the one retried during a configuration fault.
         let mut probe: Option<ProbeTurn> = None;
@@ -136,8 +153,27 @@ impl Dispatcher {
                     tokio::time::sleep(self.settings.config_retry).await;
                     self.budget.take_as_probe(turn).await;
                 }
-                None => self.budget.take().await,
+                None => {
+                    if let Some(turn) = self.budget.take().await {
+                        probe = Some(turn);
+                        continue;
+                    }
+                }
             }
+            // Expiry is judged when the notice would be sent, not when it closed:
+            // it may have waited behind a pause or a held fault.
+            match self.settle.drop_expired(closed).await {
+                Expiry::Nothing => {}
+                Expiry::Some => notice = closed.notice(),
+                Expiry::All => return,
+            }
+            let prior = closed
+                .deliveries
+                .iter()
+                .map(|(_, p)| p.attempts)
+                .max()
+                .unwrap_or(0);
+            let notice = &notice;
             let result = self.wechat.send(notice).await;
             debug!(
                 outcome = result.outcome.as_str(),
@@ -148,8 +184,10 @@ impl Dispatcher {
                 self.settle
                     .rules()
                     .decide(result.outcome, prior, &mut tries, SystemTime::now());
-            if probe.is_some() && step != Step::Hold {
+            // Only an answer that proves the settings work ends a held fault.
+            if probe.is_some() && result.outcome.proves_settings() {
                 self.budget.release();
+                *self.held_notice.lock().expect("not poisoned") = None;
                 probe = None;
             }
             match step {
@@ -174,12 +212,11 @@ impl Dispatcher {
                 }
                 Step::Hold => {
                     let turn = self.budget.hold(&result.detail);
+                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
+                    // Without the turn, another notice is the one retried: the
+                    // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {
-                        match turn {
-                            Some(turn) => probe = Some(turn),
-                            // Another notice is the one retried: wait for it.
-                            None => self.budget.wait_released().await,
-                        }
+                        probe = turn;
                     }
                 }
             }

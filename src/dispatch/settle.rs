@@ -3,6 +3,7 @@
 //! A copy that fails (nacked, returned, not confirmed in time, broker gone)
 //! releases its original back to the work queue; nothing is left pinned.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use chrono::Utc;
 use tracing::{info, warn};
 
 use super::policy::{is_expired, Park, Rules};
-use crate::broker::{with_park_headers, ParkHeaders, Pending, Publisher};
+use crate::broker::{with_park_headers, BrokerError, ParkHeaders, Pending, Publisher};
 use crate::coalescer::Closed;
 use crate::metrics::Metrics;
 use crate::notice::Notice;
@@ -78,31 +79,29 @@ impl Settler {
         );
     }
 
-    /// Copies one message to the dead-letter queue, then acks it. A copy that
-    /// is not safe releases the original.
-    async fn dead_letter(&self, p: &mut Pending, h: &ParkHeaders, id: &str) -> bool {
+    /// Publishes a copy of `p` to `queue`, then acks `p`.
+    ///
+    /// # Errors
+    /// The copy is not safe (the original is left unacked for the caller to release).
+    async fn copy_then_ack(
+        &self,
+        p: &mut Pending,
+        queue: &str,
+        h: &ParkHeaders,
+    ) -> Result<bool, BrokerError> {
         let props = with_park_headers(&p.properties, h);
-        match self
-            .publisher
-            .publish("", &self.settings.dead_queue, &p.body, props)
-            .await
-        {
-            Ok(()) => {
-                self.metrics.dead_letter(h.reason, 1);
-                p.ack().await
-            }
-            Err(e) => {
-                warn!(event_id = %id, error = %e, "dead-letter copy not confirmed; returning the message to the queue");
-                self.release(p).await;
-                false
-            }
-        }
+        self.publisher.publish("", queue, &p.body, props).await?;
+        Ok(p.ack().await)
     }
 
-    /// Returns a message whose copy failed to the work queue, after a pause.
-    async fn release(&self, p: &mut Pending) {
+    /// Returns every delivery not yet settled to the work queue, after a
+    /// pause: a copy's failure (a deleted queue, a broker alarm) is rarely
+    /// gone at once, and an immediate release would spin the messages.
+    async fn release_rest(&self, deliveries: &mut [(usize, Pending)]) {
         tokio::time::sleep(RELEASE_DELAY).await;
-        p.release().await;
+        for (_, p) in deliveries {
+            p.release().await;
+        }
     }
 
     /// An event that breaks the schema: dead-lettered `invalid_event` at once.
@@ -116,9 +115,65 @@ impl Settler {
             p.first_failed_at.as_deref(),
             Utc::now(),
         );
-        if self.dead_letter(&mut p, &h, &id).await {
-            warn!(message_id = %id, detail = %h.detail, "invalid event dead-lettered");
+        match self
+            .copy_then_ack(&mut p, &self.settings.dead_queue, &h)
+            .await
+        {
+            Ok(_) => {
+                self.metrics.dead_letter(Reason::InvalidEvent, 1);
+                warn!(message_id = %id, detail = %h.detail, "invalid event dead-lettered");
+            }
+            Err(e) => {
+                warn!(message_id = %id, error = %e, "dead-letter copy not confirmed; returning the message to the queue");
+                self.release_rest(std::slice::from_mut(&mut (0, p))).await;
+            }
         }
+    }
+
+    /// Moves every delivery of a window to a queue chosen per delivery: one
+    /// copy per distinct event (a duplicate delivery is acked with its
+    /// event's copy). At the first copy that fails, the rest of the window is
+    /// not tried and every unsettled delivery is released together.
+    /// Returns the event ids moved, with where they went.
+    async fn move_all(
+        &self,
+        closed: &mut Closed<Pending>,
+        mut route: impl FnMut(&Pending) -> (String, ParkHeaders),
+    ) -> Vec<(String, String, ParkHeaders)> {
+        let mut deliveries = std::mem::take(&mut closed.deliveries);
+        let mut moved = Vec::new();
+        // Per event: whether its copy is safe.
+        let mut copied: HashMap<usize, bool> = HashMap::new();
+        let mut failed = false;
+        for (i, p) in &mut deliveries {
+            let id = id_of(closed, *i, p).to_string();
+            match copied.get(i) {
+                Some(true) => {
+                    p.ack().await;
+                    continue;
+                }
+                Some(false) => continue,
+                None => {}
+            }
+            let (queue, h) = route(p);
+            match self.copy_then_ack(p, &queue, &h).await {
+                Ok(_) => {
+                    copied.insert(*i, true);
+                    moved.push((id, queue, h));
+                }
+                Err(e) => {
+                    warn!(event_id = %id, queue = %queue, error = %e, "copy not confirmed; returning the window's messages to the queue");
+                    copied.insert(*i, false);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            self.release_rest(&mut deliveries).await;
+        }
+        closed.deliveries = deliveries;
+        moved
     }
 
     /// Dead-letters every delivery of a notice WeChat refused for good.
@@ -130,30 +185,29 @@ impl Settler {
         result: &CallResult,
     ) {
         let now = Utc::now();
-        let mut done = Vec::new();
-        let mut deliveries = std::mem::take(&mut closed.deliveries);
-        for (i, p) in &mut deliveries {
-            let h = ParkHeaders::new(
-                reason,
-                result.detail.clone(),
-                result.errcode,
-                p.attempts.saturating_add(1),
-                p.first_failed_at.as_deref(),
-                now,
-            );
-            let id = id_of(closed, *i, p).to_string();
-            if self.dead_letter(p, &h, &id).await {
-                done.push(id);
-            }
-        }
-        closed.deliveries = deliveries;
+        let dead_queue = self.settings.dead_queue.clone();
+        let moved = self
+            .move_all(closed, |p| {
+                let h = ParkHeaders::new(
+                    reason,
+                    result.detail.clone(),
+                    result.errcode,
+                    p.attempts.saturating_add(1),
+                    p.first_failed_at.as_deref(),
+                    now,
+                );
+                (dead_queue.clone(), h)
+            })
+            .await;
+        self.metrics.dead_letter(reason, moved.len() as u64);
+        let ids: Vec<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
         warn!(
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
             reason = reason.as_str(),
             errcode = result.errcode.unwrap_or_default(),
             detail = %result.detail,
-            event_ids = %done.join(","),
+            event_ids = %ids.join(","),
             "notice dead-lettered"
         );
     }
@@ -168,66 +222,63 @@ impl Settler {
         exhausted: Reason,
     ) {
         let now = Utc::now();
-        let mut deliveries = std::mem::take(&mut closed.deliveries);
-        for (i, p) in &mut deliveries {
-            let id = id_of(closed, *i, p).to_string();
-            let step = self.rules.ladder_step(p.attempts);
-            let attempts = match step {
-                Park::Retry { attempts, .. } | Park::Exhausted { attempts } => attempts,
-            };
-            let h = ParkHeaders::new(
-                exhausted,
-                result.detail.clone(),
-                result.errcode,
-                attempts,
-                p.first_failed_at.as_deref(),
-                now,
-            );
-            let Park::Retry { delay, .. } = step else {
-                if self.dead_letter(p, &h, &id).await {
-                    warn!(
-                        notice_id = %notice.notice_id,
-                        event_id = %id,
-                        assignee = %notice.assignee.user_id,
-                        reason = exhausted.as_str(),
-                        attempts,
-                        cause = %result.detail,
-                        "retries exhausted: dead-lettered"
-                    );
-                }
+        let moved = self
+            .move_all(closed, |p| {
+                let step = self.rules.ladder_step(p.attempts);
+                let (queue, attempts) = match step {
+                    Park::Retry { delay, attempts } => (self.settings.retry_queue(delay), attempts),
+                    Park::Exhausted { attempts } => (self.settings.dead_queue.clone(), attempts),
+                };
+                let h = ParkHeaders::new(
+                    exhausted,
+                    result.detail.clone(),
+                    result.errcode,
+                    attempts,
+                    p.first_failed_at.as_deref(),
+                    now,
+                );
+                (queue, h)
+            })
+            .await;
+        for (id, queue, h) in moved {
+            if queue == self.settings.dead_queue {
+                self.metrics.dead_letter(exhausted, 1);
+                warn!(
+                    notice_id = %notice.notice_id,
+                    event_id = %id,
+                    assignee = %notice.assignee.user_id,
+                    reason = exhausted.as_str(),
+                    attempts = h.attempts,
+                    cause = %result.detail,
+                    "retries exhausted: dead-lettered"
+                );
                 continue;
-            };
-            let queue = self.settings.retry_queue(delay);
-            let props = with_park_headers(&p.properties, &h);
-            match self.publisher.publish("", &queue, &p.body, props).await {
-                Ok(()) => {
-                    if p.ack().await {
-                        self.metrics.retry(result.outcome.as_str(), 1);
-                        let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                        info!(
-                            notice_id = %notice.notice_id,
-                            event_id = %id,
-                            assignee = %notice.assignee.user_id,
-                            queue = %queue,
-                            attempt = attempts,
-                            next_try = %next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                            cause = %result.detail,
-                            "parked for retry"
-                        );
-                    }
-                }
-                Err(e) => {
-                    warn!(event_id = %id, queue = %queue, error = %e, "retry copy not confirmed; returning the message to the queue");
-                    self.release(p).await;
-                }
             }
+            self.metrics.retry(result.outcome.as_str(), 1);
+            let delay = self.rules.ladder_step(h.attempts.saturating_sub(1));
+            let next = match delay {
+                Park::Retry { delay, .. } => chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|d| now.checked_add_signed(d))
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                Park::Exhausted { .. } => None,
+            };
+            info!(
+                notice_id = %notice.notice_id,
+                event_id = %id,
+                assignee = %notice.assignee.user_id,
+                queue = %queue,
+                attempt = h.attempts,
+                next_try = next.as_deref().unwrap_or("-"),
+                cause = %result.detail,
+                "parked for retry"
+            );
         }
-        closed.deliveries = deliveries;
     }
 
-    /// Dead-letters the events older than `NOTIFIER_MAX_AGE`; returns the
-    /// window without them (`None` when nothing is left to send).
-    pub async fn drop_expired(&self, closed: Closed<Pending>) -> Option<Closed<Pending>> {
+    /// Dead-letters the events older than `NOTIFIER_MAX_AGE` and takes them
+    /// out of the window.
+    pub async fn drop_expired(&self, closed: &mut Closed<Pending>) -> Expiry {
         let now = Utc::now();
         let max_age = self.settings.max_age;
         let expired: Vec<bool> = closed
@@ -236,31 +287,40 @@ impl Settler {
             .map(|e| is_expired(e.occurred_at, now, max_age))
             .collect();
         if !expired.contains(&true) {
-            return Some(closed);
+            return Expiry::Nothing;
         }
-        let Closed {
-            events,
-            deliveries,
-            reason,
-        } = closed;
         let detail = format!(
             "the event is older than NOTIFIER_MAX_AGE ({})",
             format_duration(max_age)
         );
-        let mut new_index = vec![usize::MAX; events.len()];
+        // The expired part as a window of its own, moved to the dead-letter queue.
+        let mut old = Closed {
+            events: Vec::new(),
+            deliveries: Vec::new(),
+            reason: closed.reason,
+        };
         let mut kept_events = Vec::new();
-        let mut ids = Vec::new();
-        for (i, e) in events.into_iter().enumerate() {
+        let mut new_index = vec![usize::MAX; closed.events.len()];
+        for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
             if expired[i] {
-                ids.push(e.event_id);
+                new_index[i] = old.events.len();
+                old.events.push(e);
             } else {
                 new_index[i] = kept_events.len();
                 kept_events.push(e);
             }
         }
-        let mut kept = Vec::new();
-        for (i, mut p) in deliveries {
+        for (i, p) in std::mem::take(&mut closed.deliveries) {
             if expired[i] {
+                old.deliveries.push((new_index[i], p));
+            } else {
+                closed.deliveries.push((new_index[i], p));
+            }
+        }
+        closed.events = kept_events;
+        let dead_queue = self.settings.dead_queue.clone();
+        let moved = self
+            .move_all(&mut old, |p| {
                 let h = ParkHeaders::new(
                     Reason::Expired,
                     detail.clone(),
@@ -269,20 +329,25 @@ impl Settler {
                     p.first_failed_at.as_deref(),
                     now,
                 );
-                let id = p.message_id().unwrap_or("-").to_string();
-                self.dead_letter(&mut p, &h, &id).await;
-            } else {
-                kept.push((new_index[i], p));
-            }
-        }
+                (dead_queue.clone(), h)
+            })
+            .await;
+        self.metrics
+            .dead_letter(Reason::Expired, moved.len() as u64);
+        let ids: Vec<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
         warn!(event_ids = %ids.join(","), %detail, "expired events dead-lettered");
-        if kept_events.is_empty() {
-            return None;
+        if closed.events.is_empty() {
+            Expiry::All
+        } else {
+            Expiry::Some
         }
-        Some(Closed {
-            events: kept_events,
-            deliveries: kept,
-            reason,
-        })
     }
+}
+
+/// What `drop_expired` took out of a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Nothing,
+    Some,
+    All,
 }

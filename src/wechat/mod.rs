@@ -24,9 +24,6 @@ use token::TokenProvider;
 /// The `type` of the probe call; the cloud function answers it without sending anything.
 pub const PROBE_TYPE: &str = "wechatNotifierProbe";
 
-/// How long one WeChat call may take before it counts as a timeout (transient).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// WeChat's envelope. Fields of an unexpected type read as absent, so a
 /// reply that is JSON but not WeChat's is classified, not a parse error.
 #[derive(Deserialize)]
@@ -70,10 +67,11 @@ pub struct WeChat {
     metrics: Arc<Metrics>,
 }
 
-/// The HTTP client every WeChat call uses (rustls, a whole-call timeout).
-pub fn http_client() -> reqwest::Client {
+/// The HTTP client every WeChat call uses (rustls, a whole-call timeout:
+/// `WECHAT_CALL_TIMEOUT`, after which the call counts as transient).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(CALL_TIMEOUT)
+        .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
         .build()
         .expect("a TLS backend is compiled in")
@@ -81,7 +79,7 @@ pub fn http_client() -> reqwest::Client {
 
 impl WeChat {
     pub fn new(settings: &Settings, metrics: Arc<Metrics>) -> Self {
-        let http = http_client();
+        let http = http_client(settings.call_timeout);
         WeChat {
             tokens: TokenProvider::new(settings, http.clone(), metrics.clone()),
             http,
@@ -264,17 +262,10 @@ fn function_result(resp_data: Option<&str>) -> CallResult {
                 result.detail = format!("cloud function: {}", result.detail);
                 result
             }
-            None => CallResult {
-                outcome: Outcome::FunctionFailed,
-                errcode: None,
-                detail: "cloud function answered without errcode".into(),
-            },
+            // Never a success: an answer without a numeric errcode is transient.
+            None => CallResult::transient("cloud function answered without errcode"),
         },
-        None => CallResult {
-            outcome: Outcome::FunctionFailed,
-            errcode: None,
-            detail: "cloud function answered no JSON resp_data".into(),
-        },
+        None => CallResult::transient("cloud function answered no JSON resp_data"),
     }
 }
 
@@ -290,11 +281,9 @@ mod tests {
         );
         let r = function_result(Some(r#"{"errCode":43101,"errMsg":"user refuse"}"#));
         assert_eq!((r.outcome, r.errcode), (Outcome::Rejected, Some(43101)));
-        assert_eq!(
-            function_result(Some("null")).outcome,
-            Outcome::FunctionFailed
-        );
-        assert_eq!(function_result(None).outcome, Outcome::FunctionFailed);
+        assert_eq!(function_result(Some("null")).outcome, Outcome::Transient);
+        assert_eq!(function_result(Some("{}")).outcome, Outcome::Transient);
+        assert_eq!(function_result(None).outcome, Outcome::Transient);
     }
 
     fn reply(json: &str) -> ApiReply {

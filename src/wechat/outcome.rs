@@ -26,6 +26,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether this answer shows the settings work (WeChat and the function
+    /// got as far as judging the notice): it ends a held configuration fault.
+    pub fn proves_settings(self) -> bool {
+        matches!(
+            self,
+            Outcome::Delivered | Outcome::Rejected | Outcome::NoOpenid
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Delivered => "delivered",
@@ -104,35 +113,5 @@ impl CallResult {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_row_of_the_contract_table() {
-        let rows: &[(&[i64], Outcome)] = &[
-            (&[0], Outcome::Delivered),
-            (&[40001, 40014, 41001, 42001], Outcome::TokenInvalid),
-            (
-                &[-1, -1000, -501001, -501002, -501003, -501004, 43108],
-                Outcome::Transient,
-            ),
-            (&[45011], Outcome::MinuteQuota),
-            (&[45009], Outcome::DailyQuota),
-            (
-                &[40003, 40037, 41030, 43101, 43107, 45168, 47003],
-                Outcome::Rejected,
-            ),
-            (&[-504002], Outcome::FunctionFailed),
-            (
-                &[40125, 40164, -501005, -501000, 85088, -604101],
-                Outcome::ConfigFault,
-            ),
-        ];
-        for (codes, outcome) in rows {
-            for code in *codes {
-                assert_eq!(classify(*code), *outcome, "errcode {code}");
-            }
-        }
-    }
-}
+// The table is tested row by row, through the policy, in
+// `dispatch::policy::tests::every_row_of_the_errcode_table_gives_its_step`.

@@ -18,13 +18,6 @@ use crate::settings::{Secret, Settings, TokenMode};
 /// live 2 hours; a hostile or broken value must not overflow the clock).
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
-/// When to fetch again a token that lives `expires_in` seconds: at 90% of its
-/// lifetime, at most 5 minutes early, never later than `MAX_LIFETIME`.
-pub fn refresh_after(expires_in: u64) -> Duration {
-    let ahead = (expires_in / 10).min(300);
-    Duration::from_secs(expires_in.saturating_sub(ahead).max(1)).min(MAX_LIFETIME)
-}
-
 /// A stable token is force-refreshed at most this often (contract section 4).
 const FORCE_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
@@ -46,6 +39,20 @@ struct Cached {
 struct State {
     cached: Option<Cached>,
     last_forced: Option<Instant>,
+}
+
+/// Whether a stale stable token may be force-refreshed at `now`, given the
+/// last forced refresh (decisions take the clock as an argument: unit-tested).
+fn force_refresh_due(last_forced: Option<Instant>, now: Instant) -> bool {
+    last_forced.is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY)
+}
+
+/// How long a token that lives `expires_in` seconds is used: refreshed ahead
+/// of expiry, at 90% of its lifetime and at most 5 minutes early, never
+/// sooner than a second.
+fn use_for(expires_in: u64) -> Duration {
+    let ahead = (expires_in / 10).min(300);
+    Duration::from_secs(expires_in.saturating_sub(ahead).max(1)).min(MAX_LIFETIME)
 }
 
 /// Shared by every call of this replica.
@@ -94,19 +101,16 @@ impl TokenProvider {
         }
         let force = self.mode == TokenMode::Stable
             && state.cached.as_ref().is_some_and(|c| c.stale)
-            && state
-                .last_forced
-                .is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY);
+            && force_refresh_due(state.last_forced, now);
         let result = self.fetch(force).await;
         match &result {
             Ok((token, expires_in)) => {
                 if force {
                     state.last_forced = Some(now);
                 }
-                let lifetime = refresh_after(*expires_in);
                 state.cached = Some(Cached {
                     token: token.clone(),
-                    refresh_at: now + lifetime,
+                    refresh_at: now + use_for(*expires_in),
                     stale: false,
                 });
                 self.metrics.token_fetch(self.mode_label(), "ok");
@@ -185,12 +189,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_token_is_refreshed_ahead_of_expiry_and_never_overflows_the_clock() {
-        assert_eq!(refresh_after(7200), Duration::from_secs(6900));
-        assert_eq!(refresh_after(600), Duration::from_secs(540));
-        assert_eq!(refresh_after(0), Duration::from_secs(1));
-        assert_eq!(refresh_after(1 << 62), MAX_LIFETIME);
-        assert_eq!(refresh_after(u64::MAX), MAX_LIFETIME);
-        let _ = tokio::time::Instant::now() + refresh_after(u64::MAX);
+    fn a_huge_expires_in_never_overflows_the_clock() {
+        assert_eq!(use_for(1 << 62), MAX_LIFETIME);
+        assert_eq!(use_for(u64::MAX), MAX_LIFETIME);
+        let _ = tokio::time::Instant::now() + use_for(u64::MAX);
+    }
+
+    #[test]
+    fn a_stable_token_is_force_refreshed_at_most_once_per_30s() {
+        let t0 = Instant::now();
+        assert!(force_refresh_due(None, t0), "never forced yet");
+        assert!(!force_refresh_due(Some(t0), t0));
+        assert!(!force_refresh_due(
+            Some(t0),
+            t0 + Duration::from_millis(29_999)
+        ));
+        assert!(force_refresh_due(Some(t0), t0 + Duration::from_secs(30)));
+        assert!(force_refresh_due(Some(t0), t0 + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn tokens_are_refreshed_ahead_of_expiry() {
+        // WeChat's usual 7200 s: five minutes early (the cap).
+        assert_eq!(use_for(7200), Duration::from_secs(6900));
+        // Shorter lives: at 90%.
+        assert_eq!(use_for(1000), Duration::from_secs(900));
+        assert_eq!(use_for(20), Duration::from_secs(18));
+        // A life of seconds is used whole, and never for less than a second.
+        assert_eq!(use_for(5), Duration::from_secs(5));
+        assert_eq!(use_for(1), Duration::from_secs(1));
+        assert_eq!(use_for(0), Duration::from_secs(1));
     }
 }

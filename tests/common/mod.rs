@@ -2,11 +2,19 @@
 //! an in-process WeChat simulator, and the service either in-process or as a
 //! real process. Every test gets its own exchange and queue names, so tests run
 //! in parallel. Set `TEST_LOG=1` to see the service's logs.
+//!
+//! Queue state is read exactly and cheaply: ready and consumer counts by a
+//! passive declare (the broker's live numbers, not trailing statistics), and
+//! unacked deliveries from the service's own `wechat_notifier_unacked_deliveries`
+//! gauge. Child processes bind port 0 and say where on stderr.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle as ThreadHandle;
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -33,14 +41,8 @@ pub fn init_logs() {
     }
 }
 
-/// A free port on 127.0.0.1 (for a child process's metrics address).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// The line `wechat-notifier run` prints on stderr once its HTTP endpoints are bound.
+const LISTENING: &str = "wechat-notifier: http listening on ";
 
 /// Everything one test needs: the simulator, its names, a broker connection.
 pub struct TestEnv {
@@ -154,14 +156,19 @@ impl TestEnv {
     }
 
     /// As `spawn_process`, writing its logs (stderr) to `log`.
+    ///
+    /// The child binds port 0 for its HTTP endpoints and prints the address on
+    /// stderr right after binding, before it touches the broker or WeChat, so
+    /// this blocks only for the process start. A thread keeps reading stderr
+    /// (a full pipe would stall the child), forwarding each line to `log`, or
+    /// to the test's stderr under `TEST_LOG`.
     pub fn spawn_process_logging(&self, log: Option<&std::path::Path>) -> Replica {
-        let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
         cmd.arg("run").env_clear();
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }
-        cmd.env("NOTIFIER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        cmd.env("NOTIFIER_METRICS_ADDR", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 self.vars
@@ -172,15 +179,44 @@ impl TestEnv {
                     .unwrap_or_else(|| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(match log {
-                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
-                None if std::env::var("TEST_LOG").is_ok() => Stdio::inherit(),
-                None => Stdio::null(),
-            });
-        let child = cmd.spawn().expect("the binary starts");
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let mut sink: Option<Box<dyn Write + Send>> = match log {
+            Some(path) => Some(Box::new(std::fs::File::create(path).unwrap())),
+            None if std::env::var("TEST_LOG").is_ok() => Some(Box::new(std::io::stderr())),
+            None => None,
+        };
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix(LISTENING) {
+                    if let Some(tx) = addr_tx.take() {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                }
+                if let Some(w) = sink.as_mut() {
+                    let _ = writeln!(w, "{line}");
+                }
+            }
+            if let Some(w) = sink.as_mut() {
+                let _ = w.flush();
+            }
+        });
+        let http = match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("the replica never said where it listens (exit: {status:?})");
+            }
+        };
         Replica {
             child,
-            http: format!("127.0.0.1:{port}"),
+            http,
+            reader: Some(reader),
         }
     }
 
@@ -227,8 +263,20 @@ impl TestEnv {
         publish::sample_events(&b)
     }
 
-    /// Ready messages in a queue (passive declare).
+    /// Ready messages in a queue (passive declare: the broker's live count).
     pub async fn ready(&self, queue: &str) -> u32 {
+        self.queue_state(queue).await.0
+    }
+
+    /// Consumers on a queue (passive declare). A single-active-consumer queue
+    /// counts only its active consumer, not the standbys.
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        self.queue_state(queue).await.1
+    }
+
+    /// (ready messages, consumers) of a queue, by a passive declare on a
+    /// short-lived channel (a declare of a missing queue closes its channel).
+    pub async fn queue_state(&self, queue: &str) -> (u32, u32) {
         let ch = self.conn.create_channel().await.unwrap();
         let q = ch
             .queue_declare(
@@ -240,9 +288,34 @@ impl TestEnv {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
         let _ = ch.close(200, "ok".into()).await;
-        q.message_count()
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// The retry queues of this test's ladder.
+    pub fn retry_queues(&self) -> Vec<String> {
+        let s = self.settings();
+        s.retry_delays.iter().map(|d| s.retry_queue(*d)).collect()
+    }
+
+    /// Messages ready in the work queue and every retry queue.
+    pub async fn ready_in_work_and_retry(&self) -> u32 {
+        let mut total = self.ready(&self.queue()).await;
+        for q in self.retry_queues() {
+            total += self.ready(&q).await;
+        }
+        total
+    }
+
+    /// Whether the service at `http` has settled everything: no message waits
+    /// in the work queue or a retry queue, it holds none unacked, and WeChat
+    /// has no call of it open. Nothing further can reach WeChat until new
+    /// messages arrive.
+    pub async fn settled(&self, http: &str) -> bool {
+        self.ready_in_work_and_retry().await == 0
+            && unacked(http).await == Some(0)
+            && self.sim.in_flight() == 0
     }
 
     /// Takes every message now in `queue` (acking them).
@@ -301,9 +374,18 @@ pub fn ids(events: &[Value]) -> BTreeSet<String> {
 
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.
 pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    eventually(timeout, || std::future::ready(cond())).await
+}
+
+/// As `wait_until`, for a condition that has to ask something (the broker, `/metrics`).
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if cond() {
+        if cond().await {
             return true;
         }
         if Instant::now() > deadline {
@@ -311,6 +393,14 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bo
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Deliveries the service at `http` holds unacked (its own gauge), or `None`
+/// while `/metrics` does not answer.
+pub async fn unacked(http: &str) -> Option<u64> {
+    try_metric(http, "wechat_notifier_unacked_deliveries", "")
+        .await
+        .map(|v| v as u64)
 }
 
 /// The in-process service.
@@ -330,7 +420,10 @@ impl InProcess {
 /// A replica as a real process; killed when dropped.
 pub struct Replica {
     pub child: Child,
+    /// Where its `/metrics`, `/healthz` and `/readyz` answer (it said so on stderr).
     pub http: String,
+    /// Forwards its stderr; ends when the process does.
+    reader: Option<ThreadHandle<()>>,
 }
 
 impl Replica {
@@ -344,35 +437,20 @@ impl Replica {
             .arg(self.child.id().to_string())
             .status();
     }
+    /// Waits for the process to exit and for its last log line to be written.
+    pub fn wait(&mut self) -> ExitStatus {
+        let status = self.child.wait().expect("the replica can be waited for");
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        status
+    }
 }
 
 impl Drop for Replica {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// (ready, unacked) of a queue, from `rabbitmqctl` (the broker's own view).
-pub fn queue_counts(queue: &str) -> (u64, u64) {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    for line in text.lines() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() == 3 && cols[0] == queue {
-            return (cols[1].parse().unwrap_or(0), cols[2].parse().unwrap_or(0));
-        }
-    }
-    (0, 0)
 }
 
 /// A metric's value from a `/metrics` text (sum over the label sets that contain `labels`).

@@ -126,6 +126,34 @@ test("the service's probe is answered without sending", async () => {
   assert.equal(cloud.__state.sent.length, 0);
 });
 
+test('the probe answers what a send would get for a bad setting, and sends nothing', async () => {
+  const saved = { ...process.env };
+  try {
+    delete process.env.TEMPLATE_ID;
+    const missing = await main({ type: 'wechatNotifierProbe' });
+    assert.equal(missing.errcode, 85088);
+    assert.equal((await call(notice())).errcode, 85088, 'a send gets the same');
+    process.env.TEMPLATE_ID = 'tpl-assign';
+    process.env.TEMPLATE_DATA = '{not json';
+    assert.equal((await main({ type: 'wechatNotifierProbe' })).errcode, 85088);
+    assert.equal((await call(notice())).errcode, 85088, 'a bad TEMPLATE_DATA is not the notice\'s fault');
+    process.env.TEMPLATE_DATA = JSON.stringify({ thing1: '{no_such_placeholder}' });
+    assert.equal((await main({ type: 'wechatNotifierProbe' })).errcode, 85088);
+    assert.equal((await call(notice())).errcode, 85088);
+  } finally {
+    process.env.TEMPLATE_ID = saved.TEMPLATE_ID;
+    delete process.env.TEMPLATE_DATA;
+  }
+  assert.equal(cloud.__state.sent.length, 0);
+});
+
+test('without the openapi permission the probe answers -604101', () => {
+  const { configFault } = require('../index');
+  assert.equal(configFault(process.env, { openapi: [] }).errcode, -604101);
+  assert.equal(configFault(process.env, null).errcode, -604101);
+  assert.equal(configFault(process.env, { openapi: ['subscribeMessage.send'] }), null);
+});
+
 test('without TEMPLATE_ID the function reports a configuration fault (85088)', async () => {
   const saved = process.env.TEMPLATE_ID;
   delete process.env.TEMPLATE_ID;

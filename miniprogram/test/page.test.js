@@ -1,0 +1,94 @@
+// pages/customer/list.js as WeChat runs it: Page() registers the definition,
+// the framework calls onLoad/onShow, and a tap calls onAskNotices.
+'use strict';
+
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const config = require('../config');
+const { fakeWx, tap } = require('./fake-wx');
+const { TOKEN_KEY } = require('../utils/crm');
+
+const T = config.templateId;
+const PAGE = path.join(__dirname, '../pages/customer/list.js');
+
+/** Loads the page with `wx` and `Page` as globals; returns an instance. */
+function open(script) {
+  const wx = fakeWx({ storage: { [TOKEN_KEY]: 'crm-session-1' }, crmBase: config.crmBaseUrl, ...script });
+  let definition;
+  global.wx = wx;
+  global.Page = (d) => {
+    definition = d;
+  };
+  delete require.cache[PAGE];
+  require(PAGE);
+  const page = Object.create(definition);
+  page.data = JSON.parse(JSON.stringify(definition.data));
+  page.setData = (patch) => Object.assign(page.data, patch);
+  return { wx, page };
+}
+
+const customers = {
+  'GET /customers/assigned': {
+    statusCode: 200,
+    data: { customers: [{ id: '88231', name: '上海某某贸易有限公司' }] },
+  },
+};
+
+test('the page a notice opens shows that notice\'s customers, without asking', async () => {
+  const { wx, page } = open({ crm: customers });
+  await page.onLoad({ notice: '9f2c' });
+  await page.onShow();
+  assert.deepEqual(page.data.customers, [{ id: '88231', name: '上海某某贸易有限公司' }]);
+  assert.equal(page.data.loading, false);
+  assert.equal(wx.called('request')[0].url, `${config.crmBaseUrl}/customers/assigned?notice=9f2c`);
+  assert.equal(wx.called('requestSubscribeMessage').length, 0, 'no dialog without a tap');
+  assert.equal(page.data.subscription, 'ask');
+});
+
+test('a tap asks for the configured template; an accept is reported to the CRM', async () => {
+  const { wx, page } = open({
+    answers: { [T]: 'accept' },
+    crm: { ...customers, 'POST /wechat/subscriptions': { statusCode: 204, data: '' } },
+  });
+  assert.equal(await tap(wx, () => page.onAskNotices()), 'accepted');
+  assert.deepEqual(wx.called('requestSubscribeMessage')[0].tmplIds, [T]);
+  assert.equal(page.data.subscription, 'accepted');
+  assert.equal(wx.called('showToast')[0].title, '下次分配会通知你');
+  const report = wx.called('request').find((r) => r.url.endsWith('/wechat/subscriptions'));
+  assert.deepEqual(report.data, { template_id: T, result: 'accepted' });
+});
+
+test('a plain rejection says so and stays askable', async () => {
+  const { wx, page } = open({ answers: { [T]: 'reject' } });
+  assert.equal(await tap(wx, () => page.onAskNotices()), 'rejected');
+  assert.equal(wx.called('showModal').length, 0);
+  assert.equal(wx.called('showToast')[0].title, '不会收到分配通知');
+});
+
+test('"always reject" guides the user to the settings page', async () => {
+  const { wx, page } = open({ subscriptions: { mainSwitch: true, itemSettings: { [T]: 'reject' } } });
+  await page.onShow();
+  assert.equal(page.data.subscription, 'always_rejected', 'the settings button shows at once');
+  assert.equal(await tap(wx, () => page.onAskNotices()), 'always_rejected');
+  assert.equal(wx.called('showModal').length, 1);
+  assert.deepEqual(wx.called('openSetting').map((o) => o.withSubscriptions), [true]);
+  assert.equal(wx.__state.settingsOpened, 1, 'the settings page opened');
+});
+
+test('back from the settings with the subscription on, the page can ask again', async () => {
+  const { wx, page } = open({ subscriptions: { mainSwitch: false, itemSettings: {} } });
+  await page.onShow();
+  assert.equal(page.data.subscription, 'switched_off');
+  assert.equal(await tap(wx, () => page.onOpenSettings()), true);
+  wx.__state.subscriptions = { mainSwitch: true, itemSettings: {} }; // the user switched it on
+  await page.onShow();
+  assert.equal(page.data.subscription, 'ask');
+});
+
+test('a CRM that cannot list the customers shows an error, not an empty list', async () => {
+  const { page } = open({ crm: { 'GET /customers/assigned': { statusCode: 502, data: '' } } });
+  await page.onLoad({});
+  assert.equal(page.data.loading, false);
+  assert.match(page.data.error, /HTTP 502/);
+});

@@ -1,0 +1,419 @@
+//! The promises off the happy path: a configuration fault that only real
+//! sends find is held (no churn, no dead letters), the handover on SIGTERM
+//! keeps the fleet inside its budget, a copy that cannot be parked does not
+//! cost its original, and hostile values from the network crash nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapin::options::QueueDeleteOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::BasicProperties;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use common::{eventually, ids, metric, wait_until, TestEnv};
+use wechat_notifier::broker;
+use wechat_notifier::sim::{Fault, FaultAction, SimConfig};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn readyz(http: &str) -> (u16, String) {
+    match reqwest::get(format!("http://{http}/readyz")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// How often each event id was covered by a notice WeChat accepted.
+fn delivered_counts(env: &TestEnv) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in env.sim.delivered() {
+        for id in n["event_ids"].as_array().into_iter().flatten() {
+            *counts.entry(id.as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_level_85088_is_held_across_25_retries_then_each_event_is_delivered_once() {
+    let mut env = TestEnv::new("hold").await;
+    env.set("NOTIFIER_CONFIG_RETRY", "500ms");
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready before the fault"
+    );
+    // The start-up probe passes; every real send is refused by the function.
+    env.sim.push_fault(Fault {
+        api: None,
+        user_id: None,
+        action: FaultAction::NoticeFunctionErrcode(85088),
+        times: None,
+    });
+    let events = env.bulk(6, 2, false);
+    env.publish(&events).await;
+
+    let refused = |env: &TestEnv| {
+        env.sim
+            .notice_calls()
+            .iter()
+            .filter(|c| c.errcode == 85088)
+            .count()
+    };
+    assert!(
+        wait_until(WAIT, || refused(&env) >= 1).await,
+        "the fault is met"
+    );
+    let held_from = Instant::now();
+    // Not ready, with the reason, at every look while 25 retries go out;
+    // nothing returns to the queue (no churn) and nothing is dead-lettered.
+    while refused(&env) < 26 {
+        let (status, text) = readyz(&svc.http).await;
+        assert_eq!(status, 503, "not ready during the fault: {text}");
+        assert!(text.contains("configuration fault"), "{text}");
+        assert!(
+            held_from.elapsed() < Duration::from_secs(25),
+            "retries go out every 500ms"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held_for = held_from.elapsed().as_secs_f64();
+    let calls = refused(&env) - 1;
+    assert!(
+        (calls as f64) <= held_for / 0.5 + 2.0,
+        "one retry every NOTIFIER_CONFIG_RETRY, not more: {calls} in {held_for:.1}s"
+    );
+    assert_eq!(
+        env.ready(&env.queue()).await,
+        0,
+        "nothing returned to the queue"
+    );
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await,
+        6.0,
+        "every delivery held"
+    );
+    assert_eq!(
+        metric(&svc.http, "wechat_notifier_config_fault", "").await,
+        1.0
+    );
+
+    // Fixed: every event delivered exactly once, ready again, queues empty.
+    env.sim.clear_faults();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want
+            .iter()
+            .all(|id| delivered_counts(&env).contains_key(id)))
+        .await,
+        "delivered once the function is fixed"
+    );
+    assert!(delivered_counts(&env).values().all(|n| *n == 1));
+    assert_eq!(readyz(&svc.http).await.0, 200);
+    assert!(
+        eventually(WAIT, || async {
+            metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await == 0.0
+        })
+        .await,
+        "every delivery acked"
+    );
+    assert_eq!(env.ready(&env.queue()).await, 0);
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// The most calls in any window of `width` ms, over sorted arrival times.
+fn most_in_any_window(times: &[f64], width: f64) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= width {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
+    const RATE: usize = 10;
+    const BURST: usize = 2;
+    let mut env = TestEnv::new("handover").await;
+    env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
+    env.set("NOTIFIER_RATE_BURST", &BURST.to_string());
+    env.declare().await;
+    // Every call takes a while, so two calls for one assignee would overlap.
+    env.sim.push_fault(Fault {
+        api: Some(wechat_notifier::sim::Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::DelayMs(120),
+        times: None,
+    });
+    let mut active = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&active.http).await.0 == 200 }).await,
+        "the first replica is ready (and active)"
+    );
+    let standby = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&standby.http).await.0 == 200 }).await,
+        "the second replica is ready (standby)"
+    );
+
+    // A steady stream faster than the budget (30 events/s over 30 assignees,
+    // so the active replica has a backlog to drain); SIGTERM mid-stream.
+    let events = env.bulk(90, 30, false);
+    let exchange = env.exchange();
+    let stream = wechat_notifier::publish::publish_events(
+        &env.channel,
+        &exchange,
+        &events,
+        Some(30.0),
+        None,
+    );
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        active.sigterm();
+        // The old replica says it is shutting down while it drains.
+        let (status, text) = readyz(&active.http).await;
+        assert!(
+            status == 0 || (status == 503 && text.contains("shutting down")),
+            "{status} {text}"
+        );
+    };
+    let (published, ()) = tokio::join!(stream, term);
+    published.unwrap();
+    let want = ids(&events);
+    assert!(
+        wait_until(Duration::from_secs(30), || want
+            .is_subset(&env.notified_ids()))
+        .await,
+        "nothing is lost across the handover"
+    );
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(status) = active.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old replica exits after its drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+
+    let mut times: Vec<f64> = env.sim.notice_calls().iter().map(|c| c.at_ms).collect();
+    times.sort_by(f64::total_cmp);
+    let most = most_in_any_window(&times, 1000.0);
+    assert!(
+        most <= RATE + BURST,
+        "at most R + B = {} calls in any 1 s, saw {most}",
+        RATE + BURST
+    );
+    assert_eq!(
+        env.sim.overlapping_calls(),
+        0,
+        "never two calls in flight for one assignee"
+    );
+    drop(standby);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_queue_deleted_while_a_notice_fails_costs_nothing_once_declared_again() {
+    let env = TestEnv::new("noretryq").await;
+    let svc = env.start_service().await;
+    assert!(eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await);
+    let events = env.bulk(1, 1, false);
+    let user = events[0]["assignee"]["user_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.sim.push_fault(Fault {
+        api: None,
+        user_id: Some(user),
+        action: FaultAction::Http(500),
+        times: None,
+    });
+    // The retry queue goes away at run time (an operator's mistake).
+    let retry_queue = env.settings().retry_queue(Duration::from_secs(1));
+    env.channel
+        .queue_delete(retry_queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    env.publish(&events).await;
+    // 1 call + 3 in-memory retries, then the park fails (unroutable): the
+    // message must come back for a fifth call, not be acked.
+    assert!(
+        wait_until(Duration::from_secs(30), || env.sim.notice_calls().len()
+            >= 5)
+        .await,
+        "the message came back after its copy was returned"
+    );
+    assert_eq!(
+        metric(&svc.http, "wechat_notifier_retries_total", "").await,
+        0.0
+    );
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    let held = metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await;
+    let ready = env.ready(&env.queue()).await;
+    assert_eq!(
+        held + f64::from(ready),
+        1.0,
+        "the original is still in the work queue"
+    );
+
+    env.declare().await;
+    env.sim.clear_faults();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "delivered once the queue is declared again and WeChat answers"
+    );
+    assert_eq!(delivered_counts(&env).values().sum::<usize>(), 1);
+    assert!(
+        eventually(WAIT, || async {
+            metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await == 0.0
+        })
+        .await
+    );
+    assert_eq!(env.ready(&env.queue()).await, 0);
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+fn with_attempts(attempts: i64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-notifier-attempts"),
+        AMQPValue::LongLongInt(attempts),
+    );
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_expires_in_and_attempts_headers_crash_nothing() {
+    let env = TestEnv::with_sim(
+        "hostile",
+        SimConfig {
+            token_ttl: 1 << 62,
+            ..SimConfig::default()
+        },
+    )
+    .await;
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await);
+    let events = env.bulk(2, 2, false);
+    let user = |e: &Value| e["assignee"]["user_id"].as_str().unwrap().to_string();
+    // Each notice fails once (the function threw), so its attempts header is used.
+    for e in &events {
+        env.sim.push_fault(Fault {
+            api: None,
+            user_id: Some(user(e)),
+            action: FaultAction::FunctionErrcode(-504002),
+            times: Some(1),
+        });
+    }
+    for (e, attempts) in events.iter().zip([i64::MAX, -5]) {
+        broker::publish_confirmed(
+            &env.channel,
+            &env.exchange(),
+            broker::ROUTING_KEY,
+            &serde_json::to_vec(e).unwrap(),
+            with_attempts(attempts),
+        )
+        .await
+        .unwrap();
+    }
+    // -5 counts as a fresh message: parked once, then delivered.
+    let fresh = ids(&events[1..]);
+    assert!(
+        wait_until(WAIT, || fresh.is_subset(&env.notified_ids())).await,
+        "the message with a negative attempts header is retried and delivered"
+    );
+    // i64::MAX is past any limit: dead-lettered, the count saturated.
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while dead.is_empty() && Instant::now() < deadline {
+        dead = env.drain(&env.dead_queue()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    let (body, props) = &dead[0];
+    let event: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(event["event_id"], events[0]["event_id"]);
+    assert_eq!(
+        broker::header_str(props, broker::headers::REASON).as_deref(),
+        Some("function_failed")
+    );
+    assert_eq!(
+        broker::header_int(props, broker::headers::ATTEMPTS),
+        Some(i64::MAX)
+    );
+    assert_eq!(readyz(&svc.http).await.0, 200, "the service still runs");
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_the_start_up_probe_finds_keeps_the_replica_from_consuming() {
+    let mut env = TestEnv::new("probefault").await;
+    env.set("NOTIFIER_CONFIG_RETRY", "300ms");
+    env.declare().await;
+    // A wrong function name: every call, the probe included, gets -501000.
+    env.sim.push_fault(Fault {
+        api: None,
+        user_id: None,
+        action: FaultAction::Errcode(-501000),
+        times: None,
+    });
+    let events = env.bulk(3, 1, false);
+    env.publish(&events).await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(&svc.http).await;
+            status == 503 && text.contains("-501000")
+        })
+        .await,
+        "not ready, naming the fault"
+    );
+    // Probes only, one every NOTIFIER_CONFIG_RETRY; the events wait in the queue untouched.
+    assert!(wait_until(WAIT, || env.sim.calls().len() >= 6).await);
+    assert!(env.sim.notice_calls().is_empty(), "no notice is sent");
+    assert_eq!(
+        env.ready(&env.queue()).await,
+        3,
+        "nothing is taken from the queue"
+    );
+    assert_eq!(
+        metric(&svc.http, "wechat_notifier_consuming", "").await,
+        0.0
+    );
+    env.sim.clear_faults();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "consumes and delivers once the probe passes"
+    );
+    assert!(eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await);
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    svc.stop().await;
+    env.cleanup().await;
+}
