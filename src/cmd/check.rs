@@ -33,7 +33,10 @@ pub async fn main() -> ExitCode {
 
 /// Checks everything; returns the report and the problems found (none: ok).
 pub async fn run(settings: &Settings) -> (String, Vec<String>) {
-    let mut report = String::from("settings            ok\n");
+    let mut report = format!(
+        "settings            ok: {}\n",
+        super::run::effective(settings)
+    );
     let mut problems = Vec::new();
     let brokers: Vec<String> = settings.amqp_urls.iter().map(|u| redact_url(u)).collect();
     match broker::connect(&settings.amqp_urls, "wechat-notifier-check").await {

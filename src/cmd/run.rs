@@ -34,6 +34,15 @@ pub async fn main() -> ExitCode {
 /// names, rate, windows, prefetch, retry ladder, token mode. Secrets are not
 /// in `Settings`' printable fields, and the AMQP URLs lose their password.
 pub fn startup_line(s: &Settings) -> String {
+    format!(
+        "wechat-notifier {} starting: {}",
+        env!("CARGO_PKG_VERSION"),
+        effective(s)
+    )
+}
+
+/// The effective settings in one line (`check` prints it too).
+pub fn effective(s: &Settings) -> String {
     let mode = match s.delivery_mode {
         DeliveryMode::CloudFunction => format!(
             "cloud_function (env {}, function {})",
@@ -48,11 +57,10 @@ pub fn startup_line(s: &Settings) -> String {
     let ladder: Vec<String> = s.retry_delays.iter().map(|d| format_duration(*d)).collect();
     let brokers: Vec<String> = s.amqp_urls.iter().map(|u| redact_url(u)).collect();
     format!(
-        "wechat-notifier {} starting: broker {}, appid {}, delivery {mode}, token {token}, \
+        "broker {}, appid {}, delivery {mode}, token {token}, \
          exchange {}, queue {}, dead-letter queue {}, retry queues {}.<{}>, \
          rate {}/s burst {}, window {} (max wait {}, max {} events), prefetch {}, \
-         max attempts {}, max age {}",
-        env!("CARGO_PKG_VERSION"),
+         max attempts {}, max age {}, call timeout {}",
         brokers.join(","),
         s.appid,
         s.exchange,
@@ -68,6 +76,7 @@ pub fn startup_line(s: &Settings) -> String {
         s.prefetch,
         s.max_attempts,
         format_duration(s.max_age),
+        format_duration(s.call_timeout),
     )
 }
 
