@@ -341,6 +341,7 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::BrokerError;
     use serde_json::json;
 
     #[test]
@@ -371,5 +372,46 @@ mod tests {
         assert_eq!(m.base.as_str(), "http://127.0.0.1:15672/api/");
         let m = Management::new(&Secret::new("http://127.0.0.1:15672"), "v");
         assert_eq!(m.vhost, "v");
+    }
+
+    fn amqp(code: u16, text: &str) -> BrokerError {
+        let e = lapin::protocol::AMQPError::from_id(code, text.into()).expect("a known code");
+        BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::ProtocolError(e)))
+    }
+
+    #[test]
+    fn each_broker_failure_is_its_own_kind_in_one_line() {
+        use super::super::FailureKind;
+        let mismatch = amqp(
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/'",
+        );
+        assert_eq!(mismatch.kind(), FailureKind::Mismatch);
+        let text = mismatch.to_string();
+        assert!(
+            text.contains("other arguments") && text.contains("'q'"),
+            "{text}"
+        );
+        assert_eq!(
+            amqp(404, "NOT_FOUND - no queue 'q'").kind(),
+            FailureKind::NotFound
+        );
+        assert_eq!(
+            amqp(403, "ACCESS_REFUSED").kind(),
+            FailureKind::AccessRefused
+        );
+        let lost = BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::IOError(
+            std::sync::Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        )));
+        assert_eq!(lost.kind(), FailureKind::ConnectionLost);
+        assert!(lost.to_string().contains("connection was lost"), "{lost}");
+        let unreachable = BrokerError::Unreachable {
+            tried: "amqp://h:5672/".into(),
+            last: "refused".into(),
+        };
+        assert!(unreachable.to_string().contains("scripts/broker.sh"));
+        for e in [mismatch, lost, unreachable] {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
     }
 }
