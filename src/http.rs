@@ -22,11 +22,21 @@ pub struct Health {
     consuming: AtomicBool,
     shutting_down: AtomicBool,
     fault: Mutex<Option<String>>,
+    /// Why the last broker session ended, while the broker is down.
+    broker_problem: Mutex<Option<String>>,
 }
 
 impl Health {
     pub fn set_broker_up(&self, up: bool) {
         self.broker_up.store(up, Ordering::SeqCst);
+        if up {
+            self.set_broker_problem(None);
+        }
+    }
+    /// What is wrong with the broker (a refused login, a queue with other
+    /// arguments), reported by `/readyz` while the broker is down.
+    pub fn set_broker_problem(&self, problem: Option<String>) {
+        *self.broker_problem.lock().expect("not poisoned") = problem;
     }
     pub fn set_consuming(&self, on: bool) {
         self.consuming.store(on, Ordering::SeqCst);
@@ -48,7 +58,12 @@ impl Health {
             return Err(format!("configuration fault: {f}"));
         }
         if !self.broker_up.load(Ordering::SeqCst) {
-            return Err("broker connection is down".into());
+            return Err(
+                match self.broker_problem.lock().expect("not poisoned").clone() {
+                    Some(problem) => format!("broker: {problem}"),
+                    None => "broker connection is down".into(),
+                },
+            );
         }
         if !self.consuming.load(Ordering::SeqCst) {
             return Err("no consumer registered".into());

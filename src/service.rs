@@ -16,7 +16,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Abandon, Pending};
+use crate::broker::{self, Abandon, BrokerError, FailureKind, Pending};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
 use crate::dispatch::Dispatcher;
 use crate::event;
@@ -124,8 +124,28 @@ impl Service {
                     if started.elapsed() > RECONNECT_MAX * 2 {
                         backoff = RECONNECT_MIN;
                     }
-                    let wait = backoff.mul_f64(0.5 + fastrand::f64());
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    let kind = e
+                        .chain()
+                        .find_map(|c| c.downcast_ref::<BrokerError>())
+                        .map(BrokerError::kind)
+                        .or_else(|| {
+                            e.chain()
+                                .find_map(|c| c.downcast_ref::<lapin::Error>())
+                                .map(|l| BrokerError::Amqp(l.clone()).kind())
+                        });
+                    // A refused login or a queue with other arguments needs an
+                    // operator, not a fast retry: say so, and retry slowly.
+                    let wait = match kind {
+                        Some(FailureKind::AccessRefused | FailureKind::Mismatch) => {
+                            self.health.set_broker_problem(Some(format!("{e:#}")));
+                            s_config_retry(&self.settings)
+                        }
+                        _ => {
+                            let wait = backoff.mul_f64(0.5 + fastrand::f64());
+                            backoff = (backoff * 2).min(RECONNECT_MAX);
+                            wait
+                        }
+                    };
                     warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "broker session ended; reconnecting");
                     wait
                 }
@@ -322,6 +342,11 @@ fn log_panic(done: Result<(), JoinError>) {
             error!(error = %e, "a notice task panicked; its messages were returned to the queue");
         }
     }
+}
+
+/// How long to wait before retrying a broker problem that needs an operator.
+fn s_config_retry(settings: &Settings) -> Duration {
+    settings.config_retry.max(RECONNECT_MAX)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -783,6 +783,15 @@ async fn run_names_a_mismatched_queue_when_it_retries() {
     })
     .await
     .unwrap();
+    // /readyz gives the same reason, not "broker connection is down".
+    let http = seen
+        .iter()
+        .find_map(|l| l.split("http listening on ").nth(1))
+        .map(|a| a.trim().to_string())
+        .expect("the listening line");
+    let readyz = reqwest::get(format!("http://{http}/readyz")).await.unwrap();
+    assert_eq!(readyz.status().as_u16(), 503);
+    let reason = readyz.text().await.unwrap();
     let _ = child.kill();
     let _ = child.wait();
     let line = found.unwrap_or_else(|| panic!("a retry warning: {seen:?}"));
@@ -791,6 +800,10 @@ async fn run_names_a_mismatched_queue_when_it_retries() {
         "{line}"
     );
     assert!(!line.contains("connection was lost"), "{line}");
+    assert!(
+        reason.contains("other arguments") && reason.contains(&env.queue()),
+        "{reason}"
+    );
     env.cleanup().await;
 }
 
