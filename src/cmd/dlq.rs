@@ -185,6 +185,18 @@ pub async fn run(
             return Err(DlqError::NoQueue(settings.dead_queue.clone()));
         }
     };
+    // Replayed copies are published several at a time, and lapin hands a
+    // returned (unroutable) message to whichever confirm completes next: so a
+    // replay starts only when the work queue exists, and no copy can come back.
+    if action == Action::Replay
+        && !matches!(
+            inspect::queue(&conn, &settings.queue).await?,
+            Presence::Present { .. }
+        )
+    {
+        let _ = conn.close(200, "dlq done".into()).await;
+        return Err(DlqError::NoQueue(settings.queue.clone()));
+    }
     let mut counts = Counts {
         at_start,
         ..Counts::default()
