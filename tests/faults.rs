@@ -308,7 +308,7 @@ async fn an_outage_loses_nothing_and_acks_nothing_early() {
             "nothing dead-lettered"
         );
         samples += 1;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(samples > 10, "{samples} readings");
     assert!(env.sim.delivered().is_empty());
