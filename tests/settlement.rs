@@ -192,9 +192,9 @@ async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
     );
 
     // A steady stream faster than the budget (30 events/s over 30 assignees
-    // for 2 s, so the active replica has a backlog to drain); SIGTERM
-    // mid-stream. Both replicas' calls then take 60 / RATE = 6 s at least.
-    let events = env.bulk(60, 30, false);
+    // for 1.5 s, so the active replica has a backlog to drain); SIGTERM
+    // mid-stream. Both replicas' calls then take 45 / RATE = 4.5 s at least.
+    let events = env.bulk(45, 30, false);
     let exchange = env.exchange();
     let stream = wechat_notifier::publish::publish_events(
         &env.channel,
@@ -204,7 +204,7 @@ async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
         None,
     );
     let term = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         active.sigterm();
         // The old replica says it is shutting down while it drains.
         let (status, text) = readyz(&active.http).await;
