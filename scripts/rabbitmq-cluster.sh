@@ -67,8 +67,8 @@ up)
   ;;
 down)
   stop 2 & stop 3 & wait
-  # The seed removes them (two nodes leaving side by side by `reset` can leave one of them
-  # behind in the seed's member list); the last line shows what is left.
+  # The seed forgets each stopped node (two nodes leaving side by side by their own `reset`
+  # left one of them in the seed's member list); the last line shows what is left.
   rabbitmqctl cluster_status --formatter json |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("running:", d["running_nodes"], "members:", d["disk_nodes"] + d.get("ram_nodes", []))'
   ;;
