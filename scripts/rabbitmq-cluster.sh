@@ -7,8 +7,10 @@
 # second here), and a fresh node joins by peer discovery while it boots, so no stop_app / reset /
 # join_cluster / start_app round is needed; a node that booted alone anyway joins the old way.
 set -u
-# The host part of the running node's name (rabbit@localhost on some machines, rabbit@$(hostname -s) on others).
-h=$(rabbitmqctl eval 'node().' 2>/dev/null | tr -d "'" | sed 's/.*@//')
+# The host part of the running node's name (rabbit@localhost on some machines, rabbit@$(hostname -s)
+# on others): from the node name the CLI tools use, else asked of the node (an Erlang VM's start).
+h=$(sed -n 's/^\(RABBITMQ_\)\{0,1\}NODENAME=[^@]*@//p' /etc/rabbitmq/rabbitmq-env.conf 2>/dev/null | tail -1 | tr -d "\"'")
+[ -n "$h" ] || h=$(rabbitmqctl eval 'node().' 2>/dev/null | tr -d "'" | sed 's/.*@//')
 [ -n "$h" ] || h=$(hostname -s)
 seed=rabbit@$h
 
