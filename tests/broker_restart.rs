@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ids, wait_until, TestEnv};
+use common::{eventually, ids, unacked, wait_until, TestEnv};
 
 fn rabbitmqctl(args: &[&str]) {
     let status = Command::new("rabbitmqctl")
@@ -25,22 +25,36 @@ async fn the_service_reconnects_after_the_broker_restarts_and_delivers_everythin
     env.set("NOTIFIER_BATCH_WINDOW_MS", "3000");
     env.declare().await;
     let svc = env.start_service().await;
-    let warmup = env.bulk(1, 1, false);
-    env.publish(&warmup).await;
-    let want = ids(&warmup);
+    let queue = env.queue();
     assert!(
-        wait_until(Duration::from_secs(30), || want
-            .is_subset(&env.notified_ids()))
-        .await
+        eventually(Duration::from_secs(30), || async {
+            env.consumers(&queue).await == 1
+        })
+        .await,
+        "the service consumes"
     );
     // These sit in open windows, unacked, when the broker goes away.
     let before = env.bulk(20, 5, false);
     env.publish(&before).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.ready(&queue).await == 0 && unacked(&svc.http).await == Some(20)
+        })
+        .await,
+        "the service holds the events before the broker stops"
+    );
 
     rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            common::metric(&svc.http, "wechat_notifier_consuming", "").await == 0.0
+        })
+        .await,
+        "the service saw the broker go"
+    );
+    // Returns once the broker's application runs again; the service has been
+    // failing to reconnect all the while.
     rabbitmqctl(&["start_app"]);
-    rabbitmqctl(&["await_startup"]);
 
     env.reconnect().await;
     let after = env.bulk(20, 5, false);

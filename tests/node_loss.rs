@@ -30,19 +30,11 @@ fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The host part of the local node's name (`rabbit@HOST`).
-fn host() -> String {
-    rabbitmqctl(&["eval", "node()."])
-        .trim()
-        .trim_matches('\'')
-        .rsplit('@')
-        .next()
-        .unwrap_or("localhost")
-        .to_string()
-}
-
 /// A three-node cluster for as long as it lives.
-struct Cluster;
+struct Cluster {
+    /// The running nodes, as the script printed them (`rabbit2@HOST`, ...).
+    running: String,
+}
 
 impl Cluster {
     fn up() -> Cluster {
@@ -51,14 +43,29 @@ impl Cluster {
             .arg("up")
             .output()
             .expect("the cluster script runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let cluster = Cluster;
+        let cluster = Cluster {
+            running: String::from_utf8_lossy(&out.stdout).into_owned(),
+        };
         assert!(
-            text.contains("rabbit2@") && text.contains("rabbit3@"),
-            "three nodes running: {text} {}",
+            cluster.running.contains("rabbit2@") && cluster.running.contains("rabbit3@"),
+            "three nodes running: {} {}",
+            cluster.running,
             String::from_utf8_lossy(&out.stderr)
         );
         cluster
+    }
+
+    /// The full name of node `n` (2 or 3), from the script's output.
+    fn node(&self, n: u8) -> String {
+        let start = self
+            .running
+            .find(&format!("rabbit{n}@"))
+            .expect("the node is running");
+        self.running[start..]
+            .split(|c: char| c == '\'' || c == '"' || c.is_whitespace() || c == ',')
+            .next()
+            .unwrap()
+            .to_string()
     }
 }
 
@@ -74,8 +81,8 @@ fn url(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_node_with_the_leader_and_the_connections_loses_nothing() {
-    let _cluster = Cluster::up();
-    let node2 = format!("rabbit2@{}", host());
+    let cluster = Cluster::up();
+    let node2 = cluster.node(2);
 
     let mut env = TestEnv::new("nodeloss").await;
     // The replicas try the second node first: their connections and (declared

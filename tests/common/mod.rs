@@ -348,19 +348,28 @@ impl TestEnv {
     }
 
     /// Deletes this test's queues and exchange.
+    ///
+    /// Each queue on its own channel, side by side: a quorum queue with a
+    /// member on a stopped node (tests/node_loss.rs) takes the broker's 5 s
+    /// delete timeout, and one channel would wait those out one after another.
     pub async fn cleanup(&self) {
         let s = self.settings();
         let mut queues = vec![s.queue.clone(), s.dead_queue.clone()];
         queues.extend(s.retry_delays.iter().map(|d| s.retry_queue(*d)));
-        if let Ok(ch) = self.conn.create_channel().await {
-            for q in queues {
+        futures_util::future::join_all(queues.iter().map(|q| async move {
+            if let Ok(ch) = self.conn.create_channel().await {
                 let _ = ch
                     .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await;
+                let _ = ch.close(200, "ok".into()).await;
             }
+        }))
+        .await;
+        if let Ok(ch) = self.conn.create_channel().await {
             let _ = ch
                 .exchange_delete(s.exchange.as_str().into(), Default::default())
                 .await;
+            let _ = ch.close(200, "ok".into()).await;
         }
     }
 }
