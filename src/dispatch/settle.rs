@@ -81,7 +81,7 @@ impl Settler {
     /// Copies one message to the dead-letter queue, then acks it. A copy that
     /// is not safe releases the original.
     async fn dead_letter(&self, p: &mut Pending, h: &ParkHeaders, id: &str) -> bool {
-        let props = with_park_headers(&p.properties, h);
+        let props = with_park_headers(&p.properties(), h);
         match self
             .publisher
             .publish("", &self.settings.dead_queue, &p.body, props)
@@ -198,7 +198,7 @@ impl Settler {
                 continue;
             };
             let queue = self.settings.retry_queue(delay);
-            let props = with_park_headers(&p.properties, &h);
+            let props = with_park_headers(&p.properties(), &h);
             match self.publisher.publish("", &queue, &p.body, props).await {
                 Ok(()) => {
                     if p.ack().await {
