@@ -301,6 +301,7 @@ async fn ceiling_once(
         })
     };
     let mut single = tokio::task::JoinSet::new();
+    let cpu_before = cpu_secs(std::process::id());
     let t = Instant::now();
     let mut consumer = ch
         .basic_consume(
@@ -327,6 +328,7 @@ async fn ceiling_once(
     acker.await.unwrap();
     while single.join_next().await.is_some() {}
     let consume_secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(std::process::id()) - cpu_before;
     let _ = ch.close(200, "done".into()).await;
     let _ = env
         .channel
@@ -342,6 +344,7 @@ async fn ceiling_once(
         "publish_rate": n as f64 / publish_secs,
         "prefetch": prefetch,
         "ack_every": ack_every,
+        "bench_process_cpu_secs": cpu,
     })
 }
 
@@ -446,6 +449,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
     let ack_every = env_num("BENCH_CEILING_ACK_EVERY", CEILING_ACK_EVERY);
     let mut ceilings = Vec::new();
     let mut drains = Vec::new();
+    let mut one_by_one = Vec::new();
     for i in 0..pairs {
         let c = ceiling_once(&env, &bodies, prefetch, ack_every).await;
         eprintln!(
@@ -453,6 +457,16 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
             i + 1,
             c["rate"].as_f64().unwrap()
         );
+        // For the explanation, not the ratio: the same consumer acking every
+        // delivery on its own, as the service must (windows settle out of order).
+        if i == 0 {
+            let c1 = ceiling_once(&env, &bodies, prefetch, 1).await;
+            eprintln!(
+                "ceiling, one ack per delivery: {:.0}/s",
+                c1["rate"].as_f64().unwrap()
+            );
+            one_by_one.push(c1);
+        }
         let d = drain_once(&bodies).await;
         eprintln!(
             "pair {}: drain {:.0}/s ({:.2} CPU s)",
@@ -491,6 +505,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
             "rate": spread(&c_rates),
             "publish_rate": spread(&field(&ceilings, "publish_rate")),
             "runs": ceilings,
+            "one_ack_per_delivery": one_by_one,
         }),
     };
     let drain = Row {
@@ -707,6 +722,39 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// SIGKILL to every process below `pid` (ones this bench started).
+fn kill_descendants(pid: u32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace() {
+        if let Ok(child) = child.parse::<u32>() {
+            kill_descendants(child);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &child.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The replica as a process started by `wrap` (a profiler command line).
+fn spawn_wrapped(env: &TestEnv, wrap: &str) -> Replica {
+    let port = common::free_port();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = std::process::Command::new(words.next().unwrap());
+    cmd.args(words)
+        .arg(env!("CARGO_BIN_EXE_wechat-notifier"))
+        .arg("run")
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("NOTIFIER_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Replica {
+        child: cmd.spawn().unwrap(),
+        http: format!("127.0.0.1:{port}"),
+    }
+}
+
 /// Peak RSS of one replica holding 20,000 unacked deliveries in open windows.
 async fn memory() -> Row {
     const HELD: usize = 20_000;
@@ -716,7 +764,11 @@ async fn memory() -> Row {
     env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "300000");
     env.set("NOTIFIER_BATCH_MAX", "1000");
     env.declare().await;
-    let replica = env.spawn_process();
+    let replica = match std::env::var("BENCH_MEMORY_WRAP") {
+        // For development: e.g. `heaptrack -o /tmp/held` runs the replica under a profiler.
+        Ok(wrap) => spawn_wrapped(&env, &wrap),
+        Err(_) => env.spawn_process(),
+    };
     wait_ready(std::slice::from_ref(&replica)).await;
     let bodies = grouped_bodies(HELD, 10, &format!("{}-a", env.prefix));
     env.publish_bodies(&bodies).await;
@@ -729,6 +781,11 @@ async fn memory() -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let peak_mib = peak_rss_kib(replica.child.id()).unwrap_or(0) as f64 / 1024.0;
+    if std::env::var("BENCH_MEMORY_WRAP").is_ok() {
+        // The replica runs under the wrapper: end it without a drain, so
+        // the profile's peak is the held state.
+        kill_descendants(replica.child.id());
+    }
     drop(replica);
     env.cleanup().await;
     Row {
