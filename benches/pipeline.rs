@@ -335,6 +335,8 @@ async fn ceiling_once(
     };
     let mut single = tokio::task::JoinSet::new();
     let cpu_before = cpu_secs(std::process::id());
+    let broker = broker_pid();
+    let broker_before = broker.map(cpu_secs);
     let t = Instant::now();
     let mut consumer = ch
         .basic_consume(
@@ -362,6 +364,7 @@ async fn ceiling_once(
     while single.join_next().await.is_some() {}
     let consume_secs = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(std::process::id()) - cpu_before;
+    let broker_cpu = broker.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
     let _ = ch.close(200, "done".into()).await;
     let _ = env
         .channel
@@ -378,6 +381,7 @@ async fn ceiling_once(
         "prefetch": prefetch,
         "ack_every": ack_every,
         "bench_process_cpu_secs": cpu,
+        "broker_cpu_secs": broker_cpu,
     })
 }
 
@@ -396,6 +400,15 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
     env.set("NOTIFIER_BATCH_MAX", "50");
     if let Ok(p) = std::env::var("BENCH_DRAIN_PREFETCH") {
         env.set("NOTIFIER_PREFETCH", &p);
+    }
+    // For experiments: extra environment for the replica, `K=V;K=V`.
+    for pair in std::env::var("BENCH_DRAIN_ENV")
+        .unwrap_or_default()
+        .split(';')
+    {
+        if let Some((k, v)) = pair.split_once('=') {
+            env.set(k, v);
+        }
     }
     env.declare().await;
     let holder = env.conn.create_channel().await.unwrap();
@@ -439,6 +452,9 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let cpu_before = cpu_secs(pid);
+    let bench_before = cpu_secs(std::process::id());
+    let broker = broker_pid();
+    let broker_before = broker.map(cpu_secs);
     let t0 = Instant::now();
     // Closing the channel cancels the placeholder and returns its one message.
     holder.close(200, "handover".into()).await.unwrap();
@@ -447,6 +463,8 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
     })
     .await;
     let cpu = cpu_secs(pid) - cpu_before;
+    let bench_cpu = cpu_secs(std::process::id()) - bench_before;
+    let broker_cpu = broker.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
     if let Some(mut p) = perf {
         let _ = std::process::Command::new("kill")
             .args(["-INT", &p.id().to_string()])
@@ -467,6 +485,8 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
         "rate": if done { n as f64 / secs } else { 0.0 },
         "secs": secs,
         "cpu_secs": cpu,
+        "simulator_and_bench_cpu_secs": bench_cpu,
+        "broker_cpu_secs": broker_cpu,
         "notices": notice_count,
         "all_notified": done,
         "queue_empty_after": drained,
@@ -565,6 +585,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
         .map(|c| c * 10_000.0 / n as f64)
         .collect();
     let cpu_per_10k = median(&per_10k);
+    let per = 10_000.0 / n as f64;
     let cpu = Row {
         row: "cpu",
         what: format!(
@@ -574,7 +595,17 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
         unit: "CPU s",
         target: "(report only)".into(),
         pass: None,
-        details: json!({ "per_10k_events": spread(&per_10k), "events_per_run": n }),
+        details: json!({
+            "per_10k_events": spread(&per_10k),
+            "events_per_run": n,
+            // Where the rest of the machine went, per 10,000 events (medians).
+            "drain_broker_per_10k": median(&field(&drains, "broker_cpu_secs")) * per,
+            "drain_simulator_and_bench_per_10k": median(&field(&drains, "simulator_and_bench_cpu_secs")) * per,
+            "ceiling_client_per_10k": median(&field(&ceilings, "bench_process_cpu_secs")) * per,
+            "ceiling_broker_per_10k": median(&field(&ceilings, "broker_cpu_secs")) * per,
+            "one_ack_per_delivery_client_per_10k": median(&field(&one_by_one, "bench_process_cpu_secs")) * per,
+            "one_ack_per_delivery_broker_per_10k": median(&field(&one_by_one, "broker_cpu_secs")) * per,
+        }),
     };
     (ceiling, drain, cpu)
 }
@@ -803,6 +834,17 @@ async fn rate() -> Row {
     }
 }
 
+/// RabbitMQ's Erlang VM on this host, if it runs here: its CPU is part of
+/// every row's cost on a machine this size.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -873,6 +915,7 @@ async fn memory() -> Row {
         Err(_) => env.spawn_process(),
     };
     wait_ready(std::slice::from_ref(&replica)).await;
+    let idle_mib = peak_rss_kib(replica.child.id()).unwrap_or(0) as f64 / 1024.0;
     let bodies = grouped_bodies(HELD, 10, &format!("{}-a", env.prefix));
     env.publish_bodies(&bodies).await;
     let mut held = 0.0;
@@ -901,7 +944,10 @@ async fn memory() -> Row {
         unit: "MiB",
         target: "<= 40 MiB".into(),
         pass: Some(held >= HELD as f64 && peak_mib > 0.0 && peak_mib <= 40.0),
-        details: json!({ "unacked": held, "peak_rss_mib": peak_mib }),
+        details: json!({
+            "unacked": held, "peak_rss_mib": peak_mib, "idle_peak_rss_mib": idle_mib,
+            "per_held_delivery_bytes": (peak_mib - idle_mib) * 1024.0 * 1024.0 / HELD as f64,
+        }),
     }
 }
 
