@@ -3,9 +3,13 @@
 //! target. Prints a table and writes `target/bench/pipeline.json` so one run
 //! can be compared with the next.
 //!
-//! `BENCH_ROWS=ceiling,drain` runs only some rows (ceiling and drain always run
-//! together: drain is judged against the ceiling of the same run);
-//! `BENCH_EVENTS` changes the drain size (100,000).
+//! `BENCH_ROWS=ceiling,drain` runs only some rows (ceiling, drain and cpu
+//! always run together, alternated pair by pair: drain is judged against the
+//! ceiling of the same pair); `BENCH_EVENTS` changes the drain size (100,000),
+//! `BENCH_PAIRS` the number of ceiling/drain pairs (3), `BENCH_LATENCY_RUNS`
+//! the latency runs (3). For development: `BENCH_CEILING_PREFETCH`,
+//! `BENCH_CEILING_ACK_EVERY` and `BENCH_DRAIN_PREFETCH` change the consumers'
+//! settings, `BENCH_PERF=file` records the draining replica with perf.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,7 +29,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 use wechat_notifier::broker::{self, ROUTING_KEY};
 use wechat_notifier::publish::{self, Bulk};
-use wechat_notifier::sim::{Api, Call};
+use wechat_notifier::sim::{Api, Call, Sim, SimConfig};
 
 /// One row of the table and of the JSON file.
 struct Row {
@@ -52,13 +56,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
+    let started = chrono::Local::now().to_rfc3339();
+    let load_before = loadavg();
     let rows = rt.block_on(run_rows());
+    let load_after = loadavg();
     let table = render(&rows);
     println!("{table}");
     let machine = machine();
     let out = json!({
         "bench": "pipeline",
         "at": chrono::Local::now().to_rfc3339(),
+        "started": started,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
         "machine": machine,
         "rows": rows.iter().map(|r| json!({
             "row": r.row,
@@ -77,22 +87,29 @@ fn main() {
     println!("wrote {}", path.display());
 }
 
+/// The table's order.
+const ORDER: [&str; 12] = [
+    "ceiling",
+    "drain",
+    "cpu",
+    "latency",
+    "rate",
+    "memory",
+    "coalescing",
+    "failover",
+    "naive",
+    "quota_bound",
+    "handover",
+    "start",
+];
+
+/// Runs the wanted rows. The rows most sensitive to other load on the
+/// machine (latency, then the ceiling/drain pairs) run last, so a full run
+/// started while others are still busy gives them the quietest minutes.
 async fn run_rows() -> Vec<Row> {
     let mut rows = Vec::new();
-    if wanted("ceiling") || wanted("drain") {
-        let n: usize = std::env::var("BENCH_EVENTS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100_000);
-        let (ceiling, drain) = ceiling_and_drain(n).await;
-        rows.push(ceiling);
-        rows.push(drain);
-    }
-    if wanted("latency") {
-        rows.push(latency().await);
-    }
-    if wanted("rate") {
-        rows.push(rate().await);
+    if wanted("start") {
+        rows.push(start().await);
     }
     if wanted("memory") {
         rows.push(memory().await);
@@ -103,10 +120,38 @@ async fn run_rows() -> Vec<Row> {
     if wanted("failover") {
         rows.push(failover().await);
     }
+    if wanted("quota_bound") {
+        rows.push(quota_bound().await);
+    }
+    if wanted("handover") {
+        rows.push(handover().await);
+    }
+    if wanted("rate") {
+        rows.push(rate().await);
+    }
     if wanted("naive") {
         rows.push(naive().await);
     }
+    if wanted("ceiling") || wanted("drain") || wanted("cpu") {
+        let n: usize = env_num("BENCH_EVENTS", 100_000);
+        let pairs: usize = env_num("BENCH_PAIRS", 3);
+        let (ceiling, drain, cpu) = ceiling_and_drain(n, pairs).await;
+        rows.push(ceiling);
+        rows.push(drain);
+        rows.push(cpu);
+    }
+    if wanted("latency") {
+        rows.push(latency().await);
+    }
+    rows.sort_by_key(|r| ORDER.iter().position(|o| *o == r.row));
     rows
+}
+
+/// The load average (1, 5, 15 min) now: how busy the machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn render(rows: &[Row]) -> String {
@@ -182,15 +227,56 @@ fn notice_calls(calls: &[Call]) -> Vec<&Call> {
         .collect()
 }
 
-/// ceiling: plain lapin on a plain quorum queue; drain: the service on the same
-/// events, already queued.
-async fn ceiling_and_drain(n: usize) -> (Row, Row) {
-    let mut env = TestEnv::new("bench-drain").await;
-    let bodies = grouped_bodies(n, 10, &format!("{}-a", env.prefix));
+/// An environment variable as a number, or `default`.
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
-    // ceiling
-    let exchange = format!("{}.ceiling-ex", env.prefix);
-    let queue = format!("{}.ceiling", env.prefix);
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// How far samples spread: min, max, and (max - min) / median.
+fn spread(values: &[f64]) -> Value {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    json!({
+        "samples": values,
+        "median": median(values),
+        "min": min,
+        "max": max,
+        "range_over_median": (max - min) / median(values),
+    })
+}
+
+/// The ceiling's consumer settings: what the fastest plain lapin consumer on
+/// this machine used (see the README for the sweep that chose them).
+const CEILING_PREFETCH: u16 = 5000;
+const CEILING_ACK_EVERY: usize = 250;
+
+/// One ceiling sample: the fastest plain lapin consumer we could write, on a
+/// quorum queue of its own holding the same backlog. Acks are never awaited
+/// in the loop: with `ack_every` > 1 one `multiple` ack covers that many
+/// deliveries (sent in order by one task), with 1 each delivery's ack is sent
+/// on its own task. Timed from `basic.consume` to the last ack written.
+async fn ceiling_once(
+    env: &TestEnv,
+    bodies: &[(String, Vec<u8>)],
+    prefetch: u16,
+    ack_every: usize,
+) -> Value {
+    let n = bodies.len();
+    let exchange = format!("{}.ceiling-ex-{:04x}", env.prefix, fastrand::u16(..));
+    let queue = format!("{}.ceiling-{:04x}", env.prefix, fastrand::u16(..));
     env.channel
         .exchange_declare(
             exchange.as_str().into(),
@@ -227,14 +313,30 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
         .await
         .unwrap();
     let t = Instant::now();
-    publish::publish_bodies(&env.channel, &exchange, &bodies, None, None)
+    publish::publish_bodies(&env.channel, &exchange, bodies, None, None)
         .await
         .unwrap();
     let publish_secs = t.elapsed().as_secs_f64();
     let ch = env.conn.create_channel().await.unwrap();
-    ch.basic_qos(2000, BasicQosOptions::default())
+    ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
+    // Multiple acks must reach the broker in tag order: one task sends them.
+    let (tags, mut tag_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let acker = {
+        let ch = ch.clone();
+        tokio::spawn(async move {
+            while let Some(tag) = tag_rx.recv().await {
+                ch.basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut single = tokio::task::JoinSet::new();
+    let cpu_before = cpu_secs(std::process::id());
+    let broker = broker_pid();
+    let broker_before = broker.map(cpu_secs);
     let t = Instant::now();
     let mut consumer = ch
         .basic_consume(
@@ -248,10 +350,21 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
     let mut got = 0;
     while got < n {
         let d = consumer.next().await.unwrap().unwrap();
-        d.ack(BasicAckOptions::default()).await.unwrap();
         got += 1;
+        if ack_every <= 1 {
+            let a = d.acker;
+            single.spawn(async move { a.ack(BasicAckOptions::default()).await.unwrap() });
+            while single.try_join_next().is_some() {}
+        } else if got % ack_every == 0 || got == n {
+            tags.send(d.delivery_tag).unwrap();
+        }
     }
+    drop(tags);
+    acker.await.unwrap();
+    while single.join_next().await.is_some() {}
     let consume_secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(std::process::id()) - cpu_before;
+    let broker_cpu = broker.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
     let _ = ch.close(200, "done".into()).await;
     let _ = env
         .channel
@@ -261,68 +374,254 @@ async fn ceiling_and_drain(n: usize) -> (Row, Row) {
         .channel
         .exchange_delete(exchange.as_str().into(), Default::default())
         .await;
-    let ceiling_rate = n as f64 / consume_secs;
+    json!({
+        "rate": n as f64 / consume_secs,
+        "consume_secs": consume_secs,
+        "publish_rate": n as f64 / publish_secs,
+        "prefetch": prefetch,
+        "ack_every": ack_every,
+        "bench_process_cpu_secs": cpu,
+        "broker_cpu_secs": broker_cpu,
+    })
+}
+
+/// One drain sample: the service, as its own process, handed the same
+/// backlog on a queue of its own. A placeholder consumer holds the queue
+/// (single active consumer) while the backlog is published and the replica
+/// starts as standby; closing it hands the queue over, which starts the clock
+/// (start-up has its own row). Stops at the simulator's receipt of the notice
+/// that covers the last event; CPU is the replica's own (user + system).
+async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
+    let n = bodies.len();
+    let mut env = TestEnv::new("bench-drain").await;
+    env.set("NOTIFIER_RATE_PER_SEC", "1000000");
+    env.set("NOTIFIER_RATE_BURST", "10000");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_BATCH_MAX", "50");
+    if let Ok(p) = std::env::var("BENCH_DRAIN_PREFETCH") {
+        env.set("NOTIFIER_PREFETCH", &p);
+    }
+    // For experiments: extra environment for the replica, `K=V;K=V`.
+    for pair in std::env::var("BENCH_DRAIN_ENV")
+        .unwrap_or_default()
+        .split(';')
+    {
+        if let Some((k, v)) = pair.split_once('=') {
+            env.set(k, v);
+        }
+    }
+    env.declare().await;
+    let holder = env.conn.create_channel().await.unwrap();
+    holder
+        .basic_qos(1, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let _placeholder = holder
+        .basic_consume(
+            env.queue().as_str().into(),
+            "placeholder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    env.publish_bodies(bodies).await;
+    let replica = env.spawn_process();
+    wait_ready(std::slice::from_ref(&replica)).await;
+    let pid = replica.child.id();
+    // BENCH_PERF=path records the replica with perf while it drains.
+    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                "1000",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                &out,
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    });
+    if perf.is_some() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cpu_before = cpu_secs(pid);
+    let bench_before = cpu_secs(std::process::id());
+    let broker = broker_pid();
+    let broker_before = broker.map(cpu_secs);
+    let t0 = Instant::now();
+    // Closing the channel cancels the placeholder and returns its one message.
+    holder.close(200, "handover".into()).await.unwrap();
+    let done = wait_until(Duration::from_secs(600), || {
+        env.sim.delivered_event_count() >= n
+    })
+    .await;
+    let cpu = cpu_secs(pid) - cpu_before;
+    let bench_cpu = cpu_secs(std::process::id()) - bench_before;
+    let broker_cpu = broker.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
+    if let Some(mut p) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
+    let calls = env.sim.calls();
+    let notices = notice_calls(&calls);
+    let last = notices.iter().map(|c| c.at_ms).fold(0.0, f64::max);
+    let end = env.sim.started() + Duration::from_secs_f64(last / 1000.0);
+    let secs = end.duration_since(t0).as_secs_f64();
+    let notice_count = notices.len();
+    let q = env.queue();
+    let drained = eventually(Duration::from_secs(60), || async {
+        env.ready(&q).await == 0 && common::unacked(&replica.http).await == Some(0)
+    })
+    .await;
+    drop(replica);
+    env.cleanup().await;
+    json!({
+        "rate": if done { n as f64 / secs } else { 0.0 },
+        "secs": secs,
+        "cpu_secs": cpu,
+        "simulator_and_bench_cpu_secs": bench_cpu,
+        "broker_cpu_secs": broker_cpu,
+        "notices": notice_count,
+        "all_notified": done,
+        "queue_empty_after": drained,
+    })
+}
+
+/// ceiling and drain, alternated (ceiling, drain, ceiling, drain, ...) so
+/// both see the same machine; each pair gives one ratio. Also the cpu row.
+async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
+    let env = TestEnv::new("bench-ceiling").await;
+    let bodies = grouped_bodies(n, 10, &format!("{}-a", env.prefix));
+    let prefetch = env_num("BENCH_CEILING_PREFETCH", CEILING_PREFETCH);
+    let ack_every = env_num("BENCH_CEILING_ACK_EVERY", CEILING_ACK_EVERY);
+    let mut ceilings = Vec::new();
+    let mut drains = Vec::new();
+    let mut one_by_one = Vec::new();
+    for i in 0..pairs {
+        let c = ceiling_once(&env, &bodies, prefetch, ack_every).await;
+        eprintln!(
+            "pair {}: ceiling {:.0}/s",
+            i + 1,
+            c["rate"].as_f64().unwrap()
+        );
+        // For the explanation, not the ratio: the same consumer acking every
+        // delivery on its own, as the service must (windows settle out of order).
+        if i == 0 {
+            let c1 = ceiling_once(&env, &bodies, prefetch, 1).await;
+            eprintln!(
+                "ceiling, one ack per delivery: {:.0}/s",
+                c1["rate"].as_f64().unwrap()
+            );
+            one_by_one.push(c1);
+        }
+        let d = drain_once(&bodies).await;
+        eprintln!(
+            "pair {}: drain {:.0}/s ({:.2} CPU s)",
+            i + 1,
+            d["rate"].as_f64().unwrap(),
+            d["cpu_secs"].as_f64().unwrap()
+        );
+        ceilings.push(c);
+        drains.push(d);
+    }
+    env.cleanup().await;
+    let field = |runs: &[Value], k: &str| -> Vec<f64> {
+        runs.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect()
+    };
+    let c_rates = field(&ceilings, "rate");
+    let d_rates = field(&drains, "rate");
+    let ratios: Vec<f64> = c_rates.iter().zip(&d_rates).map(|(c, d)| d / c).collect();
+    let ratio = median(&ratios);
+    let ceiling_rate = median(&c_rates);
+    let drain_rate = median(&d_rates);
+    let all_ok = drains.iter().all(|d| {
+        d["all_notified"].as_bool() == Some(true) && d["queue_empty_after"].as_bool() == Some(true)
+    });
+    let notices = median(&field(&drains, "notices"));
     let ceiling = Row {
         row: "ceiling",
         what: format!(
-            "plain lapin: consume-and-ack of {n} queued events on a quorum queue (publish with confirms: {:.0}/s)",
-            n as f64 / publish_secs
+            "plain lapin, {n} queued events on a quorum queue: prefetch {prefetch}, a multiple ack every {ack_every}, median of {pairs}"
         ),
         figure: ceiling_rate,
         unit: "events/s",
         target: "(reference)".into(),
         pass: None,
-        details: json!({ "events": n, "publish_secs": publish_secs, "publish_rate": n as f64 / publish_secs, "consume_secs": consume_secs }),
+        details: json!({
+            "events": n, "prefetch": prefetch, "ack_every": ack_every,
+            "rate": spread(&c_rates),
+            "publish_rate": spread(&field(&ceilings, "publish_rate")),
+            "runs": ceilings,
+            "one_ack_per_delivery": one_by_one,
+        }),
     };
-
-    // drain
-    env.set("NOTIFIER_RATE_PER_SEC", "1000000");
-    env.set("NOTIFIER_RATE_BURST", "10000");
-    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
-    env.set("NOTIFIER_BATCH_MAX", "50");
-    env.declare().await;
-    env.publish_bodies(&bodies).await;
-    let t = Instant::now();
-    let svc = env.start_service().await;
-    let done = wait_until(Duration::from_secs(600), || {
-        env.sim.delivered_event_count() >= n
-    })
-    .await;
-    let drain_secs = t.elapsed().as_secs_f64();
-    let calls = env.sim.calls();
-    let notices = notice_calls(&calls).len();
-    let drained = eventually(Duration::from_secs(60), || env.settled(&svc.http)).await;
-    svc.stop().await;
-    env.cleanup().await;
-    let drain_rate = if done { n as f64 / drain_secs } else { 0.0 };
     let drain = Row {
         row: "drain",
         what: format!(
-            "the service draining {n} queued events over {} assignees into {notices} notices",
+            "the service draining {n} queued events over {} assignees into {notices} notices: median; ratio {ratio:.2} (median of per-pair ratios)",
             n / 10
         ),
         figure: drain_rate,
         unit: "events/s",
-        target: format!(">= 0.5 x ceiling = {:.0}", 0.5 * ceiling_rate),
-        pass: Some(done && drained && drain_rate >= 0.5 * ceiling_rate),
+        target: ">= 0.90 x ceiling per pair (median ratio)".into(),
+        pass: Some(all_ok && ratio >= 0.90),
         details: json!({
-            "events": n, "assignees": n / 10, "notices": notices, "secs": drain_secs,
-            "ratio_to_ceiling": drain_rate / ceiling_rate, "all_notified": done, "queue_empty_after": drained,
+            "events": n, "assignees": n / 10, "pairs": pairs,
+            "ratio_to_ceiling": ratio,
+            "ratios": spread(&ratios),
+            "rate": spread(&d_rates),
+            "all_notified_and_acked": all_ok,
+            "runs": drains,
         }),
     };
-    (ceiling, drain)
+    let per_10k: Vec<f64> = field(&drains, "cpu_secs")
+        .iter()
+        .map(|c| c * 10_000.0 / n as f64)
+        .collect();
+    let cpu_per_10k = median(&per_10k);
+    let per = 10_000.0 / n as f64;
+    let cpu = Row {
+        row: "cpu",
+        what: format!(
+            "the replica's CPU (user + system) in the drain row, per 10,000 events: median of {pairs}"
+        ),
+        figure: cpu_per_10k,
+        unit: "CPU s",
+        target: "(report only)".into(),
+        pass: None,
+        details: json!({
+            "per_10k_events": spread(&per_10k),
+            "events_per_run": n,
+            // Where the rest of the machine went, per 10,000 events (medians).
+            "drain_broker_per_10k": median(&field(&drains, "broker_cpu_secs")) * per,
+            "drain_simulator_and_bench_per_10k": median(&field(&drains, "simulator_and_bench_cpu_secs")) * per,
+            "ceiling_client_per_10k": median(&field(&ceilings, "bench_process_cpu_secs")) * per,
+            "ceiling_broker_per_10k": median(&field(&ceilings, "broker_cpu_secs")) * per,
+            "one_ack_per_delivery_client_per_10k": median(&field(&one_by_one, "bench_process_cpu_secs")) * per,
+            "one_ack_per_delivery_broker_per_10k": median(&field(&one_by_one, "broker_cpu_secs")) * per,
+        }),
+    };
+    (ceiling, drain, cpu)
 }
 
-/// Publish -> simulator receipt at 100 events/s, one event per assignee.
-async fn latency() -> Row {
-    const QUIET_MS: f64 = 200.0;
-    const EVENTS: usize = 1000;
+/// Publish -> simulator receipt at 100 events/s, one event per assignee:
+/// the latencies (ms, minus the quiet period), sorted, and whether all arrived.
+async fn latency_once(quiet_ms: f64, events: usize) -> (Vec<f64>, bool) {
     let mut env = TestEnv::new("bench-latency").await;
-    env.set("NOTIFIER_BATCH_WINDOW_MS", &format!("{QUIET_MS}"));
+    env.set("NOTIFIER_BATCH_WINDOW_MS", &format!("{quiet_ms}"));
     env.set("NOTIFIER_RATE_PER_SEC", "1000");
     env.declare().await;
     let svc = env.start_service().await;
-    let bodies = grouped_bodies(EVENTS, 1, &format!("{}-a", env.prefix));
+    let bodies = grouped_bodies(events, 1, &format!("{}-a", env.prefix));
     let exchange = env.exchange();
     // Warm up the connection pool and the token before the clock matters.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -339,7 +638,7 @@ async fn latency() -> Row {
             .unwrap();
     }
     let done = wait_until(Duration::from_secs(60), || {
-        env.sim.delivered_event_count() >= EVENTS
+        env.sim.delivered_event_count() >= events
     })
     .await;
     let origin = env.sim.started();
@@ -348,24 +647,120 @@ async fn latency() -> Row {
         let received = origin + Duration::from_secs_f64(call.at_ms / 1000.0);
         for id in call.body["notice"]["event_ids"].as_array().unwrap() {
             if let Some(t) = sent_at.get(id.as_str().unwrap()) {
-                lat.push(received.duration_since(*t).as_secs_f64() * 1000.0 - QUIET_MS);
+                lat.push(received.duration_since(*t).as_secs_f64() * 1000.0 - quiet_ms);
             }
         }
     }
     svc.stop().await;
     env.cleanup().await;
     lat.sort_by(f64::total_cmp);
-    let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+    let ok = done && lat.len() == events;
+    (lat, ok)
+}
+
+/// The broker's share of the latency: the same publishes (100/s, confirmed)
+/// to a plain lapin consumer on a quorum queue; ms from publish to receipt.
+async fn broker_latency(events: usize) -> Vec<f64> {
+    let env = TestEnv::new("bench-broker-latency").await;
+    env.declare().await;
+    let bodies = grouped_bodies(events, 1, &format!("{}-a", env.prefix));
+    let ch = env.conn.create_channel().await.unwrap();
+    ch.basic_qos(100, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            env.queue().as_str().into(),
+            "floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let receiver = tokio::spawn(async move {
+        let mut got = HashMap::new();
+        while got.len() < events {
+            let Some(Ok(d)) = consumer.next().await else {
+                break;
+            };
+            let id = d.properties.message_id().as_ref().map(|m| m.to_string());
+            got.insert(id.unwrap_or_default(), Instant::now());
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        got
+    });
+    let exchange = env.exchange();
+    let mut sent_at: HashMap<String, Instant> = HashMap::new();
+    let start = Instant::now();
+    for (i, (id, body)) in bodies.iter().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_millis(10) * i as u32).await;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.as_str().into());
+        sent_at.insert(id.clone(), Instant::now());
+        broker::publish_confirmed(&env.channel, &exchange, ROUTING_KEY, body, props)
+            .await
+            .unwrap();
+    }
+    let got = tokio::time::timeout(Duration::from_secs(30), receiver)
+        .await
+        .map(|r| r.unwrap())
+        .unwrap_or_default();
+    let _ = ch.close(200, "done".into()).await;
+    env.cleanup().await;
+    let mut lat: Vec<f64> = got
+        .iter()
+        .filter_map(|(id, at)| {
+            sent_at
+                .get(id)
+                .map(|t| at.duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    lat
+}
+
+/// Three latency runs; the figure is the median of their p99s.
+async fn latency() -> Row {
+    const QUIET_MS: f64 = 200.0;
+    const EVENTS: usize = 1000;
+    let runs_wanted: usize = env_num("BENCH_LATENCY_RUNS", 3);
+    let mut runs = Vec::new();
+    let mut p99s = Vec::new();
+    let mut p50s = Vec::new();
+    let mut all_ok = true;
+    for i in 0..runs_wanted {
+        let (lat, ok) = latency_once(QUIET_MS, EVENTS).await;
+        all_ok &= ok;
+        let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+        eprintln!("latency run {}: p50 {p50:.2} ms, p99 {p99:.2} ms", i + 1);
+        p50s.push(p50);
+        p99s.push(p99);
+        runs.push(json!({
+            "measured": lat.len(), "p50_ms": p50, "p90_ms": percentile(&lat, 90.0),
+            "p99_ms": p99, "max_ms": lat.last(),
+        }));
+    }
+    let floor = broker_latency(EVENTS).await;
+    let broker = json!({
+        "measured": floor.len(), "p50_ms": percentile(&floor, 50.0),
+        "p90_ms": percentile(&floor, 90.0), "p99_ms": percentile(&floor, 99.0),
+        "max_ms": floor.last(),
+    });
+    eprintln!("broker alone: {broker}");
+    let p99 = median(&p99s);
+    let p50 = median(&p50s);
     Row {
         row: "latency",
         what: format!(
-            "publish -> simulator receipt at 100 events/s, minus the {QUIET_MS} ms quiet period: p99 (p50 {p50:.1} ms)"
+            "publish -> simulator receipt at 100 events/s, minus the {QUIET_MS} ms quiet period: p99, median of {runs_wanted} runs (p50 {p50:.1} ms)"
         ),
         figure: p99,
         unit: "ms",
-        target: "p99 <= 25 ms".into(),
-        pass: Some(done && lat.len() == EVENTS && p99 <= 25.0),
-        details: json!({ "events": EVENTS, "measured": lat.len(), "p50_ms": p50, "p90_ms": percentile(&lat, 90.0), "p99_ms": p99, "max_ms": lat.last() }),
+        target: "p99 <= 5 ms".into(),
+        pass: Some(all_ok && p99 <= 5.0),
+        details: json!({
+            "events_per_run": EVENTS, "p99_ms": spread(&p99s), "p50_ms": spread(&p50s), "runs": runs,
+            "broker_alone": broker,
+        }),
     }
 }
 
@@ -442,6 +837,17 @@ async fn rate() -> Row {
     }
 }
 
+/// RabbitMQ's Erlang VM on this host, if it runs here: its CPU is part of
+/// every row's cost on a machine this size.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -464,6 +870,26 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// SIGKILL to every process below `pid` (ones this bench started).
+fn kill_descendants(pid: u32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace() {
+        if let Ok(child) = child.parse::<u32>() {
+            kill_descendants(child);
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &child.to_string()])
+                .status();
+        }
+    }
+}
+
+/// The replica as a process started by `wrap` (a profiler command line).
+fn spawn_wrapped(env: &TestEnv, wrap: &str) -> Replica {
+    let words: Vec<&str> = wrap.split_whitespace().collect();
+    env.spawn_process_wrapped(&words, None)
+}
+
 /// Peak RSS of one replica holding 20,000 unacked deliveries in open windows.
 async fn memory() -> Row {
     const HELD: usize = 20_000;
@@ -473,8 +899,13 @@ async fn memory() -> Row {
     env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "300000");
     env.set("NOTIFIER_BATCH_MAX", "1000");
     env.declare().await;
-    let replica = env.spawn_process();
+    let replica = match std::env::var("BENCH_MEMORY_WRAP") {
+        // For development: e.g. `heaptrack -o /tmp/held` runs the replica under a profiler.
+        Ok(wrap) => spawn_wrapped(&env, &wrap),
+        Err(_) => env.spawn_process(),
+    };
     wait_ready(std::slice::from_ref(&replica)).await;
+    let idle_mib = peak_rss_kib(replica.child.id()).unwrap_or(0) as f64 / 1024.0;
     let bodies = grouped_bodies(HELD, 10, &format!("{}-a", env.prefix));
     env.publish_bodies(&bodies).await;
     let mut held = 0.0;
@@ -486,6 +917,11 @@ async fn memory() -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let peak_mib = peak_rss_kib(replica.child.id()).unwrap_or(0) as f64 / 1024.0;
+    if std::env::var("BENCH_MEMORY_WRAP").is_ok() {
+        // The replica runs under the wrapper: end it without a drain, so
+        // the profile's peak is the held state.
+        kill_descendants(replica.child.id());
+    }
     drop(replica);
     env.cleanup().await;
     Row {
@@ -496,9 +932,12 @@ async fn memory() -> Row {
         ),
         figure: peak_mib,
         unit: "MiB",
-        target: "<= 64 MiB".into(),
-        pass: Some(held >= HELD as f64 && peak_mib > 0.0 && peak_mib <= 64.0),
-        details: json!({ "unacked": held, "peak_rss_mib": peak_mib }),
+        target: "<= 40 MiB".into(),
+        pass: Some(held >= HELD as f64 && peak_mib > 0.0 && peak_mib <= 40.0),
+        details: json!({
+            "unacked": held, "peak_rss_mib": peak_mib, "idle_peak_rss_mib": idle_mib,
+            "per_held_delivery_bytes": (peak_mib - idle_mib) * 1024.0 * 1024.0 / HELD as f64,
+        }),
     }
 }
 
@@ -657,5 +1096,265 @@ async fn naive() -> Row {
         target: ">= 20x".into(),
         pass: Some(ok1 && ok2 && speedup >= 20.0),
         details: json!({ "coalesced_secs": coalesced, "coalesced_calls": coalesced_calls, "naive_secs": naive, "naive_calls": naive_calls }),
+    }
+}
+
+/// A bulk assignment held back only by the rate budget: 5,000 customers over
+/// 100 assignees, published as fast as confirms allow, at 10 calls/s. The
+/// floor is the publish time plus one rate slot per notice.
+async fn quota_bound() -> Row {
+    const RATE: f64 = 10.0;
+    const CUSTOMERS: usize = 5000;
+    const ASSIGNEES: usize = 100;
+    let mut env = TestEnv::new("bench-quota").await;
+    // The whole bulk fits in what one replica may hold (see the coalescing row).
+    env.set("NOTIFIER_PREFETCH", "10000");
+    env.set("NOTIFIER_RATE_PER_SEC", &format!("{RATE}"));
+    env.declare().await;
+    let replica = env.spawn_process();
+    wait_ready(std::slice::from_ref(&replica)).await;
+    let events = env.bulk(CUSTOMERS, ASSIGNEES, true);
+    let t0 = Instant::now();
+    env.publish(&events).await;
+    let publish_secs = t0.elapsed().as_secs_f64();
+    let done = wait_until(Duration::from_secs(120), || {
+        env.sim.delivered_event_count() >= CUSTOMERS
+    })
+    .await;
+    let calls = env.sim.calls();
+    drop(replica);
+    env.cleanup().await;
+    let notices = notice_calls(&calls);
+    let last = notices.iter().map(|c| c.at_ms).fold(0.0, f64::max);
+    let first = notices
+        .iter()
+        .map(|c| c.at_ms)
+        .fold(f64::INFINITY, f64::min);
+    let origin = env.sim.started();
+    let at = |ms: f64| (origin + Duration::from_secs_f64(ms / 1000.0)).duration_since(t0);
+    let secs = at(last).as_secs_f64();
+    let floor = publish_secs + ASSIGNEES as f64 / RATE;
+    let ratio = secs / floor;
+    Row {
+        row: "quota_bound",
+        what: format!(
+            "{CUSTOMERS} customers over {ASSIGNEES} assignees at {RATE} calls/s: time to the last notice {secs:.2} s over the floor {floor:.2} s (publish {publish_secs:.2} s + {ASSIGNEES} slots)"
+        ),
+        figure: ratio,
+        unit: "x floor",
+        target: "<= 1.05".into(),
+        pass: Some(done && notices.len() == ASSIGNEES && ratio <= 1.05),
+        details: json!({
+            "publish_secs": publish_secs, "first_notice_secs": at(first).as_secs_f64(),
+            "last_notice_secs": secs, "floor_secs": floor, "ratio": ratio,
+            "notices": notices.len(), "all_notified": done,
+        }),
+    }
+}
+
+/// The most entries of sorted `times` (ms) in any window of `width` ms.
+fn most_in_any_window(times: &[f64], width: f64) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= width {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+/// SIGTERM to the active replica with a standby running, under a steady
+/// stream. Each replica calls its own simulator, so every call is known to
+/// come from the old replica or the standby.
+async fn handover() -> Row {
+    const RATE: usize = 10;
+    const BURST: usize = 2;
+    const QUIET_MS: f64 = 300.0;
+    const EVENTS: usize = 120; // 12 s at 10/s
+    let mut env = TestEnv::new("bench-handover").await;
+    env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
+    env.set("NOTIFIER_RATE_BURST", &BURST.to_string());
+    env.set("NOTIFIER_BATCH_WINDOW_MS", &format!("{QUIET_MS}"));
+    env.declare().await;
+    let old = env.spawn_process();
+    wait_ready(std::slice::from_ref(&old)).await;
+    let standby_sim = Sim::start_local(SimConfig::default()).await.unwrap();
+    let main_vars = env.vars.clone();
+    env.set("WECHAT_API_BASE", &standby_sim.url());
+    env.set("WECHAT_APPID", &standby_sim.config().appid.clone());
+    env.set("WECHAT_APPSECRET", &standby_sim.config().secret.clone());
+    env.set("WECHAT_CLOUD_ENV", &standby_sim.config().cloud_env.clone());
+    let standby = env.spawn_process();
+    env.vars = main_vars;
+    wait_ready(std::slice::from_ref(&standby)).await;
+
+    let events = env.bulk(EVENTS, 20, false);
+    let exchange = env.exchange();
+    let stream = publish::publish_events(&env.channel, &exchange, &events, Some(RATE as f64), None);
+    let term = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        old.sigterm();
+        Instant::now()
+    };
+    let (published, term_at) = tokio::join!(stream, term);
+    published.unwrap();
+    let want: BTreeSet<String> = events
+        .iter()
+        .filter_map(|e| e["event_id"].as_str().map(str::to_string))
+        .collect();
+    let notified = |sims: [&Sim; 2]| -> BTreeSet<String> {
+        sims.iter()
+            .flat_map(|s| s.delivered())
+            .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    };
+    let done = wait_until(Duration::from_secs(30), || {
+        want.is_subset(&notified([&env.sim, &standby_sim]))
+    })
+    .await;
+    let mut old = old;
+    let exited = wait_until(Duration::from_secs(30), || {
+        matches!(old.child.try_wait(), Ok(Some(_)))
+    })
+    .await;
+    drop(standby);
+    drop(old);
+    env.cleanup().await;
+
+    // Every call on one clock: ms since the SIGTERM.
+    let on_clock = |sim: &Sim, calls: &[Call]| -> Vec<f64> {
+        calls
+            .iter()
+            .map(|c| {
+                let at = sim.started() + Duration::from_secs_f64(c.at_ms / 1000.0);
+                if at >= term_at {
+                    at.duration_since(term_at).as_secs_f64() * 1000.0
+                } else {
+                    -(term_at.duration_since(at).as_secs_f64() * 1000.0)
+                }
+            })
+            .collect()
+    };
+    let old_notices = on_clock(&env.sim, &env.sim.notice_calls());
+    let new_notices = on_clock(&standby_sim, &standby_sim.notice_calls());
+    let all_calls = |sim: &Sim| -> Vec<Call> {
+        sim.calls()
+            .into_iter()
+            .filter(|c| matches!(c.api, Api::InvokeCloudFunction | Api::SubscribeSend))
+            .collect()
+    };
+    let mut every: Vec<f64> = on_clock(&env.sim, &all_calls(&env.sim));
+    every.extend(on_clock(&standby_sim, &all_calls(&standby_sim)));
+    every.sort_by(f64::total_cmp);
+    let most = most_in_any_window(&every, 1000.0);
+    let old_last = old_notices
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let new_first = new_notices.iter().copied().fold(f64::INFINITY, f64::min);
+    let gap = (new_first - old_last) / 1000.0;
+    let gap_target = QUIET_MS / 1000.0 + 1.0;
+    let overlap = new_first < old_last;
+    Row {
+        row: "handover",
+        what: format!(
+            "SIGTERM to the active replica (standby running) under {RATE} events/s over 20 assignees: old's last call -> standby's first (most calls in any 1 s: {most})"
+        ),
+        figure: gap,
+        unit: "s",
+        target: format!(
+            "<= quiet + 1 s = {gap_target:.1} s; <= R + B = {} in any 1 s",
+            RATE + BURST
+        ),
+        pass: Some(
+            done && exited && !overlap && gap <= gap_target && most <= RATE + BURST,
+        ),
+        details: json!({
+            "gap_secs": gap, "most_in_any_second": most, "rate": RATE, "burst": BURST,
+            "quiet_ms": QUIET_MS, "old_last_call_after_sigterm_secs": old_last / 1000.0,
+            "standby_first_call_after_sigterm_secs": new_first / 1000.0,
+            "old_notices": old_notices.len(), "standby_notices": new_notices.len(),
+            "all_notified": done, "old_exited": exited,
+        }),
+    }
+}
+
+/// Process start to the consumer registered (the broker's view: the work
+/// queue's consumer count) and to `/readyz` 200, with the topology already
+/// declared and the simulator answering; median of several starts.
+async fn start() -> Row {
+    const STARTS: usize = 5;
+    const TARGET_MS: f64 = 300.0;
+    let env = TestEnv::new("bench-start").await;
+    env.declare().await;
+    let ch = env.conn.create_channel().await.unwrap();
+    let queue = env.queue();
+    let consumers = || async {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.consumer_count())
+        .unwrap_or(0)
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut to_consuming = Vec::new();
+    let mut to_ready = Vec::new();
+    for _ in 0..STARTS {
+        let t0 = Instant::now();
+        let replica = env.spawn_process();
+        let url = format!("http://{}/readyz", replica.http);
+        let (mut consuming, mut ready) = (None, None);
+        while (consuming.is_none() || ready.is_none()) && t0.elapsed() < Duration::from_secs(10) {
+            if consuming.is_none() && consumers().await >= 1 {
+                consuming = Some(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            if ready.is_none() {
+                if let Ok(r) = client.get(&url).send().await {
+                    if r.status() == 200 {
+                        ready = Some(t0.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(replica);
+        to_consuming.push(consuming.unwrap_or(f64::INFINITY));
+        to_ready.push(ready.unwrap_or(f64::INFINITY));
+        for _ in 0..200 {
+            if consumers().await == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let _ = ch.close(200, "done".into()).await;
+    env.cleanup().await;
+    let consuming = median(&to_consuming);
+    let ready = median(&to_ready);
+    Row {
+        row: "start",
+        what: format!(
+            "process start -> consumer registered (broker's view) / -> /readyz 200, median of {STARTS} starts"
+        ),
+        figure: consuming.max(ready),
+        unit: "ms",
+        target: format!("both <= {TARGET_MS} ms"),
+        pass: Some(consuming <= TARGET_MS && ready <= TARGET_MS),
+        details: json!({
+            "to_consuming_ms": spread(&to_consuming),
+            "to_ready_ms": spread(&to_ready),
+        }),
     }
 }

@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -69,11 +70,27 @@ impl<D> Closed<D> {
 struct Window<D> {
     serial: u64,
     events: Vec<Box<AssignmentEvent>>,
-    index: HashMap<String, usize>,
+    /// Event id hash -> position in `events`, to spot a repeated event. Keyed
+    /// by hash, not by a second copy of every id (the memory row); a hit is
+    /// confirmed against the event itself, see [`Window::position`].
+    index: HashMap<u64, usize>,
     deliveries: Vec<(usize, Box<D>)>,
     opened: Instant,
     deadline: Instant,
     batches: Vec<String>,
+}
+
+impl<D> Window<D> {
+    /// Where the event with this id (and `hash`) is, if the window holds it.
+    fn position(&self, id: &str, hash: u64) -> Option<usize> {
+        match self.index.get(&hash) {
+            Some(&i) if self.events[i].event_id == id => Some(i),
+            // Two ids with one 64-bit hash: only the first is indexed, so
+            // look through the window (never seen in practice, but exact).
+            Some(_) => self.events.iter().position(|e| e.event_id == id),
+            None => None,
+        }
+    }
 }
 
 struct BatchProgress {
@@ -99,6 +116,7 @@ pub struct Coalescer<D> {
     deadlines: BinaryHeap<Reverse<(Instant, u64, String)>>,
     next_serial: u64,
     last_gc: Option<Instant>,
+    ids: RandomState,
 }
 
 impl<D> Coalescer<D> {
@@ -110,6 +128,7 @@ impl<D> Coalescer<D> {
             deadlines: BinaryHeap::new(),
             next_serial: 0,
             last_gc: None,
+            ids: RandomState::new(),
         }
     }
 
@@ -143,14 +162,15 @@ impl<D> Coalescer<D> {
             self.deadlines
                 .push(Reverse((deadline, self.next_serial, key.clone())));
         }
+        let hash = self.ids.hash_one(&event.event_id);
         let window = self.windows.get_mut(&key).expect("just inserted");
-        if let Some(&i) = window.index.get(&event.event_id) {
+        if let Some(i) = window.position(&event.event_id, hash) {
             // The CRM published the same event again: one event, two deliveries.
             window.deliveries.push((i, Box::new(delivery)));
             return Vec::new();
         }
         let i = window.events.len();
-        window.index.insert(event.event_id.clone(), i);
+        window.index.entry(hash).or_insert(i);
         window.deliveries.push((i, Box::new(delivery)));
         window.deadline = (now + rules.quiet).min(window.opened + rules.max_wait);
 
@@ -465,6 +485,23 @@ mod tests {
         assert_eq!(closed[0].events.len(), 2);
         assert_eq!(closed[0].deliveries, vec![(0, 1), (0, 2), (1, 3)]);
         assert!(closed[0].notice().summary);
+    }
+
+    #[test]
+    fn a_repeated_event_is_found_even_when_two_ids_share_a_hash() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(rules(100, 1000, 50));
+        c.push(ev("a", "u", None), 1, t0);
+        c.push(ev("b", "u", None), 2, t0);
+        // Force a collision: "b" indexed under the hash of "a" is not found by
+        // the index, only by the exact comparison that backs it.
+        let w = c.windows.get_mut("u").unwrap();
+        let hash_a = c.ids.hash_one("a");
+        w.index.clear();
+        w.index.insert(hash_a, 0);
+        assert_eq!(w.position("a", hash_a), Some(0));
+        assert_eq!(w.position("b", hash_a), Some(1));
+        assert_eq!(w.position("c", hash_a), None);
     }
 
     #[test]

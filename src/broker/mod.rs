@@ -150,6 +150,12 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The largest frame this client asks for, unless the URL sets `frame_max`.
+/// lapin zero-fills two buffers of 32 frames per connection: at RabbitMQ's
+/// 128 KiB that is 8 MiB of memory per connection; at 32 KiB, 2 MiB. Events
+/// are at most 64 KiB and travel in several frames when larger.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
 /// Connects to the first URL that answers, trying each in turn.
 ///
 /// # Errors
@@ -160,7 +166,17 @@ pub async fn connect(urls: &[String], name: &str) -> Result<Connection, BrokerEr
     let mut refused = None;
     for url in urls {
         let props = ConnectionProperties::default().with_connection_name(name.to_string().into());
-        match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+        let mut uri = match url.parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => uri,
+            Err(e) => {
+                last = format!("{}: {e}", redact_url(url));
+                continue;
+            }
+        };
+        uri.query.frame_max.get_or_insert(FRAME_MAX);
+        match tokio::time::timeout(Duration::from_secs(10), Connection::connect_uri(uri, props))
+            .await
+        {
             Ok(Ok(conn)) => return Ok(conn),
             Ok(Err(e)) if login_refused(&e) => refused = Some(redact_url(url)),
             Ok(Err(e)) => last = format!("{}: {}", redact_url(url), one_line(&e.to_string())),

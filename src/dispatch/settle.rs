@@ -89,7 +89,7 @@ impl Settler {
         queue: &str,
         h: &ParkHeaders,
     ) -> Result<bool, BrokerError> {
-        let props = with_park_headers(&p.properties, h);
+        let props = with_park_headers(&p.properties(), h);
         self.publisher.publish("", queue, &p.body, props).await?;
         Ok(p.ack().await)
     }

@@ -163,8 +163,27 @@ impl TestEnv {
     /// (a full pipe would stall the child), forwarding each line to `log`, or
     /// to the test's stderr under `TEST_LOG`.
     pub fn spawn_process_logging(&self, log: Option<&std::path::Path>) -> Replica {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
+        self.spawn_process_wrapped(&[], log)
+    }
+
+    /// As `spawn_process_logging`, started through `wrap` (a profiler's
+    /// command line, e.g. `["heaptrack", "-o", "out"]`) when it is not empty.
+    pub fn spawn_process_wrapped(&self, wrap: &[&str], log: Option<&std::path::Path>) -> Replica {
+        let bin = env!("CARGO_BIN_EXE_wechat-notifier");
+        let mut cmd = match wrap.split_first() {
+            None => Command::new(bin),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+        };
         cmd.arg("run").env_clear();
+        if !wrap.is_empty() {
+            if let Ok(path) = std::env::var("PATH") {
+                cmd.env("PATH", path);
+            }
+        }
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }
