@@ -165,28 +165,57 @@ impl TokenProvider {
         let reply: TokenReply = response.json().await.map_err(|e| {
             CallResult::transient(format!("token reply unreadable: {}", e.without_url()))
         })?;
-        match (reply.errcode.unwrap_or(0), reply.access_token) {
-            (0, Some(token)) if !token.is_empty() => {
-                Ok((Secret::new(token), reply.expires_in.unwrap_or(7200)))
+        token_result(reply)
+    }
+}
+
+/// What a token reply means. WeChat answers a token request without an
+/// errcode when it succeeds, so the proof of success is the token itself: a
+/// reply with neither a token nor a refusal (`{}`, `{"errcode":0}`) is never
+/// a success, it is transient.
+fn token_result(reply: TokenReply) -> Result<(Secret, u64), CallResult> {
+    match (reply.errcode, reply.access_token) {
+        (Some(code), _) if code != 0 => {
+            let mut result = CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
+            result.detail = format!("token fetch: {}", result.detail);
+            // A token fetch that is refused for a token reason is not fixed by another token.
+            if classify(code) == Outcome::TokenInvalid {
+                result.outcome = Outcome::Transient;
             }
-            (0, _) => Err(CallResult::transient("token reply without access_token")),
-            (code, _) => {
-                let mut result =
-                    CallResult::from_errcode(code, reply.errmsg.as_deref().unwrap_or(""));
-                result.detail = format!("token fetch: {}", result.detail);
-                // A token fetch that is refused for a token reason is not fixed by another token.
-                if classify(code) == Outcome::TokenInvalid {
-                    result.outcome = Outcome::Transient;
-                }
-                Err(result)
-            }
+            Err(result)
         }
+        (_, Some(token)) if !token.is_empty() => {
+            Ok((Secret::new(token), reply.expires_in.unwrap_or(7200)))
+        }
+        _ => Err(CallResult::transient("token reply without access_token")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(json: &str) -> Result<(Secret, u64), CallResult> {
+        token_result(serde_json::from_str(json).unwrap())
+    }
+
+    #[test]
+    fn only_a_token_proves_a_token_reply_a_missing_errcode_does_not() {
+        let (token, ttl) = reply(r#"{"access_token":"T","expires_in":7200}"#).unwrap();
+        assert_eq!((token.expose(), ttl), ("T", 7200));
+        for body in [
+            r#"{}"#,
+            r#"{"errcode":0,"errmsg":"ok"}"#,
+            r#"{"access_token":""}"#,
+        ] {
+            let e = reply(body).unwrap_err();
+            assert_eq!(e.outcome, Outcome::Transient, "{body}");
+        }
+        let refused = reply(r#"{"errcode":40125,"errmsg":"invalid appsecret"}"#).unwrap_err();
+        assert_eq!(refused.outcome, Outcome::ConfigFault);
+        let token_reason = reply(r#"{"errcode":40001,"access_token":"T"}"#).unwrap_err();
+        assert_eq!(token_reason.outcome, Outcome::Transient);
+    }
 
     #[test]
     fn a_huge_expires_in_never_overflows_the_clock() {
