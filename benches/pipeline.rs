@@ -17,7 +17,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use common::{eventually, metric, try_metric, wait_until, Replica, TestEnv};
+use common::{eventually, metric, most_in_any_window, try_metric, wait_until, Replica, TestEnv};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
@@ -1150,19 +1150,6 @@ async fn quota_bound() -> Row {
             "notices": notices.len(), "all_notified": done,
         }),
     }
-}
-
-/// The most entries of sorted `times` (ms) in any window of `width` ms.
-fn most_in_any_window(times: &[f64], width: f64) -> usize {
-    let mut most = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= width {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
-    }
-    most
 }
 
 /// SIGTERM to the active replica with a standby running, under a steady

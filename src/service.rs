@@ -30,11 +30,6 @@ use crate::wechat::Outcome;
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
 
-/// How a broker session ended.
-enum SessionEnd {
-    Shutdown,
-}
-
 /// A built, not yet running, service.
 pub struct Service {
     settings: Arc<Settings>,
@@ -119,7 +114,7 @@ impl Service {
             self.metrics.consuming.set(0);
             self.metrics.open_windows.set(0);
             let wait = match end {
-                Ok(SessionEnd::Shutdown) => break,
+                Ok(()) => break,
                 Err(e) => {
                     if started.elapsed() > RECONNECT_MAX * 2 {
                         backoff = RECONNECT_MIN;
@@ -138,7 +133,7 @@ impl Service {
                     let wait = match kind {
                         Some(FailureKind::AccessRefused | FailureKind::Mismatch) => {
                             self.health.set_broker_problem(Some(format!("{e:#}")));
-                            s_config_retry(&self.settings)
+                            operator_retry(&self.settings)
                         }
                         _ => {
                             let wait = backoff.mul_f64(0.5 + fastrand::f64());
@@ -159,11 +154,13 @@ impl Service {
         Ok(())
     }
 
-    async fn session(&self) -> anyhow::Result<SessionEnd> {
+    /// One broker session: `Ok` when the shutdown ended it, `Err` when the
+    /// broker did (the caller reconnects).
+    async fn session(&self) -> anyhow::Result<()> {
         let s = &self.settings;
         let mut shutdown = self.shutdown.clone();
         let conn = tokio::select! {
-            _ = shutdown.wait() => return Ok(SessionEnd::Shutdown),
+            _ = shutdown.wait() => return Ok(()),
             conn = broker::connect(&s.amqp_urls, &self.consumer_tag) => conn?,
         };
         self.health.set_broker_up(true);
@@ -177,7 +174,7 @@ impl Service {
             let checked = tokio::select! {
                 _ = shutdown.wait() => {
                     close(&conn).await;
-                    return Ok(SessionEnd::Shutdown);
+                    return Ok(());
                 }
                 checked = self.dispatcher.check_before_consuming() => checked,
             };
@@ -189,7 +186,7 @@ impl Service {
                     tokio::select! {
                         _ = shutdown.wait() => {
                             close(&conn).await;
-                            return Ok(SessionEnd::Shutdown);
+                            return Ok(());
                         }
                         _ = tokio::time::sleep(retry) => {}
                     }
@@ -232,7 +229,7 @@ impl Service {
         let end = loop {
             let deadline = coalescer.next_deadline();
             tokio::select! {
-                _ = shutdown.wait() => break Ok(SessionEnd::Shutdown),
+                _ = shutdown.wait() => break Ok(()),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
                         let closed = self.receive(delivery, &mut coalescer, &mut tasks, &abandon);
@@ -251,7 +248,7 @@ impl Service {
         };
 
         match end {
-            Ok(SessionEnd::Shutdown) => {
+            Ok(()) => {
                 // Deliveries that arrive from now on are not read: they stay
                 // unacked and return to the queue when the channel closes.
                 self.health.set_shutting_down();
@@ -286,7 +283,7 @@ impl Service {
                 self.metrics.consuming.set(0);
                 drop(consumer);
                 close(&conn).await;
-                Ok(SessionEnd::Shutdown)
+                Ok(())
             }
             Err(e) => {
                 // The deliveries of a dead channel cannot be acked: the broker redelivers.
@@ -345,7 +342,7 @@ fn log_panic(done: Result<(), JoinError>) {
 }
 
 /// How long to wait before retrying a broker problem that needs an operator.
-fn s_config_retry(settings: &Settings) -> Duration {
+fn operator_retry(settings: &Settings) -> Duration {
     settings.config_retry.max(RECONNECT_MAX)
 }
 

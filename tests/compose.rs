@@ -6,16 +6,15 @@
 //! parser, `docker-compose config -q`.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use clap::Parser;
 use wechat_notifier::cli::{Cli, Command};
 use wechat_notifier::settings::{Needs, Settings, Source};
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+#[path = "common/yaml.rs"]
+mod yaml;
+use yaml::{load_all, root, str_of};
 
 /// Applies YAML merge keys (`<<: *anchor`) the way compose does; the loader
 /// already replaced the aliases by copies of their anchors.
@@ -41,19 +40,7 @@ fn merged(y: &Yaml) -> Yaml {
 }
 
 fn load(path: &str) -> Yaml {
-    let text = std::fs::read_to_string(root().join(path)).unwrap();
-    let docs = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-    merged(&docs[0])
-}
-
-fn str_of(y: &Yaml) -> String {
-    match y {
-        Yaml::String(s) => s.clone(),
-        Yaml::Integer(i) => i.to_string(),
-        Yaml::Real(r) => r.clone(),
-        Yaml::Boolean(b) => b.to_string(),
-        other => panic!("not a scalar: {other:?}"),
-    }
+    merged(&load_all(path)[0])
 }
 
 fn environment(service: &Yaml) -> Vec<(String, String)> {

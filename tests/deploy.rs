@@ -13,31 +13,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use common::yaml::{load_all, root, str_of};
 use common::TestEnv;
 use serde_json::Value;
 use wechat_notifier::cli::{Cli, Command};
 use wechat_notifier::settings::Settings;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
-use yaml_rust2::{Yaml, YamlLoader};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn load_all(path: &str) -> Vec<Yaml> {
-    let text = std::fs::read_to_string(root().join(path)).unwrap();
-    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn str_of(y: &Yaml) -> String {
-    match y {
-        Yaml::String(s) => s.clone(),
-        Yaml::Integer(i) => i.to_string(),
-        Yaml::Real(r) => r.clone(),
-        Yaml::Boolean(b) => b.to_string(),
-        other => panic!("not a scalar: {other:?}"),
-    }
-}
+use yaml_rust2::Yaml;
 
 // ---------------------------------------------------------------------------
 // Metric names: the dashboard and the alert rules against a real /metrics.

@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{eventually, ids, unacked, wait_until, TestEnv};
+use common::{eventually, fault_for, ids, unacked, wait_until, TestEnv};
 use serde_json::Value;
 use wechat_notifier::broker::{header_int, header_str, headers};
 use wechat_notifier::sim::{Api, Fault, FaultAction};
@@ -23,15 +23,6 @@ fn fault(action: FaultAction, times: Option<u32>) -> Fault {
     }
 }
 
-fn user_fault(user: &Value, action: FaultAction) -> Fault {
-    Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: user.as_str().map(str::to_string),
-        action,
-        times: None,
-    }
-}
-
 /// Publishes one event whose assignee meets `action` (`times` times, or always).
 async fn publish_one_with_fault(
     env: &TestEnv,
@@ -39,9 +30,7 @@ async fn publish_one_with_fault(
     times: Option<u32>,
 ) -> Vec<Value> {
     let events = env.bulk(1, 1, false);
-    let mut f = user_fault(&events[0]["assignee"]["user_id"], action);
-    f.times = times;
-    env.sim.push_fault(f);
+    env.sim.push_fault(fault_for(&events[0], action, times));
     env.publish(&events).await;
     events
 }
@@ -119,9 +108,10 @@ async fn rejections_are_dead_lettered_with_their_errcode() {
     let mut expected = HashMap::new();
     for code in codes {
         let events = env.bulk(1, 1, false);
-        env.sim.push_fault(user_fault(
-            &events[0]["assignee"]["user_id"],
+        env.sim.push_fault(fault_for(
+            &events[0],
             FaultAction::FunctionErrcode(code),
+            None,
         ));
         expected.insert(serde_json::to_vec(&events[0]).unwrap(), code);
         env.publish(&events).await;
@@ -362,8 +352,11 @@ async fn one_rejected_assignee_does_not_hold_up_the_others() {
     let svc = env.start_service().await;
     let events = env.bulk(10, 5, false);
     let bad = events[0]["assignee"]["user_id"].clone();
-    env.sim
-        .push_fault(user_fault(&bad, FaultAction::FunctionErrcode(43101)));
+    env.sim.push_fault(fault_for(
+        &events[0],
+        FaultAction::FunctionErrcode(43101),
+        None,
+    ));
     env.publish(&events).await;
     let good: std::collections::BTreeSet<String> = events
         .iter()

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, ids, wait_until, TestEnv};
+use common::{eventually, fault_for, ids, wait_until, TestEnv};
 use serde_json::Value;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
@@ -79,14 +79,11 @@ async fn dlq_lists_and_replays_a_rejected_event_which_is_then_delivered() {
     env.declare().await;
     let svc = env.start_service().await;
     let events = env.bulk(1, 1, false);
-    env.sim.push_fault(Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: events[0]["assignee"]["user_id"]
-            .as_str()
-            .map(str::to_string),
-        action: FaultAction::FunctionErrcode(43101),
-        times: Some(1),
-    });
+    env.sim.push_fault(fault_for(
+        &events[0],
+        FaultAction::FunctionErrcode(43101),
+        Some(1),
+    ));
     env.publish(&events).await;
     let dead = env.dead_queue();
     assert!(eventually(WAIT, || async { env.ready(&dead).await == 1 }).await);
@@ -158,14 +155,11 @@ async fn metrics_move_as_the_run_implies() {
     let svc = env.start_service().await;
     let events = env.bulk(6, 3, true);
     let rejected = env.bulk(1, 1, false);
-    env.sim.push_fault(Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: rejected[0]["assignee"]["user_id"]
-            .as_str()
-            .map(str::to_string),
-        action: FaultAction::FunctionErrcode(43101),
-        times: None,
-    });
+    env.sim.push_fault(fault_for(
+        &rejected[0],
+        FaultAction::FunctionErrcode(43101),
+        None,
+    ));
     env.publish(&events).await;
     env.publish(&rejected).await;
     env.publish_raw(&[b"not json".to_vec()]).await;

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{ids, TestEnv};
+use common::{fault_for, ids, TestEnv};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
@@ -86,24 +86,6 @@ fn with(mut vars: Vec<(String, String)>, key: &str, value: &str) -> Vec<(String,
     vars
 }
 
-/// Whether a queue exists (a passive declare on a channel of its own).
-async fn exists(env: &TestEnv, queue: &str) -> bool {
-    let ch = env.conn.create_channel().await.unwrap();
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = ch.close(200, "ok".into()).await;
-    found
-}
-
 /// Polls the ready count of `queue` until `want` or the deadline.
 async fn wait_ready(env: &TestEnv, queue: &str, want: u32) -> bool {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -130,6 +112,22 @@ fn calls_per_event(env: &TestEnv) -> BTreeMap<String, usize> {
         }
     }
     out
+}
+
+/// The work queue as a plain classic queue: the service's declare of a
+/// quorum queue with its arguments then gets a 406.
+async fn declare_classic_work_queue(env: &TestEnv) {
+    env.channel
+        .queue_declare(
+            env.queue().as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,14 +199,11 @@ async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
     env.declare().await;
     let svc = env.start_service().await;
     let rejected = env.bulk(1, 1, false);
-    env.sim.push_fault(Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: rejected[0]["assignee"]["user_id"]
-            .as_str()
-            .map(str::to_string),
-        action: FaultAction::FunctionErrcode(43101),
-        times: None,
-    });
+    env.sim.push_fault(fault_for(
+        &rejected[0],
+        FaultAction::FunctionErrcode(43101),
+        None,
+    ));
     env.publish(&rejected).await;
     env.publish_raw(&[b"not json".to_vec(), vec![0xff, 0xfe]])
         .await;
@@ -374,7 +369,7 @@ async fn check_creates_nothing_and_names_every_missing_queue() {
         "WeChat answered the probe: {report}"
     );
     for q in [&s.queue, &s.dead_queue, &retry] {
-        assert!(!exists(&env, q).await, "check created {q}");
+        assert!(!env.queue_exists(q).await, "check created {q}");
     }
     // Declared, the same check passes.
     env.declare().await;
@@ -504,17 +499,7 @@ async fn a_wrong_password_and_a_mismatched_queue_each_say_so_in_one_line() {
 
     // The work queue exists as a classic queue: `publish` declares the
     // topology and the broker answers 406.
-    env.channel
-        .queue_declare(
-            env.queue().as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_classic_work_queue(&env).await;
     let out = run(&["publish"], broker_vars(&env)).await;
     assert_eq!(out.status.code(), Some(1));
     let line = one_line(&out);
@@ -763,17 +748,7 @@ async fn with_the_management_api_status_names_the_active_replica_and_check_compa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_names_a_mismatched_queue_when_it_retries() {
     let env = TestEnv::new("run-406").await;
-    env.channel
-        .queue_declare(
-            env.queue().as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    declare_classic_work_queue(&env).await;
     let vars = with(env.vars.clone(), "NOTIFIER_METRICS_ADDR", "127.0.0.1:0");
     let (mut child, lines) = spawn_run(vars);
     let (found, seen) = tokio::task::spawn_blocking(move || {

@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, ids, unacked, wait_until, TestEnv};
+use common::{eventually, fault_for, ids, unacked, wait_until, TestEnv};
 use serde_json::{json, Value};
 use wechat_notifier::broker::{header_int, header_str, headers};
-use wechat_notifier::sim::{Api, Fault, FaultAction};
+use wechat_notifier::sim::{Api, FaultAction};
 
 type Mutation = Box<dyn Fn(&mut Value)>;
 
@@ -247,14 +247,8 @@ async fn a_message_stays_unacked_while_wechat_holds_the_call_and_returns_when_th
     let env = TestEnv::new("hold").await;
     env.declare().await;
     let events = env.bulk(1, 1, false);
-    env.sim.push_fault(Fault {
-        api: Some(Api::InvokeCloudFunction),
-        user_id: events[0]["assignee"]["user_id"]
-            .as_str()
-            .map(str::to_string),
-        action: FaultAction::DelayMs(60_000),
-        times: Some(1),
-    });
+    env.sim
+        .push_fault(fault_for(&events[0], FaultAction::DelayMs(60_000), Some(1)));
     let mut replica = env.spawn_process();
     env.publish(&events).await;
 

@@ -14,7 +14,7 @@ use lapin::BasicProperties;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use common::{eventually, ids, metric, wait_until, TestEnv};
+use common::{eventually, fault_for, ids, metric, most_in_any_window, wait_until, TestEnv};
 use wechat_notifier::broker;
 use wechat_notifier::sim::{Fault, FaultAction, SimConfig};
 
@@ -152,19 +152,6 @@ async fn a_function_level_85088_is_held_across_25_retries_then_each_event_is_del
     env.cleanup().await;
 }
 
-/// The most calls in any window of `width` ms, over sorted arrival times.
-fn most_in_any_window(times: &[f64], width: f64) -> usize {
-    let mut most = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= width {
-            start += 1;
-        }
-        most = most.max(end - start + 1);
-    }
-    most
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
     const RATE: usize = 10;
@@ -258,16 +245,8 @@ async fn a_retry_queue_deleted_while_a_notice_fails_costs_nothing_once_declared_
     let svc = env.start_service().await;
     assert!(eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await);
     let events = env.bulk(1, 1, false);
-    let user = events[0]["assignee"]["user_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    env.sim.push_fault(Fault {
-        api: None,
-        user_id: Some(user),
-        action: FaultAction::Http(500),
-        times: None,
-    });
+    env.sim
+        .push_fault(fault_for(&events[0], FaultAction::Http(500), None));
     // The retry queue goes away at run time (an operator's mistake).
     let retry_queue = env.settings().retry_queue(Duration::from_secs(1));
     env.channel
@@ -341,15 +320,10 @@ async fn hostile_expires_in_and_attempts_headers_crash_nothing() {
     let svc = env.start_service().await;
     assert!(eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await);
     let events = env.bulk(2, 2, false);
-    let user = |e: &Value| e["assignee"]["user_id"].as_str().unwrap().to_string();
     // Each notice fails once (the function threw), so its attempts header is used.
     for e in &events {
-        env.sim.push_fault(Fault {
-            api: None,
-            user_id: Some(user(e)),
-            action: FaultAction::FunctionErrcode(-504002),
-            times: Some(1),
-        });
+        env.sim
+            .push_fault(fault_for(e, FaultAction::FunctionErrcode(-504002), Some(1)));
     }
     for (e, attempts) in events.iter().zip([i64::MAX, -5]) {
         broker::publish_confirmed(

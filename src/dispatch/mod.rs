@@ -119,9 +119,8 @@ impl Dispatcher {
 
     /// Sends one closed window (after its assignee's previous one) and settles
     /// every delivery it holds.
-    pub async fn deliver(&self, closed: Closed<Pending>, ticket: Ticket) {
+    pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
-        let mut closed = closed;
         let notice = closed.notice();
         let span = tracing::info_span!(
             "notice",
@@ -129,7 +128,7 @@ impl Dispatcher {
             assignee = %notice.assignee.user_id,
             events = notice.customer_count
         );
-        self.send(&mut closed, &notice).instrument(span).await;
+        self.send(&mut closed, notice).instrument(span).await;
     }
 
     /// Dead-letters an event that breaks the schema.
@@ -142,8 +141,7 @@ impl Dispatcher {
         self.settle.close().await;
     }
 
-    async fn send(&self, closed: &mut Closed<Pending>, notice: &Notice) {
-        let mut notice = notice.clone();
+    async fn send(&self, closed: &mut Closed<Pending>, mut notice: Notice) {
         let mut tries = Tries::default();
         // Held while this notice is the one retried during a configuration fault.
         let mut probe: Option<ProbeTurn> = None;
@@ -173,8 +171,7 @@ impl Dispatcher {
                 .map(|(_, p)| p.attempts)
                 .max()
                 .unwrap_or(0);
-            let notice = &notice;
-            let result = self.wechat.send(notice).await;
+            let result = self.wechat.send(&notice).await;
             debug!(
                 outcome = result.outcome.as_str(),
                 errcode = result.errcode.unwrap_or_default(),
@@ -191,7 +188,7 @@ impl Dispatcher {
                 probe = None;
             }
             match step {
-                Step::Ack => return self.settle.ack_all(closed, notice).await,
+                Step::Ack => return self.settle.ack_all(closed, &notice).await,
                 Step::RetryAfter(d) if d.is_zero() => {}
                 Step::RetryAfter(d) => tokio::time::sleep(jitter(d)).await,
                 Step::PauseAll(d) => self.budget.pause(d, QuotaKind::Minute),
@@ -201,13 +198,13 @@ impl Dispatcher {
                     }
                     return self
                         .settle
-                        .park_all(closed, notice, &result, exhausted)
+                        .park_all(closed, &notice, &result, exhausted)
                         .await;
                 }
                 Step::DeadLetter(reason) => {
                     return self
                         .settle
-                        .dead_letter_all(closed, notice, reason, &result)
+                        .dead_letter_all(closed, &notice, reason, &result)
                         .await;
                 }
                 Step::Hold => {

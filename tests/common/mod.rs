@@ -9,6 +9,8 @@
 //! gauge. Child processes bind port 0 and say where on stderr.
 #![allow(dead_code)]
 
+pub mod yaml;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
@@ -29,7 +31,7 @@ use wechat_notifier::publish::{self, Bulk};
 use wechat_notifier::service::Service;
 use wechat_notifier::settings::Settings;
 use wechat_notifier::shutdown::{self, ShutdownTrigger};
-use wechat_notifier::sim::{Sim, SimConfig};
+use wechat_notifier::sim::{Api, Fault, FaultAction, Sim, SimConfig};
 
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -296,6 +298,21 @@ impl TestEnv {
     /// (ready messages, consumers) of a queue, by a passive declare on a
     /// short-lived channel (a declare of a missing queue closes its channel).
     pub async fn queue_state(&self, queue: &str) -> (u32, u32) {
+        let q = self
+            .passive(queue)
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Whether a queue exists (without creating it).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        self.passive(queue).await.is_ok()
+    }
+
+    /// A passive declare on a short-lived channel (a declare of a missing
+    /// queue closes its channel).
+    async fn passive(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
         let ch = self.conn.create_channel().await.unwrap();
         let q = ch
             .queue_declare(
@@ -306,10 +323,9 @@ impl TestEnv {
                 },
                 FieldTable::default(),
             )
-            .await
-            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+            .await;
         let _ = ch.close(200, "ok".into()).await;
-        (q.message_count(), q.consumer_count())
+        q
     }
 
     /// The retry queues of this test's ladder.
@@ -391,6 +407,30 @@ impl TestEnv {
             let _ = ch.close(200, "ok".into()).await;
         }
     }
+}
+
+/// A fault for the cloud-function calls about `event`'s assignee
+/// (`times` times, or always).
+pub fn fault_for(event: &Value, action: FaultAction, times: Option<u32>) -> Fault {
+    Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: event["assignee"]["user_id"].as_str().map(str::to_string),
+        action,
+        times,
+    }
+}
+
+/// The most entries of sorted `times` (ms) in any window of `width` ms.
+pub fn most_in_any_window(times: &[f64], width: f64) -> usize {
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= width {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
 }
 
 pub fn ids(events: &[Value]) -> BTreeSet<String> {
