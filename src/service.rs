@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
@@ -16,7 +16,7 @@ use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::broker::{self, Abandon, BrokerError, FailureKind, Pending};
+use crate::broker::{self, Acks, BrokerError, FailureKind, Pending};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
 use crate::dispatch::Dispatcher;
 use crate::event;
@@ -29,6 +29,10 @@ use crate::wechat::Outcome;
 /// Reconnect backoff bounds (exponential, with jitter).
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(15);
+
+/// Deliveries taken from the consumer in one turn of the session loop when
+/// they are already waiting (a backlog), before looking at timers and tasks.
+const RECEIVE_BATCH: usize = 256;
 
 /// A built, not yet running, service.
 pub struct Service {
@@ -222,23 +226,43 @@ impl Service {
             max_events: s.batch_max,
         });
         let mut tasks = JoinSet::new();
-        // Set when this session is given up: its unsettled deliveries are left
-        // to the channel's close (one return each), not nacked one by one.
-        let abandon = Abandon::default();
+        // The channel's acks; when this session is given up its unsettled
+        // deliveries are left to the channel's close (one return each), not
+        // nacked one by one.
+        let (acks, _flusher) = Acks::start(consume.clone(), self.metrics.clone());
 
+        // One timer for the earliest window deadline, moved only when that
+        // deadline changes (not a new timer per delivery).
+        let never = far_future();
+        let timer = tokio::time::sleep_until(never);
+        tokio::pin!(timer);
         let end = loop {
-            let deadline = coalescer.next_deadline();
+            let deadline = coalescer.next_deadline().unwrap_or(never);
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 _ = shutdown.wait() => break Ok(()),
                 delivery = consumer.next() => match delivery {
                     Some(Ok(delivery)) => {
-                        let closed = self.receive(delivery, &mut coalescer, &mut tasks, &abandon);
+                        let closed = self.receive(delivery, &mut coalescer, &mut tasks, &acks);
                         self.spawn_all(closed, &mut tasks);
+                        // Deliveries already here are taken in the same turn.
+                        for _ in 0..RECEIVE_BATCH {
+                            if shutdown.is_triggered() {
+                                break;
+                            }
+                            let Some(Some(Ok(delivery))) = consumer.next().now_or_never() else {
+                                break;
+                            };
+                            let closed = self.receive(delivery, &mut coalescer, &mut tasks, &acks);
+                            self.spawn_all(closed, &mut tasks);
+                        }
                     }
                     Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
                     None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
                 },
-                _ = sleep_until_opt(deadline) => {
+                _ = &mut timer => {
                     let closed = coalescer.expire(Instant::now());
                     self.spawn_all(closed, &mut tasks);
                 }
@@ -268,9 +292,11 @@ impl Service {
                 .await;
                 if drained.is_err() {
                     warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
-                    abandon.abandon();
+                    acks.abandon();
                     tasks.shutdown().await;
                 }
+                // What was settled is acked before the consumer goes.
+                acks.flush().await;
                 // Only now hand the queue to a standby: it must not call
                 // WeChat beside this replica's drain.
                 let _ = consume
@@ -287,7 +313,7 @@ impl Service {
             }
             Err(e) => {
                 // The deliveries of a dead channel cannot be acked: the broker redelivers.
-                abandon.abandon();
+                acks.abandon();
                 tasks.shutdown().await;
                 drop(coalescer);
                 close(&conn).await;
@@ -303,10 +329,10 @@ impl Service {
         delivery: lapin::message::Delivery,
         coalescer: &mut Coalescer<Pending>,
         tasks: &mut JoinSet<()>,
-        abandon: &Abandon,
+        acks: &Acks,
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
-        let pending = Pending::new(delivery, self.metrics.clone(), abandon);
+        let pending = Pending::new(delivery, acks);
         match event::parse(&pending.body) {
             Ok(event) => coalescer.push(event, pending, Instant::now()),
             Err(invalid) => {
@@ -346,11 +372,9 @@ fn operator_retry(settings: &Settings) -> Duration {
     settings.config_retry.max(RECONNECT_MAX)
 }
 
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
+/// A deadline that never comes (no window open).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 async fn close(conn: &Connection) {

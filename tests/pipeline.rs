@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{eventually, fault_for, ids, unacked, wait_until, TestEnv};
@@ -270,6 +271,71 @@ async fn a_message_stays_unacked_while_wechat_holds_the_call_and_returns_when_th
         "back in the queue after the kill: it was never acked"
     );
     assert!(env.sim.delivered().is_empty());
+    env.cleanup().await;
+}
+
+/// Acks leave in `multiple` frames where they can (one frame for a run of
+/// settled deliveries): such a frame must never cover a delivery still held in
+/// front of it. Two assignees' calls hang while six others' are accepted; their
+/// deliveries sit between the others' in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_for_settled_messages_never_cover_the_held_ones_between_them() {
+    let mut env = TestEnv::new("ackrun").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    // 8 assignees in turn: the held ones (2 and 5) are every 8th delivery.
+    let events = env.bulk(40, 8, false);
+    let (held, others): (Vec<Value>, Vec<Value>) = events.iter().cloned().partition(|e| {
+        [&events[2], &events[5]]
+            .iter()
+            .any(|h| h["assignee"] == e["assignee"])
+    });
+    for h in [&events[2], &events[5]] {
+        env.sim
+            .push_fault(fault_for(h, FaultAction::DelayMs(60_000), Some(1)));
+    }
+    let mut replica = env.spawn_process();
+    env.publish(&events).await;
+
+    assert!(
+        wait_until(WAIT, || env.notified_ids() == ids(&others)).await,
+        "the six other assignees are notified"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            unacked(&replica.http).await == Some(held.len() as u64)
+        })
+        .await,
+        "every accepted delivery is acked; the held ones are not"
+    );
+    assert_eq!(env.sim.in_flight(), 2, "both held calls still open");
+    let queue = env.queue();
+    replica.kill9();
+    assert!(
+        eventually(WAIT, || async {
+            env.ready(&queue).await == held.len() as u32
+        })
+        .await,
+        "exactly the held deliveries come back after the kill"
+    );
+    // A new replica delivers them (the faults were for one call each).
+    let before = env.sim.delivered().len();
+    let again = env.spawn_process();
+    assert!(
+        wait_until(WAIT, || env.notified_ids() == ids(&events)).await,
+        "the held events are delivered by the next replica"
+    );
+    let back: BTreeSet<String> = env.sim.delivered()[before..]
+        .iter()
+        .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        back,
+        ids(&held),
+        "the held events, and only those, were never acked"
+    );
+    drop(again);
     env.cleanup().await;
 }
 

@@ -1,36 +1,19 @@
 //! One delivery held unacked by this replica, and the only ways it leaves:
 //! acked (its notice was accepted, or its copy is safe in a retry or
-//! dead-letter queue) or released back to the queue (nack with requeue). A
+//! dead-letter queue; the frame is sent by its channel's [`Acks`]) or
+//! released back to the queue (nack with requeue). A
 //! delivery dropped unsettled — a task that panicked — is released too, so
 //! nothing stays pinned on a live channel; when its session is being given up
 //! (shutdown grace elapsed, connection lost) it is left to the channel's close,
 //! which returns it once (a nack first would count twice against the delivery
 //! limit, and a still-registered consumer would only get it back).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicNackOptions;
 use lapin::{Acker, BasicProperties};
 use tracing::{debug, warn};
 
+use super::acks::Acks;
 use super::{header_int, header_str, headers};
-use crate::metrics::Metrics;
-
-/// Set when a session is given up: its unsettled deliveries are then left
-/// to the channel's close instead of being nacked one by one.
-#[derive(Clone, Default)]
-pub struct Abandon(Arc<AtomicBool>);
-
-impl Abandon {
-    pub fn abandon(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    fn abandoned(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// One unacked delivery and what is needed to copy it elsewhere.
 ///
@@ -39,16 +22,17 @@ impl Abandon {
 /// and the properties as [`Props`] rather than lapin's 296-byte
 /// `BasicProperties` (the memory row of the benchmark).
 pub struct Pending {
-    /// `None` once settled (acked or released).
+    /// `None` once settled (acked or released). Kept for the nack; acks go
+    /// through `acks`, which may cover several deliveries with one frame.
     acker: Option<Acker>,
-    abandon: Abandon,
+    tag: u64,
+    acks: Acks,
     pub body: Box<[u8]>,
     props: Props,
     /// Failed rounds so far (`x-notifier-attempts` of a message back from a
     /// retry queue), never negative: a hostile or broken header counts as 0.
     pub attempts: i64,
     pub first_failed_at: Option<String>,
-    metrics: Arc<Metrics>,
 }
 
 /// The content type the CRM's events carry (contract section 2).
@@ -137,20 +121,17 @@ pub fn attempts_of(properties: &BasicProperties) -> i64 {
 }
 
 impl Pending {
-    pub fn new(
-        delivery: lapin::message::Delivery,
-        metrics: Arc<Metrics>,
-        abandon: &Abandon,
-    ) -> Self {
-        metrics.unacked_deliveries.inc();
+    /// Takes the delivery into `acks`' books (called in arrival order).
+    pub fn new(delivery: lapin::message::Delivery, acks: &Acks) -> Self {
+        acks.received(delivery.delivery_tag);
         Pending {
-            abandon: abandon.clone(),
             attempts: attempts_of(&delivery.properties),
             first_failed_at: header_str(&delivery.properties, headers::FIRST_FAILED_AT),
+            tag: delivery.delivery_tag,
+            acks: acks.clone(),
             acker: Some(delivery.acker),
             body: delivery.data.into_boxed_slice(),
             props: Props::new(delivery.properties),
-            metrics,
         }
     }
 
@@ -165,32 +146,28 @@ impl Pending {
         self.props.to_properties()
     }
 
-    /// Acks; `false` when the ack could not be done (channel gone: the broker redelivers).
-    pub async fn ack(&mut self) -> bool {
+    /// Settles the delivery as acked: the ack leaves with the next flush of
+    /// its channel's acks. `false` when the channel is gone (the broker redelivers).
+    pub fn ack(&mut self) -> bool {
         let Some(acker) = self.acker.take() else {
             return false;
         };
-        self.metrics.unacked_deliveries.dec();
-        match acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                warn!("ack not done (channel closed); the broker will redeliver");
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "ack failed; the broker will redeliver");
-                false
-            }
+        let usable = acker.usable() && self.acks.usable();
+        if !usable {
+            warn!("ack not done (channel closed); the broker will redeliver");
         }
+        self.acks.settled(self.tag);
+        usable
     }
 
     /// Returns the message to its queue now (nack, requeue).
     pub async fn release(&mut self) {
         if let Some(acker) = self.acker.take() {
-            self.metrics.unacked_deliveries.dec();
             if let Err(e) = acker.nack(requeue()).await {
                 debug!(error = %e, "release failed; the channel's close returns the message");
             }
+            // Only once the nack is out may an ack behind it cover its tag.
+            self.acks.released(self.tag);
         }
     }
 }
@@ -207,16 +184,23 @@ impl Drop for Pending {
         let Some(acker) = self.acker.take() else {
             return;
         };
-        self.metrics.unacked_deliveries.dec();
-        if self.abandon.abandoned() {
-            return; // the session's channel is closing: that returns it
+        if self.acks.abandoned() {
+            // The session's channel is closing: that returns it. It stays
+            // outstanding until then, so no ack may cover it.
+            self.acks.left_to_close();
+            return;
         }
         // Unsettled: a task panicked. Hand the message back rather than leave
         // it pinned on a live channel.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = acker.nack(requeue()).await;
-            });
+        let (acks, tag) = (self.acks.clone(), self.tag);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = acker.nack(requeue()).await;
+                    acks.released(tag);
+                });
+            }
+            Err(_) => acks.left_to_close(),
         }
     }
 }

@@ -18,10 +18,12 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use crate::reason::Reason;
 use crate::settings::Settings;
 
+pub mod acks;
 pub mod delivery;
 pub mod publisher;
 
-pub use delivery::{Abandon, Pending};
+pub use acks::{Acks, Flusher};
+pub use delivery::Pending;
 pub use publisher::Publisher;
 
 /// The CRM's routing key for one assigned customer.

@@ -65,7 +65,7 @@ impl Settler {
     pub async fn ack_all(&self, closed: &mut Closed<Pending>, notice: &Notice) {
         let mut acked = 0;
         for (_, p) in &mut closed.deliveries {
-            acked += usize::from(p.ack().await);
+            acked += usize::from(p.ack());
         }
         self.metrics
             .notice_sent(notice.summary, notice.customer_count);
@@ -91,7 +91,7 @@ impl Settler {
     ) -> Result<bool, BrokerError> {
         let props = with_park_headers(&p.properties(), h);
         self.publisher.publish("", queue, &p.body, props).await?;
-        Ok(p.ack().await)
+        Ok(p.ack())
     }
 
     /// Returns every delivery not yet settled to the work queue, after a
@@ -149,7 +149,7 @@ impl Settler {
             let id = id_of(closed, *i, p).to_string();
             match copied.get(i) {
                 Some(true) => {
-                    p.ack().await;
+                    p.ack();
                     continue;
                 }
                 Some(false) => continue,
