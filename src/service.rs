@@ -34,6 +34,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(15);
 /// they are already waiting (a backlog), before looking at timers and tasks.
 const RECEIVE_BATCH: usize = 256;
 
+/// How long the last acks of a session may take to leave.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 /// A built, not yet running, service.
 pub struct Service {
     settings: Arc<Settings>,
@@ -233,40 +236,52 @@ impl Service {
 
         // One timer for the earliest window deadline, moved only when that
         // deadline changes (not a new timer per delivery).
-        let never = far_future();
-        let timer = tokio::time::sleep_until(never);
+        let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
-        let end = loop {
-            let deadline = coalescer.next_deadline().unwrap_or(never);
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
+        let mut timer_at = None;
+        let end = 'session: loop {
+            let deadline = coalescer.next_deadline();
+            if let Some(d) = deadline.filter(|d| timer_at != Some(*d)) {
+                timer.as_mut().reset(d);
+                timer_at = Some(d);
             }
+            // Biased: a signal wins over a waiting delivery (no window opens
+            // after it), and a due window over the backlog.
             tokio::select! {
-                _ = shutdown.wait() => break Ok(()),
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        let closed = self.receive(delivery, &mut coalescer, &mut tasks, &acks);
-                        self.spawn_all(closed, &mut tasks);
-                        // Deliveries already here are taken in the same turn.
-                        for _ in 0..RECEIVE_BATCH {
-                            if shutdown.is_triggered() {
-                                break;
-                            }
-                            let Some(Some(Ok(delivery))) = consumer.next().now_or_never() else {
-                                break;
-                            };
-                            let closed = self.receive(delivery, &mut coalescer, &mut tasks, &acks);
-                            self.spawn_all(closed, &mut tasks);
-                        }
-                    }
-                    Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
-                    None => break Err(anyhow::anyhow!("the broker cancelled the consumer")),
-                },
-                _ = &mut timer => {
+                biased;
+                _ = shutdown.wait() => break 'session Ok(()),
+                _ = &mut timer, if deadline.is_some() => {
+                    timer_at = None;
                     let closed = coalescer.expire(Instant::now());
                     self.spawn_all(closed, &mut tasks);
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
+                delivery = consumer.next() => {
+                    // Deliveries already here are taken in the same turn.
+                    let mut delivery = delivery;
+                    let mut taken = 0;
+                    let ended = loop {
+                        match delivery {
+                            Some(Ok(d)) => {
+                                let closed = self.receive(d, &mut coalescer, &mut tasks, &acks);
+                                self.spawn_all(closed, &mut tasks);
+                            }
+                            Some(Err(e)) => break Some(anyhow::Error::new(e).context("consumer failed")),
+                            None => break Some(anyhow::anyhow!("the broker cancelled the consumer")),
+                        }
+                        taken += 1;
+                        if taken >= RECEIVE_BATCH || shutdown.is_triggered() {
+                            break None;
+                        }
+                        match consumer.next().now_or_never() {
+                            Some(next) => delivery = next,
+                            None => break None,
+                        }
+                    };
+                    if let Some(e) = ended {
+                        break 'session Err(e);
+                    }
+                }
             }
             self.metrics.open_windows.set(coalescer.len() as i64);
         };
@@ -296,7 +311,7 @@ impl Service {
                     tasks.shutdown().await;
                 }
                 // What was settled is acked before the consumer goes.
-                acks.flush().await;
+                flush(&acks).await;
                 // Only now hand the queue to a standby: it must not call
                 // WeChat beside this replica's drain.
                 let _ = consume
@@ -315,6 +330,11 @@ impl Service {
                 // The deliveries of a dead channel cannot be acked: the broker redelivers.
                 acks.abandon();
                 tasks.shutdown().await;
+                // A cancelled consumer leaves the channel open: what was
+                // settled need not come back.
+                if acks.usable() {
+                    flush(&acks).await;
+                }
                 drop(coalescer);
                 close(&conn).await;
                 Err(e)
@@ -372,9 +392,15 @@ fn operator_retry(settings: &Settings) -> Duration {
     settings.config_retry.max(RECONNECT_MAX)
 }
 
-/// A deadline that never comes (no window open).
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+/// Sends every settled ack, within a bound: a stalled socket must not hold
+/// the shutdown past its grace (unsent acks only mean redeliveries).
+async fn flush(acks: &Acks) {
+    if tokio::time::timeout(FLUSH_LIMIT, acks.flush())
+        .await
+        .is_err()
+    {
+        warn!("acks not all sent in time; the broker will redeliver those messages");
+    }
 }
 
 async fn close(conn: &Connection) {

@@ -418,3 +418,39 @@ async fn calls_are_spaced_by_the_rate_budget() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// The broker cancels the consumer (the work queue was deleted) while the
+/// replica holds a backlog in open windows: the session ends, the replica
+/// declares the queue again and consumes what arrives next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_deleted_under_a_backlog_is_declared_again_and_consumed() {
+    let mut env = TestEnv::new("qdel").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "60000");
+    env.set("NOTIFIER_BATCH_MAX_WAIT_MS", "120000");
+    env.declare().await;
+    let replica = env.spawn_process();
+    let backlog = env.bulk(3000, 3000, false);
+    env.publish(&backlog).await;
+    let queue = env.queue();
+    env.channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert!(
+        eventually(WAIT, || async {
+            env.queue_exists(&queue).await && env.consumers(&queue).await == 1
+        })
+        .await,
+        "the replica declared the queue again and consumes from it"
+    );
+    let mut next = env.bulk(1, 1, false);
+    next[0]["assignee"]["user_id"] = json!("after-the-delete");
+    env.publish(&next).await;
+    // Its window is the 60 s one of the replica: SIGTERM sends it at once.
+    replica.sigterm();
+    assert!(
+        wait_until(WAIT, || env.notified_ids().is_superset(&ids(&next))).await,
+        "the event published after the delete is delivered"
+    );
+    env.cleanup().await;
+}

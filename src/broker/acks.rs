@@ -182,7 +182,7 @@ enum Slot {
     /// Unsettled: nothing at or behind it may be covered by a `multiple` ack.
     Held,
     /// Settled, not yet acked.
-    Settled(Instant),
+    Settled,
     /// Acked singly, or released: no longer outstanding for the ack.
     Done,
 }
@@ -190,12 +190,16 @@ enum Slot {
 /// Which tags are held, settled or done; pure bookkeeping, no I/O.
 #[derive(Default)]
 struct Ledger {
-    /// Tag of `slots[0]`, once the first delivery arrived.
-    base: Option<u64>,
+    /// Tag of `slots[0]` (a channel's first delivery is tag 1).
+    base: u64,
     slots: VecDeque<Slot>,
+    /// Settled tags in the order they settled, for the linger: a plan looks
+    /// only at those due, not at every slot behind a held one.
+    settled_at: VecDeque<(Instant, u64)>,
+    /// Settled slots not yet planned for sending.
+    settled: usize,
     /// Tags settled after the sequence broke: each acked on its own.
     loose: Vec<u64>,
-    in_sequence: bool,
     broken: bool,
 }
 
@@ -213,61 +217,65 @@ impl Ledger {
         if self.broken {
             return;
         }
-        let next = match self.base {
-            None => {
-                self.base = Some(tag);
-                self.in_sequence = true;
-                tag
-            }
-            Some(base) => base + self.slots.len() as u64,
-        };
+        if self.base == 0 {
+            self.base = 1;
+        }
+        let next = self.base + self.slots.len() as u64;
         if tag == next {
             self.slots.push_back(Slot::Held);
-        } else {
-            warn!(
-                tag,
-                expected = next,
-                "delivery tags out of sequence; acking one by one on this channel"
-            );
-            // What is settled goes singly; what is held will, once settled.
-            let base = self.base.unwrap_or(0);
-            for (i, slot) in self.slots.drain(..).enumerate() {
-                if let Slot::Settled(_) = slot {
-                    self.loose.push(base + i as u64);
-                }
-            }
-            self.broken = true;
-            self.in_sequence = false;
+            return;
         }
+        warn!(
+            tag,
+            expected = next,
+            "delivery tags out of sequence; acking one by one on this channel"
+        );
+        // What is settled goes singly; what is held will, once settled.
+        let base = self.base;
+        for (i, slot) in self.slots.drain(..).enumerate() {
+            if slot == Slot::Settled {
+                self.loose.push(base + i as u64);
+            }
+        }
+        self.settled_at.clear();
+        self.settled = 0;
+        self.broken = true;
     }
 
     fn index(&self, tag: u64) -> Option<usize> {
-        let base = self.base?;
-        let i = usize::try_from(tag.checked_sub(base)?).ok()?;
-        (self.in_sequence && i < self.slots.len()).then_some(i)
+        let i = usize::try_from(tag.checked_sub(self.base)?).ok()?;
+        (!self.broken && i < self.slots.len()).then_some(i)
     }
 
     fn settled(&mut self, tag: u64, now: Instant) {
         match self.index(tag) {
-            Some(i) => self.slots[i] = Slot::Settled(now),
+            Some(i) if self.slots[i] == Slot::Held => {
+                self.slots[i] = Slot::Settled;
+                self.settled += 1;
+                self.settled_at.push_back((now, tag));
+            }
+            Some(_) => {} // settled twice: the first one counts
             None => self.loose.push(tag),
         }
     }
 
     fn released(&mut self, tag: u64) {
         if let Some(i) = self.index(tag) {
-            self.slots[i] = Slot::Done;
+            if self.slots[i] == Slot::Held {
+                self.slots[i] = Slot::Done;
+            }
         }
     }
 
     /// Settled deliveries not yet planned for sending.
     fn waiting(&self) -> usize {
-        self.loose.len()
-            + self
-                .slots
-                .iter()
-                .filter(|s| matches!(s, Slot::Settled(_)))
-                .count()
+        self.loose.len() + self.settled
+    }
+
+    /// Whether `tag` is settled and waiting behind the front.
+    fn is_waiting(&self, tag: u64) -> bool {
+        self.index(tag)
+            .is_some_and(|i| self.slots[i] == Slot::Settled)
     }
 
     /// The front's run of settled or done tags goes in one `multiple` ack
@@ -280,31 +288,36 @@ impl Ledger {
         };
         let mut count = 0;
         let mut last_settled = None;
-        while let Some(slot) = self.slots.front().copied() {
-            let tag = self.base.expect("slots imply a base");
+        while let Some(&slot) = self.slots.front() {
             match slot {
                 Slot::Held => break,
-                Slot::Settled(_) => {
+                Slot::Settled => {
                     count += 1;
-                    last_settled = Some(tag);
+                    last_settled = Some(self.base);
                 }
                 Slot::Done => {}
             }
             self.slots.pop_front();
-            self.base = Some(tag + 1);
+            self.base += 1;
         }
+        self.settled -= count;
         plan.multiple = last_settled.map(|t| (t, count));
-        let base = self.base.unwrap_or(0);
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if let Slot::Settled(at) = *slot {
-                if now.saturating_duration_since(at) >= linger {
-                    plan.singles.push(base + i as u64);
-                    *slot = Slot::Done;
-                } else {
-                    let due = at + linger;
-                    plan.next_wake = Some(plan.next_wake.map_or(due, |w: Instant| w.min(due)));
-                }
+        // Oldest first: those past the linger go singly; the first one not
+        // yet due says when to look again. Entries the run covered are dropped.
+        while let Some(&(at, tag)) = self.settled_at.front() {
+            if !self.is_waiting(tag) {
+                self.settled_at.pop_front();
+                continue;
             }
+            if now.saturating_duration_since(at) < linger {
+                plan.next_wake = Some(at + linger);
+                break;
+            }
+            self.settled_at.pop_front();
+            let i = self.index(tag).expect("waiting implies a slot");
+            self.slots[i] = Slot::Done;
+            self.settled -= 1;
+            plan.singles.push(tag);
         }
         plan
     }
@@ -363,7 +376,10 @@ mod tests {
     #[test]
     fn a_released_tag_unblocks_the_run_without_being_named_or_counted() {
         let now = Instant::now();
-        let mut l = ledger(10..=13);
+        let mut l = ledger(1..=13);
+        for t in 1..10 {
+            l.released(t);
+        }
         l.settled(10, now);
         l.settled(12, now);
         assert_eq!(l.plan(now, LINGER).multiple, Some((10, 1)));
@@ -376,6 +392,17 @@ mod tests {
         l.released(14);
         assert_eq!(l.plan(now, LINGER), Plan::default());
         assert_eq!(l.waiting(), 0);
+    }
+
+    #[test]
+    fn a_first_tag_other_than_1_turns_multiple_acks_off() {
+        let now = Instant::now();
+        let mut l = ledger(3..=4);
+        l.settled(4, now);
+        l.settled(3, now);
+        let p = l.plan(now, LINGER);
+        assert_eq!(p.multiple, None);
+        assert_eq!(p.singles, vec![4, 3]);
     }
 
     #[test]

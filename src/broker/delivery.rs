@@ -162,13 +162,17 @@ impl Pending {
 
     /// Returns the message to its queue now (nack, requeue).
     pub async fn release(&mut self) {
-        if let Some(acker) = self.acker.take() {
-            if let Err(e) = acker.nack(requeue()).await {
-                debug!(error = %e, "release failed; the channel's close returns the message");
-            }
-            // Only once the nack is out may an ack behind it cover its tag.
-            self.acks.released(self.tag);
+        // Nacked through a clone (one use between them): if this task is
+        // aborted mid-nack, `Drop` still finds the delivery unsettled.
+        let Some(acker) = self.acker.clone() else {
+            return;
+        };
+        if let Err(e) = acker.nack(requeue()).await {
+            debug!(error = %e, "release failed; the channel's close returns the message");
         }
+        self.acker = None;
+        // Only once the nack is out may an ack behind it cover its tag.
+        self.acks.released(self.tag);
     }
 }
 
