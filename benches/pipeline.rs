@@ -514,7 +514,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
             c["rate"].as_f64().unwrap()
         );
         // For the explanation, not the ratio: the same consumer acking every
-        // delivery on its own, as the service must (windows settle out of order).
+        // delivery on its own, as the service did before its acks left in runs.
         if i == 0 {
             let c1 = ceiling_once(&env, &bodies, prefetch, 1).await;
             eprintln!(
