@@ -12,7 +12,7 @@ pub mod token;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::metrics::Metrics;
@@ -55,10 +55,27 @@ struct FunctionReply {
     err_msg: Option<String>,
 }
 
+/// The cloud function's `event` for a notice (contract section 4), written
+/// straight from the notice (no intermediate JSON tree).
+#[derive(Serialize)]
+struct InvokeBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    notice: &'a Notice,
+}
+
+/// An endpoint under the API base.
+fn endpoint(base: &str, path: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(&format!("{base}{path}")).ok()
+}
+
 /// Sends notices to WeChat.
 pub struct WeChat {
     http: reqwest::Client,
-    base: String,
+    /// The two endpoints, parsed once (not on every call); `None` only if
+    /// `WECHAT_API_BASE` was not checked at start.
+    invoke_url: Option<reqwest::Url>,
+    send_url: Option<reqwest::Url>,
     mode: DeliveryMode,
     cloud_env: String,
     cloud_function: String,
@@ -83,7 +100,8 @@ impl WeChat {
         WeChat {
             tokens: TokenProvider::new(settings, http.clone(), metrics.clone()),
             http,
-            base: settings.wechat_api_base.clone(),
+            invoke_url: endpoint(&settings.wechat_api_base, "/tcb/invokecloudfunction"),
+            send_url: endpoint(&settings.wechat_api_base, "/cgi-bin/message/subscribe/send"),
             mode: settings.delivery_mode,
             cloud_env: settings.cloud_env.clone(),
             cloud_function: settings.cloud_function.clone(),
@@ -110,14 +128,17 @@ impl WeChat {
         if self.mode != DeliveryMode::CloudFunction {
             return Ok(());
         }
-        let url = format!("{}/tcb/invokecloudfunction", self.base);
         let query = [
             ("access_token", token.expose()),
             ("env", self.cloud_env.as_str()),
             ("name", self.cloud_function.as_str()),
         ];
         let reply = self
-            .post(&url, &query, &serde_json::json!({ "type": PROBE_TYPE }))
+            .post(
+                self.invoke_url.as_ref(),
+                &query,
+                &serde_json::json!({ "type": PROBE_TYPE }),
+            )
             .await?;
         // The platform's answer first (env, function name, token), then the
         // function's own check of its settings inside `resp_data`.
@@ -170,15 +191,20 @@ impl WeChat {
         result
     }
 
-    async fn post(
+    async fn post<B: Serialize + ?Sized>(
         &self,
-        url: &str,
+        url: Option<&reqwest::Url>,
         query: &[(&str, &str)],
-        body: &Value,
+        body: &B,
     ) -> Result<ApiReply, CallResult> {
+        let Some(url) = url else {
+            return Err(CallResult::transient(
+                "WECHAT_API_BASE is not an http(s) URL".to_string(),
+            ));
+        };
         let response = self
             .http
-            .post(url)
+            .post(url.clone())
             .query(query)
             .json(body)
             .send()
@@ -204,17 +230,16 @@ impl WeChat {
     }
 
     async fn invoke(&self, notice: &Notice, token: &str) -> CallResult {
-        let url = format!("{}/tcb/invokecloudfunction", self.base);
-        let body = serde_json::json!({
-            "type": "sendCustomerAssignNotification",
-            "notice": notice,
-        });
+        let body = InvokeBody {
+            kind: "sendCustomerAssignNotification",
+            notice,
+        };
         let query = [
             ("access_token", token),
             ("env", self.cloud_env.as_str()),
             ("name", self.cloud_function.as_str()),
         ];
-        let reply = match self.post(&url, &query, &body).await {
+        let reply = match self.post(self.invoke_url.as_ref(), &query, &body).await {
             Ok(r) => r,
             Err(e) => return e,
         };
@@ -225,8 +250,10 @@ impl WeChat {
     }
 
     async fn subscribe_send(&self, body: &Value, token: &str) -> CallResult {
-        let url = format!("{}/cgi-bin/message/subscribe/send", self.base);
-        match self.post(&url, &[("access_token", token)], body).await {
+        match self
+            .post(self.send_url.as_ref(), &[("access_token", token)], body)
+            .await
+        {
             Ok(reply) => {
                 platform_result(&reply).unwrap_or_else(|| CallResult::from_errcode(0, "ok"))
             }
