@@ -380,7 +380,15 @@ async fn apply_fault(
         }
         Some(FaultAction::Http(status)) => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Err((status, -1, (code, "simulated failure").into_response()))
+            let mut response = (code, "simulated failure").into_response();
+            if code.is_redirection() {
+                // Somewhere else on this server, which answers 404 if followed.
+                response.headers_mut().insert(
+                    axum::http::header::LOCATION,
+                    axum::http::HeaderValue::from_static("/redirected"),
+                );
+            }
+            Err((status, -1, response))
         }
         Some(FaultAction::Errcode(code)) => {
             Err((200, code, wechat_error(code, "simulated errcode")))

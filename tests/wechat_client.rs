@@ -124,6 +124,19 @@ async fn an_http_500_is_transient_and_names_the_status() {
     assert_eq!(wechat.send(&notice("u1")).await.outcome, Outcome::Delivered);
 }
 
+/// WeChat's API never redirects; a redirect is not followed (the URL carries
+/// the access token) and counts as transient.
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_is_transient() {
+    let sim = sim().await;
+    let wechat = client(&settings(&sim, &[]));
+    sim.push_fault(fault(Api::InvokeCloudFunction, FaultAction::Http(302), 1));
+    let r = wechat.send(&notice("u1")).await;
+    assert_eq!((r.outcome, r.errcode), (Outcome::Transient, None));
+    assert!(r.detail.contains("302"), "not followed: {}", r.detail);
+    assert!(sim.delivered().is_empty());
+}
+
 #[tokio::test]
 async fn a_reply_slower_than_the_call_timeout_is_a_transient_timeout() {
     let sim = sim().await;

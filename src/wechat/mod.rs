@@ -85,10 +85,13 @@ pub struct WeChat {
 }
 
 /// The HTTP client every WeChat call uses (rustls, a whole-call timeout:
-/// `WECHAT_CALL_TIMEOUT`, after which the call counts as transient).
+/// `WECHAT_CALL_TIMEOUT`, after which the call counts as transient). Redirects
+/// are not followed: WeChat's API never redirects, and a URL carrying the
+/// access token must not be sent on to another address (a 3xx is transient).
 pub fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .build()
         .expect("a TLS backend is compiled in")
