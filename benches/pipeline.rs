@@ -625,18 +625,7 @@ async fn latency_once(quiet_ms: f64, events: usize) -> (Vec<f64>, bool) {
     let exchange = env.exchange();
     // Warm up the connection pool and the token before the clock matters.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut sent_at: HashMap<String, Instant> = HashMap::new();
-    let start = Instant::now();
-    for (i, (id, body)) in bodies.iter().enumerate() {
-        tokio::time::sleep_until(start + Duration::from_millis(10) * i as u32).await;
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(id.as_str().into());
-        sent_at.insert(id.clone(), Instant::now());
-        broker::publish_confirmed(&env.channel, &exchange, ROUTING_KEY, body, props)
-            .await
-            .unwrap();
-    }
+    let sent_at = publish_paced(&env, &exchange, &bodies).await;
     let done = wait_until(Duration::from_secs(60), || {
         env.sim.delivered_event_count() >= events
     })
@@ -656,6 +645,28 @@ async fn latency_once(quiet_ms: f64, events: usize) -> (Vec<f64>, bool) {
     lat.sort_by(f64::total_cmp);
     let ok = done && lat.len() == events;
     (lat, ok)
+}
+
+/// Publishes `bodies` at 100 events/s, each confirmed before the next, as
+/// the CRM would one at a time: when each was sent, by event id.
+async fn publish_paced(
+    env: &TestEnv,
+    exchange: &str,
+    bodies: &[(String, Vec<u8>)],
+) -> HashMap<String, Instant> {
+    let mut sent_at = HashMap::new();
+    let start = Instant::now();
+    for (i, (id, body)) in bodies.iter().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_millis(10) * i as u32).await;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.as_str().into());
+        sent_at.insert(id.clone(), Instant::now());
+        broker::publish_confirmed(&env.channel, exchange, ROUTING_KEY, body, props)
+            .await
+            .unwrap();
+    }
+    sent_at
 }
 
 /// The broker's share of the latency: the same publishes (100/s, confirmed)
@@ -688,18 +699,7 @@ async fn broker_latency(events: usize) -> Vec<f64> {
         got
     });
     let exchange = env.exchange();
-    let mut sent_at: HashMap<String, Instant> = HashMap::new();
-    let start = Instant::now();
-    for (i, (id, body)) in bodies.iter().enumerate() {
-        tokio::time::sleep_until(start + Duration::from_millis(10) * i as u32).await;
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_message_id(id.as_str().into());
-        sent_at.insert(id.clone(), Instant::now());
-        broker::publish_confirmed(&env.channel, &exchange, ROUTING_KEY, body, props)
-            .await
-            .unwrap();
-    }
+    let sent_at = publish_paced(&env, &exchange, &bodies).await;
     let got = tokio::time::timeout(Duration::from_secs(30), receiver)
         .await
         .map(|r| r.unwrap())
@@ -1192,11 +1192,8 @@ async fn handover() -> Row {
         .filter_map(|e| e["event_id"].as_str().map(str::to_string))
         .collect();
     let notified = |sims: [&Sim; 2]| -> BTreeSet<String> {
-        sims.iter()
-            .flat_map(|s| s.delivered())
-            .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect()
+        let notices: Vec<Value> = sims.iter().flat_map(|s| s.delivered()).collect();
+        common::event_ids_of(&notices)
     };
     let done = wait_until(Duration::from_secs(30), || {
         want.is_subset(&notified([&env.sim, &standby_sim]))

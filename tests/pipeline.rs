@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{eventually, fault_for, ids, unacked, wait_until, TestEnv};
+use common::{event_ids_of, eventually, fault_for, ids, unacked, wait_until, TestEnv};
 use serde_json::{json, Value};
 use wechat_notifier::broker::{header_int, header_str, headers};
 use wechat_notifier::sim::{Api, FaultAction};
@@ -325,11 +324,7 @@ async fn acks_for_settled_messages_never_cover_the_held_ones_between_them() {
         wait_until(WAIT, || env.notified_ids() == ids(&events)).await,
         "the held events are delivered by the next replica"
     );
-    let back: BTreeSet<String> = env.sim.delivered()[before..]
-        .iter()
-        .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
-        .filter_map(|v| v.as_str().map(str::to_string))
-        .collect();
+    let back = event_ids_of(&env.sim.delivered()[before..]);
     assert_eq!(
         back,
         ids(&held),

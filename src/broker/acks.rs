@@ -188,7 +188,6 @@ enum Slot {
 }
 
 /// Which tags are held, settled or done; pure bookkeeping, no I/O.
-#[derive(Default)]
 struct Ledger {
     /// Tag of `slots[0]` (a channel's first delivery is tag 1).
     base: u64,
@@ -212,13 +211,23 @@ struct Plan {
     next_wake: Option<Instant>,
 }
 
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            base: 1,
+            slots: VecDeque::new(),
+            settled_at: VecDeque::new(),
+            settled: 0,
+            loose: Vec::new(),
+            broken: false,
+        }
+    }
+}
+
 impl Ledger {
     fn received(&mut self, tag: u64) {
         if self.broken {
             return;
-        }
-        if self.base == 0 {
-            self.base = 1;
         }
         let next = self.base + self.slots.len() as u64;
         if tag == next {

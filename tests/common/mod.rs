@@ -374,12 +374,7 @@ impl TestEnv {
 
     /// Every event id covered by a notice WeChat accepted.
     pub fn notified_ids(&self) -> BTreeSet<String> {
-        self.sim
-            .delivered()
-            .iter()
-            .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect()
+        event_ids_of(&self.sim.delivered())
     }
 
     /// Deletes this test's queues and exchange.
@@ -431,6 +426,15 @@ pub fn most_in_any_window(times: &[f64], width: f64) -> usize {
         most = most.max(end - start + 1);
     }
     most
+}
+
+/// Every event id the given notices cover.
+pub fn event_ids_of(notices: &[Value]) -> BTreeSet<String> {
+    notices
+        .iter()
+        .flat_map(|n| n["event_ids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
 }
 
 pub fn ids(events: &[Value]) -> BTreeSet<String> {
