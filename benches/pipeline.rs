@@ -398,9 +398,12 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
     env.set("NOTIFIER_RATE_BURST", "10000");
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_BATCH_MAX", "50");
-    if let Ok(p) = std::env::var("BENCH_DRAIN_PREFETCH") {
-        env.set("NOTIFIER_PREFETCH", &p);
-    }
+    // The ceiling's prefetch, not the default 2,000: with a 50 ms quiet
+    // period every delivery is held at least 50 ms, so 2,000 held deliveries
+    // cap the drain at 2,000 / 0.05 s = 40,000 events/s whatever the CPU
+    // (the README's sizing rule: prefetch >= events/s x quiet period).
+    let prefetch = env_num("BENCH_DRAIN_PREFETCH", CEILING_PREFETCH);
+    env.set("NOTIFIER_PREFETCH", &prefetch.to_string());
     // For experiments: extra environment for the replica, `K=V;K=V`.
     for pair in std::env::var("BENCH_DRAIN_ENV")
         .unwrap_or_default()
@@ -491,6 +494,7 @@ async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
         "simulator_and_bench_cpu_secs": bench_cpu,
         "broker_cpu_secs": broker_cpu,
         "notices": notice_count,
+        "prefetch": prefetch,
         "all_notified": done,
         "queue_empty_after": drained,
     })
@@ -567,8 +571,9 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
     let drain = Row {
         row: "drain",
         what: format!(
-            "the service draining {n} queued events over {} assignees into {notices} notices: median; ratio {ratio:.2} (median of per-pair ratios)",
-            n / 10
+            "the service draining {n} queued events over {} assignees into {notices} notices, prefetch {}: median; ratio {ratio:.2} (median of per-pair ratios)",
+            n / 10,
+            env_num("BENCH_DRAIN_PREFETCH", CEILING_PREFETCH)
         ),
         figure: drain_rate,
         unit: "events/s",
