@@ -1,6 +1,9 @@
 # Multi-stage build: compile in the Rust image, run in a slim Debian.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# make: tikv-jemalloc-sys builds jemalloc from source.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
