@@ -281,6 +281,13 @@ impl Service {
                     if let Some(e) = ended {
                         break 'session Err(e);
                     }
+                    if taken >= RECEIVE_BATCH {
+                        // A backlog: lapin's consumer is always ready and not
+                        // under tokio's cooperative budget, so on the one
+                        // runtime thread the loop yields here to let the
+                        // window tasks, the ack flusher and /metrics run.
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
             self.metrics.open_windows.set(coalescer.len() as i64);
