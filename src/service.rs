@@ -37,6 +37,10 @@ const RECEIVE_BATCH: usize = 256;
 /// How long the last acks of a session may take to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long cancelling the consumer, and closing the connection, may take at
+/// the end (a broker that stopped answering must not hold the exit).
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
 /// A built, not yet running, service.
 pub struct Service {
     settings: Arc<Settings>,
@@ -281,12 +285,15 @@ impl Service {
                     if let Some(e) = ended {
                         break 'session Err(e);
                     }
+                    // Under a backlog lapin's consumer is always ready and
+                    // outside tokio's cooperative budget: on the one runtime
+                    // thread the loop gives way here (after a full batch, or
+                    // when the turns have used the budget) so the window
+                    // tasks, the ack flusher, lapin's own tasks and /metrics run.
                     if taken >= RECEIVE_BATCH {
-                        // A backlog: lapin's consumer is always ready and not
-                        // under tokio's cooperative budget, so on the one
-                        // runtime thread the loop yields here to let the
-                        // window tasks, the ack flusher and /metrics run.
                         tokio::task::yield_now().await;
+                    } else {
+                        tokio::task::coop::consume_budget().await;
                     }
                 }
             }
@@ -321,12 +328,11 @@ impl Service {
                 flush(&acks).await;
                 // Only now hand the queue to a standby: it must not call
                 // WeChat beside this replica's drain.
-                let _ = consume
-                    .basic_cancel(
-                        self.consumer_tag.as_str().into(),
-                        BasicCancelOptions::default(),
-                    )
-                    .await;
+                let cancel = consume.basic_cancel(
+                    self.consumer_tag.as_str().into(),
+                    BasicCancelOptions::default(),
+                );
+                let _ = tokio::time::timeout(CLOSE_LIMIT, cancel).await;
                 self.health.set_consuming(false);
                 self.metrics.consuming.set(0);
                 drop(consumer);
@@ -411,8 +417,10 @@ async fn flush(acks: &Acks) {
 }
 
 async fn close(conn: &Connection) {
-    if let Err(e) = conn.close(200, "bye".into()).await {
-        error!(error = %e, "closing the broker connection");
+    match tokio::time::timeout(CLOSE_LIMIT, conn.close(200, "bye".into())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "closing the broker connection"),
+        Err(_) => warn!("the broker did not confirm the close in time; exiting anyway"),
     }
 }
 

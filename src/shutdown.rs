@@ -35,22 +35,26 @@ impl Shutdown {
     }
 }
 
-/// Triggers on the first SIGTERM or SIGINT.
+/// Triggers on the first SIGTERM or SIGINT. The handlers are installed
+/// before this returns, so a signal that comes while the service is still
+/// connecting is not the default (fatal) one.
 pub fn on_signals(trigger: ShutdownTrigger) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::spawn(async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT received: shutting down"),
             }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+            trigger.trigger();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         trigger.trigger();
     });
 }
