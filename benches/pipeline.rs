@@ -391,18 +391,13 @@ async fn ceiling_once(
 /// starts as standby; closing it hands the queue over, which starts the clock
 /// (start-up has its own row). Stops at the simulator's receipt of the notice
 /// that covers the last event; CPU is the replica's own (user + system).
-async fn drain_once(bodies: &[(String, Vec<u8>)]) -> Value {
+async fn drain_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
     let n = bodies.len();
     let mut env = TestEnv::new("bench-drain").await;
     env.set("NOTIFIER_RATE_PER_SEC", "1000000");
     env.set("NOTIFIER_RATE_BURST", "10000");
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_BATCH_MAX", "50");
-    // The ceiling's prefetch, not the default 2,000: with a 50 ms quiet
-    // period every delivery is held at least 50 ms, so 2,000 held deliveries
-    // cap the drain at 2,000 / 0.05 s = 40,000 events/s whatever the CPU
-    // (the README's sizing rule: prefetch >= events/s x quiet period).
-    let prefetch = env_num("BENCH_DRAIN_PREFETCH", CEILING_PREFETCH);
     env.set("NOTIFIER_PREFETCH", &prefetch.to_string());
     // For experiments: extra environment for the replica, `K=V;K=V`.
     for pair in std::env::var("BENCH_DRAIN_ENV")
@@ -507,6 +502,11 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
     let bodies = grouped_bodies(n, 10, &format!("{}-a", env.prefix));
     let prefetch = env_num("BENCH_CEILING_PREFETCH", CEILING_PREFETCH);
     let ack_every = env_num("BENCH_CEILING_ACK_EVERY", CEILING_ACK_EVERY);
+    // The replica gets the ceiling's prefetch, not the default 2,000: with a
+    // 50 ms quiet period every delivery is held at least 50 ms, so 2,000 held
+    // deliveries cap the drain at 2,000 / 0.05 s = 40,000 events/s whatever
+    // the CPU (the runbook's sizing rule: prefetch >= events/s x quiet period).
+    let drain_prefetch = env_num("BENCH_DRAIN_PREFETCH", usize::from(CEILING_PREFETCH));
     let mut ceilings = Vec::new();
     let mut drains = Vec::new();
     let mut one_by_one = Vec::new();
@@ -527,7 +527,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
             );
             one_by_one.push(c1);
         }
-        let d = drain_once(&bodies).await;
+        let d = drain_once(&bodies, drain_prefetch).await;
         eprintln!(
             "pair {}: drain {:.0}/s ({:.2} CPU s)",
             i + 1,
@@ -573,7 +573,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
         what: format!(
             "the service draining {n} queued events over {} assignees into {notices} notices, prefetch {}: median; ratio {ratio:.2} (median of per-pair ratios)",
             n / 10,
-            env_num("BENCH_DRAIN_PREFETCH", CEILING_PREFETCH)
+            drain_prefetch
         ),
         figure: drain_rate,
         unit: "events/s",

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::settings::keyword_type;
-use crate::wechat::PROBE_TYPE;
+use crate::wechat::{NOTICE_TYPE, PROBE_TYPE};
 
 /// What the simulated mini program is.
 #[derive(Debug, Clone)]
@@ -548,12 +548,7 @@ async fn invoke(
         (true, None) => 0,
         (true, Some(c)) => c,
         (false, Some(c)) => c,
-        (false, None)
-            if body.get("type").and_then(Value::as_str)
-                != Some("sendCustomerAssignNotification") =>
-        {
-            -1
-        }
+        (false, None) if body.get("type").and_then(Value::as_str) != Some(NOTICE_TYPE) => -1,
         (false, None) => 0,
     };
     s.record(at, Api::InvokeCloudFunction, body, 200, function_code);

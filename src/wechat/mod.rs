@@ -24,6 +24,9 @@ use token::TokenProvider;
 /// The `type` of the probe call; the cloud function answers it without sending anything.
 pub const PROBE_TYPE: &str = "wechatNotifierProbe";
 
+/// The `type` of the cloud function's event for a notice (contract section 4).
+pub const NOTICE_TYPE: &str = "sendCustomerAssignNotification";
+
 /// WeChat's envelope. Fields of an unexpected type read as absent, so a
 /// reply that is JSON but not WeChat's is classified, not a parse error.
 #[derive(Deserialize)]
@@ -234,7 +237,7 @@ impl WeChat {
 
     async fn invoke(&self, notice: &Notice, token: &str) -> CallResult {
         let body = InvokeBody {
-            kind: "sendCustomerAssignNotification",
+            kind: NOTICE_TYPE,
             notice,
         };
         let query = [
