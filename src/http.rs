@@ -24,6 +24,8 @@ pub struct Health {
     fault: Mutex<Option<String>>,
     /// Why the last broker session ended, while the broker is down.
     broker_problem: Mutex<Option<String>>,
+    /// A WeChat quota pause (which quota, until when).
+    quota_pause: Mutex<Option<(&'static str, i64, std::time::Instant)>>,
 }
 
 impl Health {
@@ -48,6 +50,11 @@ impl Health {
     pub fn set_fault(&self, fault: Option<String>) {
         *self.fault.lock().expect("not poisoned") = fault;
     }
+    /// Every WeChat call is paused until `until` by the `quota` quota
+    /// (WeChat's `errcode`); reported while it lasts.
+    pub fn set_quota_pause(&self, quota: &'static str, errcode: i64, until: std::time::Instant) {
+        *self.quota_pause.lock().expect("not poisoned") = Some((quota, errcode, until));
+    }
 
     /// `Ok` when ready, else the reason.
     pub fn ready(&self) -> Result<(), String> {
@@ -67,6 +74,15 @@ impl Health {
         }
         if !self.consuming.load(Ordering::SeqCst) {
             return Err("no consumer registered".into());
+        }
+        if let Some((quota, errcode, until)) = *self.quota_pause.lock().expect("not poisoned") {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if !left.is_zero() {
+                return Err(format!(
+                    "WeChat {quota} quota reached (errcode {errcode}): every call paused for another {:.0} s",
+                    left.as_secs_f64().ceil()
+                ));
+            }
         }
         Ok(())
     }

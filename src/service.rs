@@ -243,6 +243,8 @@ impl Service {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut timer_at = None;
+        // Set by this session's first delivery: the replica is the active one.
+        let mut active = false;
         let end = 'session: loop {
             let deadline = coalescer.next_deadline();
             if let Some(d) = deadline.filter(|d| timer_at != Some(*d)) {
@@ -267,6 +269,10 @@ impl Service {
                     let ended = loop {
                         match delivery {
                             Some(Ok(d)) => {
+                                if !active {
+                                    active = true;
+                                    self.dispatcher.now_active();
+                                }
                                 let closed = self.receive(d, &mut coalescer, &mut tasks, &acks);
                                 self.spawn_all(closed, &mut tasks);
                             }

@@ -178,6 +178,11 @@ impl Sim {
         self.state.lock().faults.clear();
     }
 
+    /// Replaces every scripted fault at once (no call sees a state between).
+    pub fn replace_faults(&self, faults: Vec<Fault>) {
+        self.state.lock().faults = faults;
+    }
+
     /// Every token issued so far is expired from now on (WeChat then answers 42001).
     pub fn expire_tokens(&self) {
         let mut inner = self.state.lock();

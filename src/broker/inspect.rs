@@ -392,6 +392,17 @@ mod tests {
             text.contains("other arguments") && text.contains("'q'"),
             "{text}"
         );
+        let timed_out = amqp(
+            406,
+            "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. \
+             Timeout value used: 60000 ms. This timeout value can be configured, see consumers doc guide to learn more",
+        );
+        assert_eq!(timed_out.kind(), FailureKind::ConsumerTimeout);
+        let text = timed_out.to_string();
+        assert!(
+            text.contains("consumer_timeout") && !text.contains("other arguments"),
+            "{text}"
+        );
         assert_eq!(
             amqp(404, "NOT_FOUND - no queue 'q'").kind(),
             FailureKind::NotFound

@@ -73,6 +73,10 @@ pub enum FailureKind {
     AccessRefused,
     /// A queue or exchange exists with other arguments (406 PRECONDITION_FAILED).
     Mismatch,
+    /// The broker closed the channel because a delivery stayed unacked past
+    /// its `consumer_timeout` (also a 406 PRECONDITION_FAILED, told apart by
+    /// its text): the deliveries return to the queue; reconnecting is enough.
+    ConsumerTimeout,
     /// A queue or exchange does not exist (404 NOT_FOUND).
     NotFound,
     /// The connection or channel went away under us.
@@ -102,11 +106,22 @@ pub fn reply_code(e: &lapin::Error) -> Option<u16> {
     }
 }
 
+/// Whether a broker's reply text is RabbitMQ's consumer-timeout close
+/// ("delivery acknowledgement on channel 1 timed out. Timeout value used: …").
+fn is_consumer_timeout(text: &str) -> bool {
+    text.contains("acknowledgement") && text.contains("timed out")
+}
+
 fn lapin_kind(e: &lapin::Error) -> FailureKind {
     match reply_code(e) {
         Some(403) => FailureKind::AccessRefused,
         Some(404) => FailureKind::NotFound,
-        Some(406) => FailureKind::Mismatch,
+        Some(406) => match e.kind() {
+            lapin::ErrorKind::ProtocolError(p) if is_consumer_timeout(p.get_message().as_str()) => {
+                FailureKind::ConsumerTimeout
+            }
+            _ => FailureKind::Mismatch,
+        },
         Some(_) => FailureKind::Refused,
         None => FailureKind::ConnectionLost,
     }
@@ -124,6 +139,10 @@ fn describe(e: &lapin::Error) -> String {
         FailureKind::Mismatch => format!(
             "a queue or exchange exists with other arguments than the settings ask for ({text}); \
              delete it or fix the NOTIFIER_* names"
+        ),
+        FailureKind::ConsumerTimeout => format!(
+            "the broker closed the consuming channel: a delivery stayed unacked longer than its \
+             consumer_timeout ({text}); the messages return to the queue (see the README to raise it)"
         ),
         FailureKind::NotFound => format!("not found on the broker ({text})"),
         FailureKind::AccessRefused => {

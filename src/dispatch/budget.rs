@@ -45,11 +45,38 @@ impl QuotaKind {
             QuotaKind::Daily => "daily",
         }
     }
+
+    fn errcode(self) -> i64 {
+        match self {
+            QuotaKind::Minute => 45011,
+            QuotaKind::Daily => 45009,
+        }
+    }
 }
+
+/// A quota pause longer than this is not waited out with deliveries held:
+/// the window is parked in a retry queue instead. RabbitMQ closes a channel
+/// that holds a delivery unacked past its `consumer_timeout` (30 min by
+/// default, sometimes set to a minute or two); this stays well under that,
+/// beside the time a delivery already spends in its window.
+pub const PAUSE_HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// The right to retry a held notice while a configuration fault stands: one
 /// task at a time holds it.
 pub type ProbeTurn = OwnedMutexGuard<()>;
+
+/// What `take` gives a window.
+pub enum Turn {
+    /// One call from the rate budget: call now.
+    Go,
+    /// A configuration fault is held and nobody retries a notice for it: this
+    /// window's notice becomes the one retried.
+    Probe(ProbeTurn),
+    /// A quota pause has `left` longer to run (over `PAUSE_HOLD_LIMIT`):
+    /// park the window rather than hold its deliveries. `errcode` is the
+    /// quota's (45011 or 45009).
+    Paused { left: Duration, errcode: i64 },
+}
 
 /// Shared by every call of this replica; outlives broker sessions.
 pub struct Budget {
@@ -58,7 +85,8 @@ pub struct Budget {
     /// Calls take the budget one at a time, in the order they asked (a fair
     /// lock), so thousands of waiting windows do not all wake at every slot.
     turn: tokio::sync::Mutex<()>,
-    pause_until: Mutex<Option<Instant>>,
+    /// Until when every call is paused, and by which quota.
+    pause_until: Mutex<Option<(Instant, QuotaKind)>>,
     /// The configuration fault being held, if any.
     fault: watch::Sender<Option<String>>,
     probe: Arc<tokio::sync::Mutex<()>>,
@@ -86,11 +114,11 @@ impl Budget {
     }
 
     /// Waits while a configuration fault is held, then for a quota pause to
-    /// end, then takes one call from the rate budget (`None`). While a fault
-    /// is held and nobody retries a notice for it (the one that did was parked
-    /// or its task ended), the caller gets the probe turn instead (`Some`): its
-    /// notice becomes the one retried.
-    pub async fn take(&self) -> Option<ProbeTurn> {
+    /// end (if it ends within `PAUSE_HOLD_LIMIT`), then takes one call from the
+    /// rate budget. While a fault is held and nobody retries a notice for it
+    /// (the one that did was parked or its task ended), the caller gets the
+    /// probe turn instead: its notice becomes the one retried.
+    pub async fn take(&self) -> Turn {
         let mut fault = self.fault.subscribe();
         loop {
             if fault.borrow_and_update().is_some() {
@@ -98,7 +126,7 @@ impl Budget {
                     _ = fault.changed() => {}
                     probe = self.probe.clone().lock_owned() => {
                         if self.fault.borrow().is_some() {
-                            return Some(probe);
+                            return Turn::Probe(probe);
                         }
                     }
                 }
@@ -108,8 +136,10 @@ impl Budget {
             if self.fault.borrow().is_some() {
                 continue; // held while this call waited for its turn
             }
-            self.take_in_turn(turn).await;
-            return None;
+            return match self.take_in_turn(turn, Some(PAUSE_HOLD_LIMIT)).await {
+                Ok(()) => Turn::Go,
+                Err((left, errcode)) => Turn::Paused { left, errcode },
+            };
         }
     }
 
@@ -118,23 +148,47 @@ impl Budget {
         self.fault.borrow().is_some()
     }
 
-    /// As `take`, for the one retry of a held notice: the fault does not stop it.
-    pub async fn take_as_probe(&self, _turn: &ProbeTurn) {
-        self.take_unheld().await;
+    /// As `take`, for the one retry of a held notice: the fault does not stop
+    /// it, a long quota pause does (`Err` with the time left and the quota's errcode).
+    pub async fn take_as_probe(&self, _turn: &ProbeTurn) -> Result<(), (Duration, i64)> {
+        let turn = self.turn.lock().await;
+        self.take_in_turn(turn, Some(PAUSE_HOLD_LIMIT)).await
     }
 
-    /// As `take`, whatever fault is held (the start-up probe).
+    /// As `take`, whatever fault is held, waiting out any pause (the start-up
+    /// probe, which holds no delivery).
     pub async fn take_unheld(&self) {
         let turn = self.turn.lock().await;
-        self.take_in_turn(turn).await;
+        let _ = self.take_in_turn(turn, None).await;
     }
 
-    async fn take_in_turn(&self, _turn: tokio::sync::MutexGuard<'_, ()>) {
+    /// A replica that becomes the active consumer starts with an empty
+    /// bucket, as at process start: a standby's bucket refills while it
+    /// waits, and its burst must not add to the calls the replica it takes
+    /// over from just made.
+    pub fn empty(&self) {
+        while self.limiter.check().is_ok() {}
+    }
+
+    /// Waits for a pause that ends within `hold_limit` (any, if `None`), then
+    /// for the rate slot. `Err` with the time left and the quota's errcode
+    /// when the pause is longer.
+    async fn take_in_turn(
+        &self,
+        _turn: tokio::sync::MutexGuard<'_, ()>,
+        hold_limit: Option<Duration>,
+    ) -> Result<(), (Duration, i64)> {
         let started = Instant::now();
         loop {
             let until = *self.pause_until.lock().expect("not poisoned");
             match until {
-                Some(t) if t > Instant::now() => tokio::time::sleep_until(t).await,
+                Some((t, kind)) if t > Instant::now() => {
+                    let left = t - Instant::now();
+                    if hold_limit.is_some_and(|limit| left > limit) {
+                        return Err((left, kind.errcode()));
+                    }
+                    tokio::time::sleep_until(t).await;
+                }
                 _ => break,
             }
         }
@@ -149,15 +203,19 @@ impl Budget {
         self.metrics
             .rate_limiter_wait
             .observe(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Pauses every call of this replica for `d` (a later end wins).
     pub fn pause(&self, d: Duration, kind: QuotaKind) {
         let until = Instant::now() + d;
         let mut p = self.pause_until.lock().expect("not poisoned");
-        if p.is_none_or(|cur| cur < until) {
-            *p = Some(until);
+        if p.is_none_or(|(cur, _)| cur < until) {
+            *p = Some((until, kind));
+            self.health
+                .set_quota_pause(kind.as_str(), kind.errcode(), until.into_std());
         }
+        drop(p);
         self.metrics.quota_pause(kind.as_str());
         warn!(
             quota = kind.as_str(),
@@ -218,7 +276,7 @@ mod tests {
         let boundary = Duration::from_millis(18_700);
         let start = Instant::now();
         b.pause(until_next_minute(now), QuotaKind::Minute);
-        let mut call = Box::pin(b.take());
+        let mut call = Box::pin(b.take_unheld());
         tokio::time::advance(boundary - Duration::from_millis(1)).await;
         assert!(
             futures_util::poll!(&mut call).is_pending(),
@@ -241,14 +299,14 @@ mod tests {
         assert!(b.hold("again").is_none(), "one probe at a time");
         let waiting = {
             let b = b.clone();
-            tokio::spawn(async move { b.take().await.is_none() })
+            tokio::spawn(async move { matches!(b.take().await, Turn::Go) })
         };
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert!(
             !waiting.is_finished(),
             "held for as long as the fault lasts"
         );
-        b.take_as_probe(&turn).await;
+        b.take_as_probe(&turn).await.expect("no pause");
         assert!(b
             .health
             .ready()
@@ -269,7 +327,7 @@ mod tests {
             .expect("first holder probes");
         let waiting = {
             let b = b.clone();
-            tokio::spawn(async move { b.take().await.is_some() })
+            tokio::spawn(async move { matches!(b.take().await, Turn::Probe(_)) })
         };
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
@@ -292,4 +350,45 @@ mod tests {
         );
         assert!(b.limiter.check().is_err(), "no burst at start");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_the_hold_limit_is_not_waited_out_with_deliveries_held() {
+        let b = budget();
+        b.health.set_broker_up(true);
+        b.health.set_consuming(true);
+        b.pause(PAUSE_HOLD_LIMIT * 6, QuotaKind::Daily);
+        match b.take().await {
+            Turn::Paused { left, errcode } => {
+                assert_eq!(errcode, 45009);
+                assert!(left > PAUSE_HOLD_LIMIT * 5, "{left:?}");
+            }
+            _ => panic!("a long pause is handed back, not waited out"),
+        }
+        assert!(b
+            .health
+            .ready()
+            .unwrap_err()
+            .contains("daily quota reached (errcode 45009)"));
+        // Within the limit the call waits for the pause to end.
+        tokio::time::advance(PAUSE_HOLD_LIMIT * 5 + Duration::from_secs(1)).await;
+        let start = Instant::now();
+        assert!(matches!(b.take().await, Turn::Go));
+        assert!(start.elapsed() <= PAUSE_HOLD_LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_that_becomes_active_empties_its_refilled_bucket() {
+        let b = Budget::new(
+            10.0,
+            5,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        std::thread::sleep(Duration::from_millis(600)); // governor's clock is the real one
+        assert!(b.limiter.check().is_ok(), "the bucket refilled while waiting");
+        b.empty();
+        assert!(b.limiter.check().is_err(), "empty at takeover");
+    }
+
 }

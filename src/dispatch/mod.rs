@@ -15,7 +15,8 @@ pub mod lanes;
 pub mod policy;
 pub mod settle;
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tracing::{debug, Instrument};
@@ -29,7 +30,7 @@ pub use crate::reason::Reason;
 use crate::settings::Settings;
 use crate::wechat::{CallResult, Outcome, WeChat};
 pub use budget::quota;
-use budget::{Budget, ProbeTurn, QuotaKind};
+use budget::{Budget, ProbeTurn, QuotaKind, Turn};
 use lanes::{Lanes, Ticket};
 use policy::{Step, Tries};
 use settle::{Expiry, Settler};
@@ -42,11 +43,25 @@ pub struct Dispatcher {
     budget: Budget,
     lanes: Lanes,
     settle: Settler,
-    /// The notice whose real send found the configuration fault being held:
-    /// a new session sends it again before consuming (the start-up probe
-    /// cannot see such a fault). Its `notice_id` lets WeChat's side drop a
-    /// duplicate.
-    held_notice: Mutex<Option<Notice>>,
+    /// The held configuration fault was found on a real send. The start-up
+    /// probe cannot see such a fault, so its passing does not end it: a new
+    /// session consumes with the fault still held, and one of its windows
+    /// becomes the notice retried (an accepted retry settles exactly the
+    /// events it carried).
+    fault_found_on_send: AtomicBool,
+}
+
+/// One pass of a notice's loop, before its outcome is judged.
+enum Attempt {
+    /// Decided without WeChat (no openid in the direct mode): proves nothing
+    /// about the settings.
+    Local(CallResult),
+    /// WeChat's answer (or the token fetch's failure).
+    Answered(CallResult),
+    /// This window's notice became the one retried during a held fault.
+    Probe(ProbeTurn),
+    /// Nothing left to send (expired, or parked during a quota pause).
+    Done,
 }
 
 impl Dispatcher {
@@ -68,42 +83,40 @@ impl Dispatcher {
             ),
             lanes: Lanes::default(),
             settle: Settler::new(publisher, settings.clone(), metrics),
-            held_notice: Mutex::new(None),
+            fault_found_on_send: AtomicBool::new(false),
             settings,
         }
     }
 
     /// Before consuming: reaches WeChat without a notice (within the rate
-    /// budget) to find configuration faults; and if a fault found on a real
-    /// send is held, sends that notice again, since only a real send shows
-    /// such a fault. A configuration fault is held (not ready, with the
-    /// reason); passing releases it.
+    /// budget) to find configuration faults. A fault it finds is held (not
+    /// ready, with the reason); its passing releases a fault it found, but not
+    /// one found on a real send, which only a real send can prove gone.
     ///
     /// # Errors
     /// The classified failure; the caller decides which outcomes matter.
     pub async fn check_before_consuming(&self) -> Result<(), CallResult> {
-        self.budget.take_unheld().await;
-        let mut result = self.wechat.probe().await;
-        let held = self.held_notice.lock().expect("not poisoned").clone();
-        if let (Ok(()), Some(notice)) = (&result, held) {
-            if self.budget.is_held() {
+        // The token before the rate slot (no slot held during a fetch).
+        let result = match self.wechat.token().await {
+            Ok(token) => {
                 self.budget.take_unheld().await;
-                let sent = self.wechat.send(&notice).await;
-                result = match sent.outcome {
-                    Outcome::ConfigFault => Err(sent),
-                    _ => Ok(()),
-                };
+                self.wechat.probe_with(&token).await
             }
-        }
+            Err(e) => Err(e),
+        };
         match &result {
-            Ok(()) => {
-                *self.held_notice.lock().expect("not poisoned") = None;
-                self.budget.release();
-            }
+            Ok(()) if !self.fault_found_on_send.load(Ordering::SeqCst) => self.budget.release(),
+            Ok(()) => {}
             Err(e) if e.outcome == Outcome::ConfigFault => drop(self.budget.hold(&e.detail)),
             Err(_) => {}
         }
         result
+    }
+
+    /// This replica became the active consumer (its first delivery of a
+    /// session): its rate bucket starts empty, so a takeover adds no burst.
+    pub fn now_active(&self) {
+        self.budget.empty();
     }
 
     /// Takes this window's place in its assignee's lane. Called in arrival
@@ -146,45 +159,35 @@ impl Dispatcher {
         // Held while this notice is the one retried during a configuration fault.
         let mut probe: Option<ProbeTurn> = None;
         loop {
-            match &probe {
-                Some(turn) => {
-                    tokio::time::sleep(self.settings.config_retry).await;
-                    self.budget.take_as_probe(turn).await;
+            let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
+                Attempt::Local(r) => (r, false),
+                Attempt::Answered(r) => (r, true),
+                Attempt::Probe(turn) => {
+                    probe = Some(turn);
+                    continue;
                 }
-                None => {
-                    if let Some(turn) = self.budget.take().await {
-                        probe = Some(turn);
-                        continue;
-                    }
-                }
-            }
-            // Expiry is judged when the notice would be sent, not when it closed:
-            // it may have waited behind a pause or a held fault.
-            match self.settle.drop_expired(closed).await {
-                Expiry::Nothing => {}
-                Expiry::Some => notice = closed.notice(),
-                Expiry::All => return,
-            }
+                Attempt::Done => return,
+            };
+            debug!(
+                outcome = result.outcome.as_str(),
+                errcode = result.errcode.unwrap_or_default(),
+                answered,
+                "attempt judged"
+            );
             let prior = closed
                 .deliveries
                 .iter()
                 .map(|(_, p)| p.attempts)
                 .max()
                 .unwrap_or(0);
-            let result = self.wechat.send(&notice).await;
-            debug!(
-                outcome = result.outcome.as_str(),
-                errcode = result.errcode.unwrap_or_default(),
-                "WeChat answered"
-            );
             let step =
                 self.settle
                     .rules()
                     .decide(result.outcome, prior, &mut tries, SystemTime::now());
-            // Only an answer that proves the settings work ends a held fault.
-            if probe.is_some() && result.outcome.proves_settings() {
+            // Only WeChat's answer that proves the settings work ends a held fault.
+            if probe.is_some() && answered && result.outcome.proves_settings() {
+                self.fault_found_on_send.store(false, Ordering::SeqCst);
                 self.budget.release();
-                *self.held_notice.lock().expect("not poisoned") = None;
                 probe = None;
             }
             match step {
@@ -208,8 +211,8 @@ impl Dispatcher {
                         .await;
                 }
                 Step::Hold => {
+                    self.fault_found_on_send.store(true, Ordering::SeqCst);
                     let turn = self.budget.hold(&result.detail);
-                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
                     // Without the turn, another notice is the one retried: the
                     // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {
@@ -217,6 +220,53 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// One pass: the local verdict, the token, the rate slot (or the probe's
+    /// turn), expiry, then the call. The token comes before the slot, so no
+    /// slot is held while a token is fetched (the budget would otherwise let
+    /// every call that took a slot meanwhile go at once when the fetch ends).
+    async fn attempt(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: &mut Notice,
+        probe: Option<&ProbeTurn>,
+    ) -> Attempt {
+        if let Err(local) = self.wechat.prepare(notice) {
+            return Attempt::Local(local);
+        }
+        if probe.is_some() {
+            tokio::time::sleep(self.settings.config_retry).await;
+        }
+        let token = match self.wechat.token().await {
+            Ok(t) => t,
+            Err(e) => return Attempt::Answered(e),
+        };
+        let paused = match probe {
+            Some(turn) => self.budget.take_as_probe(turn).await.err(),
+            None => match self.budget.take().await {
+                Turn::Go => None,
+                Turn::Probe(turn) => return Attempt::Probe(turn),
+                Turn::Paused { left, errcode } => Some((left, errcode)),
+            },
+        };
+        if let Some((left, errcode)) = paused {
+            self.settle
+                .park_for_pause(closed, notice, left, errcode)
+                .await;
+            return Attempt::Done;
+        }
+        // Expiry is judged when the notice would be sent, not when it closed:
+        // it may have waited behind a pause or a held fault.
+        match self.settle.drop_expired(closed).await {
+            Expiry::Nothing => {}
+            Expiry::Some => *notice = closed.notice(),
+            Expiry::All => return Attempt::Done,
+        }
+        match self.wechat.prepare(notice) {
+            Ok(prepared) => Attempt::Answered(self.wechat.call(&prepared, &token).await),
+            Err(local) => Attempt::Local(local),
         }
     }
 }

@@ -130,6 +130,20 @@ impl Rules {
         }
     }
 
+    /// The retry queue a window is parked in while every call is paused for
+    /// `left` more: the longest step that ends within the pause (the window
+    /// comes back no later than needed, and is parked again if the pause
+    /// still has long to run), or the shortest step if none does.
+    pub fn rung_for_pause(&self, left: Duration) -> Duration {
+        self.ladder
+            .iter()
+            .copied()
+            .filter(|d| *d <= left)
+            .max()
+            .or_else(|| self.ladder.iter().copied().min())
+            .expect("the ladder has at least one step")
+    }
+
     /// Where a parked delivery that failed `attempts` rounds before goes now.
     /// Overflow-safe for any header value.
     pub fn ladder_step(&self, attempts: i64) -> Park {
@@ -352,5 +366,33 @@ mod tests {
         assert!(is_expired(occurred, now, Duration::from_secs(24 * 3600)));
         assert!(!is_expired(occurred, now, Duration::from_secs(25 * 3600)));
         assert!(!is_expired(occurred, now, Duration::MAX));
+    }
+
+    #[test]
+    fn a_window_parked_for_a_pause_comes_back_no_later_than_the_pause_ends() {
+        let r = Rules {
+            ladder: vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+            ],
+            max_attempts: 10,
+        };
+        assert_eq!(
+            r.rung_for_pause(Duration::from_secs(40)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            r.rung_for_pause(Duration::from_secs(30)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            r.rung_for_pause(Duration::from_secs(600)),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            r.rung_for_pause(Duration::from_secs(3)),
+            Duration::from_secs(5)
+        );
     }
 }

@@ -276,6 +276,49 @@ impl Settler {
         }
     }
 
+    /// Every call is paused (a quota) for `left` more, too long to hold the
+    /// window's deliveries: parks each in a retry queue (`rung_for_pause`)
+    /// without counting a failed attempt, so it comes back near the pause's
+    /// end instead of being held past the broker's `consumer_timeout`.
+    pub async fn park_for_pause(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        left: Duration,
+        errcode: i64,
+    ) {
+        let now = Utc::now();
+        let delay = self.rules.rung_for_pause(left);
+        let queue = self.settings.retry_queue(delay);
+        let detail = format!(
+            "every WeChat call is paused for another {} s (quota, errcode {errcode}); not a failed attempt",
+            left.as_secs()
+        );
+        let moved = self
+            .move_all(closed, |p| {
+                let h = ParkHeaders::new(
+                    Reason::RetriesExhausted,
+                    detail.clone(),
+                    Some(errcode),
+                    p.attempts,
+                    p.first_failed_at.as_deref(),
+                    now,
+                );
+                (queue.clone(), h)
+            })
+            .await;
+        self.metrics.retry("quota_pause", moved.len() as u64);
+        let ids: Vec<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
+        info!(
+            notice_id = %notice.notice_id,
+            assignee = %notice.assignee.user_id,
+            queue = %queue,
+            pause_left_s = left.as_secs(),
+            event_ids = %ids.join(","),
+            "parked during a quota pause"
+        );
+    }
+
     /// Dead-letters the events older than `NOTIFIER_MAX_AGE` and takes them
     /// out of the window.
     pub async fn drop_expired(&self, closed: &mut Closed<Pending>) -> Expiry {

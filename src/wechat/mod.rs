@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::metrics::Metrics;
 use crate::notice::Notice;
-use crate::settings::{DeliveryMode, Settings, TemplateSettings};
+use crate::settings::{DeliveryMode, Secret, Settings, TemplateSettings};
 pub use outcome::{classify, CallResult, Outcome};
 use token::TokenProvider;
 
@@ -65,6 +65,13 @@ struct InvokeBody<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     notice: &'a Notice,
+}
+
+/// A notice that passed the local checks, with its request body where the
+/// mode needs one built (the direct mode's `subscribe/send`).
+pub struct Prepared<'a> {
+    notice: &'a Notice,
+    subscribe: Option<Value>,
 }
 
 /// An endpoint under the API base.
@@ -130,7 +137,25 @@ impl WeChat {
     /// # Errors
     /// The classified failure (the caller decides which outcomes matter).
     pub async fn probe(&self) -> Result<(), CallResult> {
-        let token = self.tokens.get().await?;
+        let token = self.token().await?;
+        self.probe_with(&token).await
+    }
+
+    /// A valid access token (fetched if none is cached or it is due). The
+    /// dispatcher takes it before its rate slot, so that no call holds a slot
+    /// while another fetches the token.
+    ///
+    /// # Errors
+    /// The classified failure of the fetch.
+    pub async fn token(&self) -> Result<Secret, CallResult> {
+        self.tokens.get().await
+    }
+
+    /// As `probe`, with a token already taken.
+    ///
+    /// # Errors
+    /// The classified failure.
+    pub async fn probe_with(&self, token: &Secret) -> Result<(), CallResult> {
         if self.mode != DeliveryMode::CloudFunction {
             return Ok(());
         }
@@ -155,35 +180,58 @@ impl WeChat {
         match result.outcome {
             Outcome::Delivered => Ok(()),
             Outcome::TokenInvalid => {
-                self.tokens.invalidate(&token).await;
+                self.tokens.invalidate(token).await;
                 Err(result)
             }
             _ => Err(result),
         }
     }
 
-    /// One attempt to deliver `notice`. A token WeChat calls invalid is
-    /// dropped from the cache before this returns `TokenInvalid`.
+    /// What can be decided about `notice` without WeChat: in the direct mode
+    /// it needs an openid and a template. Decided before any token or rate
+    /// slot is taken, and never an answer from WeChat (so it proves nothing
+    /// about the settings).
+    ///
+    /// # Errors
+    /// The local verdict (`NoOpenid`, or a configuration fault).
+    pub fn prepare<'a>(&self, notice: &'a Notice) -> Result<Prepared<'a>, CallResult> {
+        let subscribe = match self.mode {
+            DeliveryMode::CloudFunction => None,
+            DeliveryMode::SubscribeMessage => match &self.template {
+                Some(t) => Some(template::subscribe_body(t, notice)?),
+                None => {
+                    return Err(CallResult {
+                        outcome: Outcome::ConfigFault,
+                        errcode: None,
+                        detail: "subscribe_message mode without a template".into(),
+                    })
+                }
+            },
+        };
+        Ok(Prepared { notice, subscribe })
+    }
+
+    /// One attempt to deliver `notice` (prepare, token, call), outside any
+    /// rate budget: for tools and tests.
     pub async fn send(&self, notice: &Notice) -> CallResult {
-        let token = match self.tokens.get().await {
-            Ok(t) => t,
+        let prepared = match self.prepare(notice) {
+            Ok(p) => p,
             Err(e) => return e,
         };
+        match self.token().await {
+            Ok(token) => self.call(&prepared, &token).await,
+            Err(e) => e,
+        }
+    }
+
+    /// One call to WeChat with a prepared notice. A token WeChat calls invalid
+    /// is dropped from the cache before this returns `TokenInvalid`.
+    pub async fn call(&self, prepared: &Prepared<'_>, token: &Secret) -> CallResult {
         let api = self.api_name();
         let started = Instant::now();
-        let result = match self.mode {
-            DeliveryMode::CloudFunction => self.invoke(notice, token.expose()).await,
-            DeliveryMode::SubscribeMessage => match &self.template {
-                Some(t) => match template::subscribe_body(t, notice) {
-                    Ok(body) => self.subscribe_send(&body, token.expose()).await,
-                    Err(result) => return result,
-                },
-                None => CallResult {
-                    outcome: Outcome::ConfigFault,
-                    errcode: None,
-                    detail: "subscribe_message mode without a template".into(),
-                },
-            },
+        let result = match &prepared.subscribe {
+            None => self.invoke(prepared.notice, token.expose()).await,
+            Some(body) => self.subscribe_send(body, token.expose()).await,
         };
         self.metrics.wechat_call(
             api,
@@ -192,7 +240,7 @@ impl WeChat {
             started.elapsed().as_secs_f64(),
         );
         if result.outcome == Outcome::TokenInvalid {
-            self.tokens.invalidate(&token).await;
+            self.tokens.invalidate(token).await;
         }
         result
     }

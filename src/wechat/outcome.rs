@@ -26,13 +26,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Whether this answer shows the settings work (WeChat and the function
-    /// got as far as judging the notice): it ends a held configuration fault.
+    /// Whether this answer from WeChat shows the settings work (WeChat and
+    /// the function got as far as judging the notice): it ends a held
+    /// configuration fault. `NoOpenid` is decided locally, before any call,
+    /// so it proves nothing; nor does a transient answer (a 5xx, a timeout,
+    /// a quota), which may come before the settings are looked at.
     pub fn proves_settings(self) -> bool {
-        matches!(
-            self,
-            Outcome::Delivered | Outcome::Rejected | Outcome::NoOpenid
-        )
+        matches!(self, Outcome::Delivered | Outcome::Rejected)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -284,6 +284,55 @@ impl TestEnv {
         publish::sample_events(&b)
     }
 
+    /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
+    /// connection that consumes `queue` (as a network fault or an operator
+    /// would). Returns false when no consumer is found.
+    pub fn close_consuming_connection(&self, queue: &str) -> bool {
+        let ctl = |args: &[&str]| {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl runs");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let consumers = ctl(&[
+            "-q",
+            "list_consumers",
+            "--no-table-headers",
+            "queue_name",
+            "channel_pid",
+        ]);
+        let channels: Vec<String> = consumers
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                (f.next() == Some(queue)).then(|| f.next().unwrap_or("").trim().to_string())
+            })
+            .collect();
+        if channels.is_empty() {
+            return false;
+        }
+        let listing = ctl(&[
+            "-q",
+            "list_channels",
+            "--no-table-headers",
+            "pid",
+            "connection",
+        ]);
+        let mut closed = false;
+        for line in listing.lines() {
+            let mut f = line.split('\t');
+            let (Some(ch), Some(conn)) = (f.next(), f.next()) else {
+                continue;
+            };
+            if channels.iter().any(|c| c == ch.trim()) {
+                ctl(&["close_connection", conn.trim(), "closed by a test"]);
+                closed = true;
+            }
+        }
+        closed
+    }
+
     /// Ready messages in a queue (passive declare: the broker's live count).
     pub async fn ready(&self, queue: &str) -> u32 {
         self.queue_state(queue).await.0

@@ -1,0 +1,352 @@
+//! A held configuration fault and the rate budget around it, as WeChat sees
+//! them: a notice accepted once, retries spaced by `NOTIFIER_CONFIG_RETRY`
+//! while the fault stands (never a burst of the held windows), and never more
+//! than R + B calls in any second, across a token fetch and a takeover.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{eventually, ids, metric, most_in_any_window, wait_until, TestEnv};
+use serde_json::{json, Value};
+use wechat_notifier::broker::{header_str, headers};
+use wechat_notifier::sim::{Api, Call, Fault, FaultAction};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn readyz(http: &str) -> (u16, String) {
+    match reqwest::get(format!("http://{http}/readyz")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+fn on(api: Api, action: FaultAction, times: Option<u32>) -> Fault {
+    Fault {
+        api: Some(api),
+        user_id: None,
+        action,
+        times,
+    }
+}
+
+/// How often each event id was covered by a notice WeChat accepted.
+fn delivered_counts(env: &TestEnv) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for n in env.sim.delivered() {
+        for id in n["event_ids"].as_array().into_iter().flatten() {
+            *counts.entry(id.as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// The shortest gap (ms) between two notice calls among `calls`.
+fn shortest_gap(calls: &[Call]) -> f64 {
+    let mut at: Vec<f64> = calls.iter().map(|c| c.at_ms).collect();
+    at.sort_by(f64::total_cmp);
+    at.windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(f64::INFINITY, f64::min)
+}
+
+async fn wait_for_fault(http: &str) {
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(http).await;
+            status == 503 && text.contains("configuration fault")
+        })
+        .await,
+        "the fault is held: {:?}",
+        readyz(http).await
+    );
+}
+
+/// A fault found on a real send, then the consuming connection lost: the new
+/// session consumes the held events again and one of its windows is the
+/// notice retried, so an accepted retry settles exactly the events it
+/// carried and no event reaches WeChat twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reconnect_during_a_held_fault_each_event_is_accepted_once() {
+    let mut env = TestEnv::new("held-reconnect").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "300ms");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // Only a real send finds it (the function's own template check).
+    env.sim.push_fault(on(
+        Api::InvokeCloudFunction,
+        FaultAction::NoticeFunctionErrcode(85088),
+        None,
+    ));
+    let events = env.bulk(3, 1, false);
+    env.publish(&events).await;
+    wait_for_fault(&svc.http).await;
+
+    assert!(env.close_consuming_connection(&env.queue()));
+    // The old session is gone once its deliveries are back in the queue.
+    assert!(
+        eventually(WAIT, || async {
+            env.queue_state(&env.queue()).await.0 >= 3
+        })
+        .await,
+        "the held deliveries returned to the queue"
+    );
+    env.sim.clear_faults();
+
+    let want = ids(&events);
+    assert!(
+        eventually(WAIT, || async {
+            want.iter()
+                .all(|id| delivered_counts(&env).contains_key(id))
+                && env.queue_state(&env.queue()).await.0 == 0
+                && metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await == 0.0
+        })
+        .await,
+        "delivered and acked once fixed"
+    );
+    let counts = delivered_counts(&env);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each event accepted once: {counts:?}"
+    );
+    assert_eq!(readyz(&svc.http).await.0, 200);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A transient answer (here a 500) to the retried notice says nothing of the
+/// settings: the fault stays held, so the other held windows do not all
+/// call at once; only the one retry goes, every `NOTIFIER_CONFIG_RETRY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_answer_to_the_retried_notice_does_not_end_a_held_fault() {
+    const RETRY_MS: f64 = 600.0;
+    let mut env = TestEnv::new("held-transient").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "600ms");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    let held = on(
+        Api::InvokeCloudFunction,
+        FaultAction::NoticeFunctionErrcode(85088),
+        None,
+    );
+    env.sim.push_fault(held.clone());
+    let events = env.bulk(5, 5, false);
+    env.publish(&events).await;
+    wait_for_fault(&svc.http).await;
+
+    // The session ends; the next answer to a notice is a 500, then the fault again.
+    assert!(env.close_consuming_connection(&env.queue()));
+    assert!(
+        eventually(WAIT, || async {
+            env.queue_state(&env.queue()).await.0 >= 5
+        })
+        .await,
+        "the held deliveries returned to the queue"
+    );
+    let before = env.sim.notice_calls().len();
+    // A 500 once per assignee (whichever notice is retried first meets one;
+    // the start-up probe, which names no assignee, does not).
+    let mut faults: Vec<Fault> = events
+        .iter()
+        .map(|e| common::fault_for(e, FaultAction::Http(500), Some(1)))
+        .collect();
+    faults.push(held);
+    env.sim.replace_faults(faults);
+    assert!(
+        wait_until(WAIT, || env.sim.notice_calls().len() >= before + 4).await,
+        "the held notice is retried"
+    );
+    let after: Vec<Call> = env.sim.notice_calls().split_off(before);
+    assert!(
+        after.iter().any(|c| c.http_status == 500),
+        "the retry met the 500"
+    );
+    let gap = shortest_gap(&after);
+    assert!(
+        gap >= RETRY_MS * 0.8,
+        "one retry every NOTIFIER_CONFIG_RETRY, never the held windows at once: gap {gap} ms"
+    );
+    let (status, text) = readyz(&svc.http).await;
+    assert!(
+        status == 503 && text.contains("configuration fault"),
+        "{status} {text}"
+    );
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// In the direct mode an event without an openid is judged before any call:
+/// it is dead-lettered `no_openid`, and it never ends a held fault (only
+/// WeChat's answer may), even when it would have been the notice retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_no_openid_verdict_does_not_end_a_held_fault() {
+    const RETRY_MS: f64 = 500.0;
+    let mut env = TestEnv::new("held-no-openid").await;
+    env.set("WECHAT_DELIVERY_MODE", "subscribe_message");
+    env.set("WECHAT_TEMPLATE_ID", "tpl-customer-assigned");
+    env.set(
+        "WECHAT_TEMPLATE_DATA",
+        r#"{"thing1":"{customer_names}","number2":"{customer_count}"}"#,
+    );
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "500ms");
+    env.set("NOTIFIER_MAX_AGE", "4s");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    env.sim
+        .push_fault(on(Api::SubscribeSend, FaultAction::Errcode(40164), None));
+    // The first notice finds the fault and is the one retried until it expires.
+    let mut first = env.bulk(1, 1, false);
+    let occurred = chrono::Local::now().fixed_offset() - chrono::Duration::milliseconds(2500);
+    first[0]["occurred_at"] = json!(occurred.to_rfc3339());
+    env.publish(&first).await;
+    wait_for_fault(&svc.http).await;
+    // Then one without an openid, and others that wait for the fault.
+    let mut no_openid = env.bulk(1, 1, false);
+    no_openid[0]["assignee"]["openid"] = Value::Null;
+    env.publish(&no_openid).await;
+    let waiting = env.bulk(4, 4, false);
+    env.publish(&waiting).await;
+
+    assert!(
+        eventually(WAIT, || async { env.ready(&env.dead_queue()).await >= 2 }).await,
+        "the expired notice and the one without an openid are dead-lettered"
+    );
+    let calls_then = env.sim.notice_calls().len();
+    assert!(
+        wait_until(WAIT, || env.sim.notice_calls().len() >= calls_then + 3).await,
+        "the held fault is still retried"
+    );
+    let calls = env.sim.notice_calls();
+    let gap = shortest_gap(&calls);
+    assert!(
+        gap >= RETRY_MS * 0.8,
+        "only the one retry while the fault stands, never the waiting windows at once: gap {gap} ms"
+    );
+    let (status, text) = readyz(&svc.http).await;
+    assert!(
+        status == 503 && text.contains("configuration fault"),
+        "{status} {text}"
+    );
+    let mut reasons: Vec<String> = env
+        .drain(&env.dead_queue())
+        .await
+        .iter()
+        .filter_map(|(_, p)| header_str(p, headers::REASON))
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, ["expired", "no_openid"]);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A token fetch that takes 3 s (after WeChat called the token invalid) holds
+/// no rate slot: the calls waiting for the token go out evenly spaced after
+/// it, never all at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_token_fetch_does_not_let_the_calls_waiting_for_it_burst() {
+    const RATE: usize = 10;
+    const BURST: usize = 1;
+    let mut env = TestEnv::new("token-burst").await;
+    env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
+    env.set("NOTIFIER_RATE_BURST", &BURST.to_string());
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready (its first token fetched)"
+    );
+    env.sim
+        .push_fault(on(Api::StableToken, FaultAction::DelayMs(3000), Some(1)));
+    env.sim.push_fault(on(
+        Api::InvokeCloudFunction,
+        FaultAction::Errcode(40001),
+        Some(1),
+    ));
+    let events = env.bulk(60, 60, false);
+    env.publish(&events).await;
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "everything delivered"
+    );
+    let mut times: Vec<f64> = env.sim.notice_calls().iter().map(|c| c.at_ms).collect();
+    times.sort_by(f64::total_cmp);
+    let most = most_in_any_window(&times, 1000.0);
+    assert!(
+        most <= RATE + BURST,
+        "at most R + B = {} calls in any 1 s, saw {most}",
+        RATE + BURST
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// A standby's bucket fills while it waits. When it takes over from a replica
+/// that was killed right after a burst, it must not add a burst of its own:
+/// the fleet stays within R·T + B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_takes_over_adds_no_burst_of_its_own() {
+    const RATE: usize = 2;
+    const BURST: usize = 5;
+    let mut env = TestEnv::new("takeover-burst").await;
+    env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
+    env.set("NOTIFIER_RATE_BURST", &BURST.to_string());
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let mut active = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&active.http).await.0 == 200 }).await,
+        "the first replica is ready (and active)"
+    );
+    let standby = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&standby.http).await.0 == 200 }).await,
+        "the second replica is ready (standby)"
+    );
+    // Both buckets fill (B / R = 2.5 s).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let events = env.bulk(12, 12, false);
+    env.publish(&events).await;
+    assert!(
+        wait_until(WAIT, || env.sim.notice_calls().len() >= BURST).await,
+        "the active replica spends its burst"
+    );
+    active.kill9();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "the standby delivers the rest"
+    );
+    let mut times: Vec<f64> = env.sim.notice_calls().iter().map(|c| c.at_ms).collect();
+    times.sort_by(f64::total_cmp);
+    let most = most_in_any_window(&times, 1000.0);
+    assert!(
+        most <= RATE + BURST,
+        "at most R + B = {} calls in any 1 s across the takeover, saw {most}",
+        RATE + BURST
+    );
+    drop(standby);
+    env.cleanup().await;
+}
