@@ -191,7 +191,9 @@ impl Service {
             };
             match checked {
                 Ok(()) => break,
-                Err(e) if e.outcome == Outcome::ConfigFault => {
+                // A held fault (found now, or on an earlier send and not
+                // proved gone) keeps the replica from consuming.
+                Err(e) if e.outcome == Outcome::ConfigFault || self.dispatcher.fault_held() => {
                     let retry = s.config_retry;
                     warn!(detail = %e.detail, retry_in_ms = retry.as_millis() as u64, "not consuming: configuration fault");
                     tokio::select! {
@@ -373,6 +375,12 @@ impl Service {
         self.metrics.events_received.inc();
         let pending = Pending::new(delivery, acks);
         match event::parse(&pending.body) {
+            Ok(event) if self.dispatcher.already_delivered(&event.event_id) => {
+                let mut pending = pending;
+                pending.ack();
+                info!(event_id = %event.event_id, "acked: delivered by the held notice's retry");
+                Vec::new()
+            }
             Ok(event) => coalescer.push(event, pending, Instant::now()),
             Err(invalid) => {
                 self.metrics.event_invalid(invalid.kind.as_str());

@@ -64,9 +64,9 @@ async fn wait_for_fault(http: &str) {
 }
 
 /// A fault found on a real send, then the consuming connection lost: the new
-/// session consumes the held events again and one of its windows is the
-/// notice retried, so an accepted retry settles exactly the events it
-/// carried and no event reaches WeChat twice.
+/// session sends the held notice again before it consumes, and when WeChat
+/// accepts it, its events are acked as they come back from the queue, not
+/// sent again in a new window: no event reaches WeChat twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_during_a_held_fault_each_event_is_accepted_once() {
     let mut env = TestEnv::new("held-reconnect").await;
@@ -120,15 +120,18 @@ async fn after_a_reconnect_during_a_held_fault_each_event_is_accepted_once() {
     env.cleanup().await;
 }
 
-/// A transient answer (here a 500) to the retried notice says nothing of the
-/// settings: the fault stays held, so the other held windows do not all
-/// call at once; only the one retry goes, every `NOTIFIER_CONFIG_RETRY`.
+/// A transient answer (here a 500) to the held notice's retry says nothing
+/// of the settings: the fault stays held and the replica does not consume, so
+/// the held windows never all call at once; only the one retry goes, every
+/// `NOTIFIER_CONFIG_RETRY`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_answer_to_the_retried_notice_does_not_end_a_held_fault() {
     const RETRY_MS: f64 = 600.0;
     let mut env = TestEnv::new("held-transient").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_CONFIG_RETRY", "600ms");
+    // The held windows cannot be sent: the stop gives up on them quickly.
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
     env.declare().await;
     let svc = env.start_service().await;
     assert!(
@@ -207,6 +210,7 @@ async fn a_local_no_openid_verdict_does_not_end_a_held_fault() {
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_CONFIG_RETRY", "500ms");
     env.set("NOTIFIER_MAX_AGE", "4s");
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
     env.declare().await;
     let svc = env.start_service().await;
     assert!(
@@ -348,5 +352,99 @@ async fn a_standby_that_takes_over_adds_no_burst_of_its_own() {
         RATE + BURST
     );
     drop(standby);
+    env.cleanup().await;
+}
+
+/// The broker's `consumer_timeout` (and how often it checks it) for the
+/// channels opened while this lives; restored when dropped, even on a panic.
+struct ConsumerTimeout;
+
+impl ConsumerTimeout {
+    fn set(timeout_ms: u64) -> ConsumerTimeout {
+        common::rabbitmqctl(&[
+            "eval",
+            &format!(
+                "application:set_env(rabbit, consumer_timeout, {timeout_ms}), \
+                 application:set_env(rabbit, channel_tick_interval, 1000)."
+            ),
+        ]);
+        ConsumerTimeout
+    }
+}
+
+impl Drop for ConsumerTimeout {
+    fn drop(&mut self) {
+        common::rabbitmqctl(&[
+            "eval",
+            "application:set_env(rabbit, consumer_timeout, 1800000), \
+             application:set_env(rabbit, channel_tick_interval, 60000).",
+        ]);
+    }
+}
+
+/// A daily quota (45009) pauses every call longer than the broker lets a
+/// delivery stay unacked: the windows are parked in a retry queue for the
+/// pause instead of held, so the broker never closes the channel, nothing is
+/// dead-lettered, and /readyz names the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_consumer_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(20);
+    let mut env = TestEnv::new("quota-timeout").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_RETRY_DELAYS", "60s");
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
+    env.declare().await;
+    env.sim.push_fault(on(
+        Api::InvokeCloudFunction,
+        FaultAction::Errcode(45009),
+        None,
+    ));
+    let timeout = ConsumerTimeout::set(TIMEOUT.as_millis() as u64);
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    let consuming = env.consuming_channels(&env.queue());
+    assert_eq!(consuming.len(), 1, "{consuming:?}");
+
+    let events = env.bulk(50, 50, false);
+    env.publish(&events).await;
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(&svc.http).await;
+            status == 503 && text.contains("daily quota") && text.contains("45009")
+        })
+        .await,
+        "/readyz names the pause: {:?}",
+        readyz(&svc.http).await
+    );
+    assert!(
+        eventually(WAIT, || async {
+            metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await == 0.0
+        })
+        .await,
+        "the windows are parked, not held through the pause"
+    );
+    // Past the broker's timeout (it checks every second here): still the same channel.
+    tokio::time::sleep(TIMEOUT + Duration::from_secs(3)).await;
+    assert_eq!(
+        env.consuming_channels(&env.queue()),
+        consuming,
+        "the broker closed no channel"
+    );
+    drop(timeout);
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    assert_eq!(
+        env.ready_in_work_and_retry().await
+            + metric(&svc.http, "wechat_notifier_unacked_deliveries", "").await as u32,
+        50,
+        "every event is still in a queue or held"
+    );
+    svc.stop().await;
     env.cleanup().await;
 }

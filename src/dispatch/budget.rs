@@ -384,11 +384,12 @@ mod tests {
             Arc::new(Health::default()),
             Arc::new(Metrics::new()),
         );
-        tokio::time::advance(Duration::from_secs(2)).await;
         std::thread::sleep(Duration::from_millis(600)); // governor's clock is the real one
-        assert!(b.limiter.check().is_ok(), "the bucket refilled while waiting");
+        assert!(
+            b.limiter.check().is_ok(),
+            "the bucket refilled while waiting"
+        );
         b.empty();
         assert!(b.limiter.check().is_err(), "empty at takeover");
     }
-
 }

@@ -15,11 +15,11 @@ pub mod lanes;
 pub mod policy;
 pub mod settle;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tracing::{debug, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::broker::{Pending, Publisher};
 use crate::coalescer::Closed;
@@ -27,7 +27,7 @@ use crate::http::Health;
 use crate::metrics::Metrics;
 use crate::notice::Notice;
 pub use crate::reason::Reason;
-use crate::settings::Settings;
+use crate::settings::{Secret, Settings};
 use crate::wechat::{CallResult, Outcome, WeChat};
 pub use budget::quota;
 use budget::{Budget, ProbeTurn, QuotaKind, Turn};
@@ -43,12 +43,16 @@ pub struct Dispatcher {
     budget: Budget,
     lanes: Lanes,
     settle: Settler,
-    /// The held configuration fault was found on a real send. The start-up
-    /// probe cannot see such a fault, so its passing does not end it: a new
-    /// session consumes with the fault still held, and one of its windows
-    /// becomes the notice retried (an accepted retry settles exactly the
-    /// events it carried).
-    fault_found_on_send: AtomicBool,
+    /// The notice whose real send found the configuration fault being held.
+    /// The start-up probe cannot see such a fault, so a new session sends this
+    /// notice again before it consumes (and does not consume while that
+    /// fails: the messages rest in the queue, nothing churns). Its
+    /// `notice_id` lets WeChat's side drop a duplicate.
+    held_notice: Mutex<Option<Notice>>,
+    /// The events a re-sent held notice delivered: when they come back from
+    /// the queue they are acked without another notice (so an accepted
+    /// re-send settles exactly the events it carried).
+    resent: Mutex<HashSet<String>>,
 }
 
 /// One pass of a notice's loop, before its outcome is judged.
@@ -83,34 +87,81 @@ impl Dispatcher {
             ),
             lanes: Lanes::default(),
             settle: Settler::new(publisher, settings.clone(), metrics),
-            fault_found_on_send: AtomicBool::new(false),
+            held_notice: Mutex::new(None),
+            resent: Mutex::new(HashSet::new()),
             settings,
         }
     }
 
     /// Before consuming: reaches WeChat without a notice (within the rate
-    /// budget) to find configuration faults. A fault it finds is held (not
-    /// ready, with the reason); its passing releases a fault it found, but not
-    /// one found on a real send, which only a real send can prove gone.
+    /// budget) to find configuration faults, and if a fault found on a real
+    /// send is held, sends that notice again, since only a real send shows
+    /// such a fault. A fault is held (not ready, with the reason) until an
+    /// answer proves the settings right; while it is held this returns `Err`
+    /// and the caller does not consume.
     ///
     /// # Errors
     /// The classified failure; the caller decides which outcomes matter.
     pub async fn check_before_consuming(&self) -> Result<(), CallResult> {
         // The token before the rate slot (no slot held during a fetch).
-        let result = match self.wechat.token().await {
+        let token = self.wechat.token().await;
+        let mut result = match &token {
             Ok(token) => {
                 self.budget.take_unheld().await;
-                self.wechat.probe_with(&token).await
+                self.wechat.probe_with(token).await
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.clone()),
         };
+        let held = self.held_notice.lock().expect("not poisoned").clone();
+        if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
+            result = self.resend(&notice, token).await;
+        }
         match &result {
-            Ok(()) if !self.fault_found_on_send.load(Ordering::SeqCst) => self.budget.release(),
-            Ok(()) => {}
+            Ok(()) => self.budget.release(),
             Err(e) if e.outcome == Outcome::ConfigFault => drop(self.budget.hold(&e.detail)),
             Err(_) => {}
         }
         result
+    }
+
+    /// Sends the held notice again. Only an answer that proves the settings
+    /// ends the fault (`Ok`); anything else (the fault again, a 5xx, a
+    /// timeout, a quota) leaves it held (`Err` with that answer). An accepted notice's events
+    /// are remembered so their deliveries are acked when they come back.
+    async fn resend(&self, notice: &Notice, token: &Secret) -> Result<(), CallResult> {
+        let prepared = match self.wechat.prepare(notice) {
+            Ok(p) => p,
+            // Cannot happen for a notice that reached WeChat; keep holding.
+            Err(local) => return Err(local),
+        };
+        self.budget.take_unheld().await;
+        let sent = self.wechat.call(&prepared, token).await;
+        if !sent.outcome.proves_settings() {
+            return Err(sent);
+        }
+        if sent.outcome == Outcome::Delivered {
+            info!(
+                notice_id = %notice.notice_id,
+                event_ids = %notice.event_ids.join(","),
+                "held notice delivered on its retry; its messages are acked when they come back"
+            );
+            *self.resent.lock().expect("not poisoned") = notice.event_ids.iter().cloned().collect();
+        }
+        *self.held_notice.lock().expect("not poisoned") = None;
+        Ok(())
+    }
+
+    /// Whether a configuration fault is held (the session does not consume
+    /// while the check before consuming fails with one held).
+    pub fn fault_held(&self) -> bool {
+        self.budget.is_held()
+    }
+
+    /// Whether `event_id` was delivered by a re-sent held notice (its
+    /// delivery is acked without another notice). Each id answers once.
+    pub fn already_delivered(&self, event_id: &str) -> bool {
+        let mut resent = self.resent.lock().expect("not poisoned");
+        !resent.is_empty() && resent.remove(event_id)
     }
 
     /// This replica became the active consumer (its first delivery of a
@@ -186,8 +237,8 @@ impl Dispatcher {
                     .decide(result.outcome, prior, &mut tries, SystemTime::now());
             // Only WeChat's answer that proves the settings work ends a held fault.
             if probe.is_some() && answered && result.outcome.proves_settings() {
-                self.fault_found_on_send.store(false, Ordering::SeqCst);
                 self.budget.release();
+                *self.held_notice.lock().expect("not poisoned") = None;
                 probe = None;
             }
             match step {
@@ -211,8 +262,8 @@ impl Dispatcher {
                         .await;
                 }
                 Step::Hold => {
-                    self.fault_found_on_send.store(true, Ordering::SeqCst);
                     let turn = self.budget.hold(&result.detail);
+                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
                     // Without the turn, another notice is the one retried: the
                     // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {

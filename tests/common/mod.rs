@@ -284,35 +284,32 @@ impl TestEnv {
         publish::sample_events(&b)
     }
 
-    /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
-    /// connection that consumes `queue` (as a network fault or an operator
-    /// would). Returns false when no consumer is found.
-    pub fn close_consuming_connection(&self, queue: &str) -> bool {
-        let ctl = |args: &[&str]| {
-            let out = std::process::Command::new("rabbitmqctl")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl runs");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
-        let consumers = ctl(&[
+    /// The channels (broker pids) that consume `queue`, by `rabbitmqctl`.
+    pub fn consuming_channels(&self, queue: &str) -> Vec<String> {
+        let out = rabbitmqctl(&[
             "-q",
             "list_consumers",
             "--no-table-headers",
             "queue_name",
             "channel_pid",
         ]);
-        let channels: Vec<String> = consumers
-            .lines()
+        out.lines()
             .filter_map(|l| {
                 let mut f = l.split('\t');
                 (f.next() == Some(queue)).then(|| f.next().unwrap_or("").trim().to_string())
             })
-            .collect();
+            .collect()
+    }
+
+    /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
+    /// connection that consumes `queue` (as a network fault or an operator
+    /// would). Returns false when no consumer is found.
+    pub fn close_consuming_connection(&self, queue: &str) -> bool {
+        let channels = self.consuming_channels(queue);
         if channels.is_empty() {
             return false;
         }
-        let listing = ctl(&[
+        let listing = rabbitmqctl(&[
             "-q",
             "list_channels",
             "--no-table-headers",
@@ -326,7 +323,7 @@ impl TestEnv {
                 continue;
             };
             if channels.iter().any(|c| c == ch.trim()) {
-                ctl(&["close_connection", conn.trim(), "closed by a test"]);
+                rabbitmqctl(&["close_connection", conn.trim(), "closed by a test"]);
                 closed = true;
             }
         }
@@ -462,6 +459,15 @@ pub fn fault_for(event: &Value, action: FaultAction, times: Option<u32>) -> Faul
         action,
         times,
     }
+}
+
+/// `rabbitmqctl` with `args`: its standard output.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The most entries of sorted `times` (ms) in any window of `width` ms.
