@@ -114,7 +114,10 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` (port 0 picks one) and serves until shutdown; returns the bound address.
+/// Binds `addr` (port 0 picks one) and serves until `stopped` fires (or its
+/// trigger is dropped); returns the bound address. `stopped` is not the
+/// shutdown signal: the endpoints keep answering through the drain that
+/// follows it (contract section 7), and stop when the service has finished.
 ///
 /// # Errors
 /// The bind failure.
@@ -122,7 +125,7 @@ pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    mut shutdown: Shutdown,
+    mut stopped: Shutdown,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -133,7 +136,7 @@ pub async fn serve(
         .with_state(AppState { metrics, health });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .with_graceful_shutdown(async move { stopped.wait().await })
             .await;
     });
     Ok(bound)

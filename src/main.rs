@@ -26,8 +26,11 @@ fn main() -> ExitCode {
         None | Some(Command::Run) => Builder::new_current_thread(),
         Some(_) => Builder::new_multi_thread(),
     };
-    match runtime.enable_all().build() {
+    let code = match runtime.enable_all().build() {
         Ok(rt) => rt.block_on(wechat_notifier::cmd::dispatch(cli)),
         Err(e) => wechat_notifier::cmd::fail(format!("cannot start the async runtime: {e}")),
-    }
+    };
+    // Logs are written by a thread of their own: what it still holds goes out now.
+    wechat_notifier::telemetry::flush();
+    code
 }

@@ -35,6 +35,8 @@ pub struct Metrics {
     /// 1 while a configuration fault keeps this replica from calling WeChat.
     pub config_fault: Gauge<i64, AtomicI64>,
     quota_pauses: Family<Labels, Counter>,
+    /// Brought up to `telemetry::log_lines_dropped` at each `encode`.
+    log_lines_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
             consuming: Gauge::default(),
             config_fault: Gauge::default(),
             quota_pauses: Family::default(),
+            log_lines_dropped: Counter::default(),
         };
         registry.register(
             "events_received",
@@ -143,6 +146,11 @@ impl Metrics {
             "pauses of every WeChat call after a quota errcode, by quota (minute = 45011, daily = 45009)",
             m.quota_pauses.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "log lines dropped because stderr did not keep up (the process never waits for it)",
+            m.log_lines_dropped.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = registry;
         m
     }
@@ -151,6 +159,12 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the registry's lock: two encodes never add the same lines twice.
+        let dropped = crate::telemetry::log_lines_dropped();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out
     }

@@ -23,7 +23,7 @@ use crate::event;
 use crate::http::{self, Health};
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::wechat::Outcome;
 
 /// Reconnect backoff bounds (exponential, with jitter).
@@ -49,6 +49,9 @@ pub struct Service {
     dispatcher: Arc<Dispatcher>,
     http_addr: SocketAddr,
     shutdown: Shutdown,
+    /// Stops the HTTP endpoints when `run_until_stopped` has finished (or
+    /// this service is dropped): they answer through the drain.
+    http_stop: ShutdownTrigger,
     consumer_tag: String,
 }
 
@@ -61,11 +64,12 @@ impl Service {
         let settings = Arc::new(settings);
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(Health::default());
+        let (http_stop, http_stopped) = crate::shutdown::channel();
         let http_addr = http::serve(
             settings.metrics_addr,
             metrics.clone(),
             health.clone(),
-            shutdown.clone(),
+            http_stopped,
         )
         .await?;
         let consumer_tag = format!(
@@ -86,6 +90,7 @@ impl Service {
             health,
             http_addr,
             shutdown,
+            http_stop,
             consumer_tag,
         })
     }
@@ -99,7 +104,8 @@ impl Service {
         self.metrics.clone()
     }
 
-    /// Runs sessions until shutdown: reconnects after broker loss.
+    /// Runs sessions until shutdown: reconnects after broker loss. The HTTP
+    /// endpoints answer until this returns.
     ///
     /// # Errors
     /// None today; kept for callers that propagate.
@@ -162,6 +168,8 @@ impl Service {
             }
         }
         self.dispatcher.close().await;
+        // Drained, cancelled and closed: only now do the endpoints stop.
+        self.http_stop.trigger();
         Ok(())
     }
 

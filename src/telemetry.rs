@@ -1,6 +1,13 @@
 //! The tracing subscriber: text or JSON (`NOTIFIER_LOG_FORMAT`), level from
 //! `RUST_LOG`. Logs go to stderr so command output (demo, dlq list) stays clean.
 //!
+//! Lines are handed to a writer thread, never written on the caller's thread:
+//! the service has one runtime thread, and a stderr pipe that stalls (a log
+//! collector that stopped reading) must not stop its heartbeats and acks. When
+//! that thread falls `BUFFERED_LINES` behind, lines are dropped and counted
+//! (`log_lines_dropped`, exported by `/metrics`); `flush` writes the rest at exit.
+//! `say` prints a line through the same thread, in order with the logs.
+//!
 //! Two defaults protect operators: colour codes only when stderr is a terminal
 //! (a file or a log collector gets plain text), and lapin's own lines are
 //! silenced unless `RUST_LOG` asks for them: its warning about a returned
@@ -8,11 +15,26 @@
 //! multi-field debug dumps of failures this crate reports anyway, in one line
 //! (a refused login, a closed channel).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::{Mutex, OnceLock};
 
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::LogFormat;
+
+/// Lines the writer thread may be behind before new ones are dropped (each
+/// slot of the queue is allocated up front: 32 bytes).
+const BUFFERED_LINES: usize = 16_384;
+
+/// The writer thread's guard, dropped by `flush` (which writes what is buffered).
+static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// The lines dropped because stderr did not keep up.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// The log writer, for the lines `say` prints in order with the logs.
+static WRITER: OnceLock<NonBlocking> = OnceLock::new();
 
 /// The filter used when `RUST_LOG` is not set: `level` for us, nothing from lapin
 /// (`RUST_LOG=info,lapin=warn` brings it back).
@@ -24,14 +46,51 @@ pub fn default_filter(level: &str) -> String {
 pub fn init(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default_filter(default_level)));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("wechat-notifier-log")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
+    let said = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let _ = match format {
+        .with_writer(writer);
+    let installed = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    if installed.is_ok() {
+        let _ = DROPPED.set(dropped);
+        let _ = WRITER.set(said);
+        *GUARD.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+}
+
+/// Prints `line` on stderr whatever the log level, after the log lines
+/// before it and without waiting for stderr (plainly, when logging is not
+/// started).
+pub fn say(line: &str) {
+    match WRITER.get() {
+        // One write, one message: no log line can land inside it.
+        Some(w) => {
+            let _ = w.clone().write_all(format!("{line}\n").as_bytes());
+        }
+        None => eprintln!("{line}"),
+    }
+}
+
+/// Log lines dropped so far because stderr did not keep up.
+pub fn log_lines_dropped() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Writes out the lines still buffered (waiting at most about a second for
+/// a stalled stderr); called once, at exit. Later lines are lost.
+pub fn flush() {
+    let guard = GUARD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    drop(guard);
 }
 
 /// The log format asked for, before settings are fully read (for early errors).

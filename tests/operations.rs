@@ -218,6 +218,48 @@ async fn metrics_move_as_the_run_implies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stderr_nobody_reads_stops_no_delivery_and_no_ack() {
+    let mut env = TestEnv::new("stalledlog").await;
+    // Trace logs from every crate: far more than a pipe (64 KiB) and the
+    // writer's queue hold.
+    env.set("RUST_LOG", "trace");
+    env.set("NOTIFIER_RATE_PER_SEC", "2000");
+    env.set("NOTIFIER_RATE_BURST", "100");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.declare().await;
+    let (replica, _unread) = env.spawn_process_unread_stderr();
+    assert!(
+        eventually(WAIT, || async {
+            reqwest::get(format!("http://{}/readyz", replica.http))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "ready"
+    );
+    let events = env.bulk(3000, 1000, false);
+    env.publish(&events).await;
+    assert!(
+        wait_until(WAIT, || env.sim.delivered_event_count() >= events.len()).await,
+        "every event reaches WeChat though stderr is full: {} of {}",
+        env.sim.delivered_event_count(),
+        events.len()
+    );
+    assert!(ids(&events).is_subset(&env.notified_ids()));
+    assert!(
+        eventually(WAIT, || async { env.settled(&replica.http).await }).await,
+        "the work queue ends empty and nothing is held unacked"
+    );
+    // What could not be written was dropped, and counted.
+    assert!(
+        common::metric(&replica.http, "wechat_notifier_log_lines_dropped_total", "").await > 0.0,
+        "the dropped log lines are counted"
+    );
+    drop(replica);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_token_reaches_logs_or_metrics() {
     let mut env = TestEnv::new("leak").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");

@@ -193,11 +193,16 @@ async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
     let term = async {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         active.sigterm();
-        // The old replica says it is shutting down while it drains.
-        let (status, text) = readyz(&active.http).await;
+        // The old replica says it is shutting down while it drains (it
+        // answers: its endpoints live until the drain is over).
         assert!(
-            status == 0 || (status == 503 && text.contains("shutting down")),
-            "{status} {text}"
+            eventually(WAIT, || async {
+                let (status, text) = readyz(&active.http).await;
+                status == 503 && text.contains("shutting down")
+            })
+            .await,
+            "the draining replica answers /readyz 503 \"shutting down\": {:?}",
+            readyz(&active.http).await
         );
     };
     let (published, ()) = tokio::join!(stream, term);
@@ -236,6 +241,81 @@ async fn sigterm_hands_the_queue_over_only_after_the_drain_within_the_budget() {
         "never two calls in flight for one assignee"
     );
     drop(standby);
+    env.cleanup().await;
+}
+
+/// The status of a GET to `path` at `http`, 0 when nothing answers.
+async fn status_of(http: &str, path: &str) -> u16 {
+    match reqwest::get(format!("http://{http}{path}")).await {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_keep_answering_during_the_drain_after_sigterm() {
+    let env = TestEnv::new("drainhttp").await;
+    env.declare().await;
+    let mut replica = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&replica.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // Every notice call is held 5 s (after the start-up probe), so the drain
+    // SIGTERM starts lasts that long.
+    env.sim.push_fault(Fault {
+        api: Some(wechat_notifier::sim::Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::DelayMs(5000),
+        times: None,
+    });
+    let events = env.bulk(10, 10, false);
+    env.publish(&events).await;
+    assert!(
+        wait_until(WAIT, || env.sim.in_flight() > 0).await,
+        "notice calls are under way"
+    );
+    replica.sigterm();
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(&replica.http).await;
+            status == 503 && text.contains("shutting down")
+        })
+        .await,
+        "/readyz answers 503 \"shutting down\" during the drain: {:?}",
+        readyz(&replica.http).await
+    );
+    assert_eq!(status_of(&replica.http, "/healthz").await, 200, "/healthz");
+    assert_eq!(status_of(&replica.http, "/metrics").await, 200, "/metrics");
+    assert!(
+        metric(&replica.http, "wechat_notifier_unacked_deliveries", "").await > 0.0,
+        "/metrics is read while deliveries are held"
+    );
+    assert!(
+        env.sim.in_flight() > 0 && replica.child.try_wait().unwrap().is_none(),
+        "all of that during the drain"
+    );
+    // The drain then ends as before: everything delivered, a clean exit.
+    let want = ids(&events);
+    assert!(
+        wait_until(Duration::from_secs(30), || want
+            .is_subset(&env.notified_ids()))
+        .await,
+        "the drain delivers everything"
+    );
+    let deadline = Instant::now() + WAIT;
+    let exit = loop {
+        if let Some(status) = replica.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica exits after its drain"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(env.ready(&env.queue()).await, 0, "everything acked");
     env.cleanup().await;
 }
 
@@ -362,7 +442,13 @@ async fn hostile_expires_in_and_attempts_headers_crash_nothing() {
         Some(i64::MAX)
     );
     assert_eq!(readyz(&svc.http).await.0, 200, "the service still runs");
+    let http = svc.http.clone();
     svc.stop().await;
+    // Its endpoints live as long as the service, not longer.
+    assert!(
+        eventually(WAIT, || async { status_of(&http, "/healthz").await == 0 }).await,
+        "the endpoints stop once run_until_stopped has returned"
+    );
     env.cleanup().await;
 }
 

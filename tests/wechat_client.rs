@@ -278,3 +278,74 @@ async fn the_token_is_fetched_once_and_reused_until_wechat_rejects_it() {
     assert_eq!(forced, vec![json!(false), json!(true), json!(false)]);
     assert_eq!(sim.delivered().len(), 5);
 }
+
+#[tokio::test]
+async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token_but_a_stale_one_is_fetched() {
+    // A token that lives 6 s: refreshed ahead of its expiry, seconds before it.
+    let sim = Sim::start_local(SimConfig {
+        token_ttl: 6,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let wechat = client(&settings(&sim, &[]));
+    let fetched = tokio::time::Instant::now();
+    assert_eq!(wechat.send(&notice("u0")).await.outcome, Outcome::Delivered);
+    // From now on the token endpoint fails.
+    sim.push_fault(Fault {
+        api: Some(Api::StableToken),
+        user_id: None,
+        action: FaultAction::Http(500),
+        times: None,
+    });
+    let failed_fetches = |sim: &Sim| {
+        calls_of(sim, Api::StableToken)
+            .iter()
+            .filter(|c| c.http_status == 500)
+            .count()
+    };
+    // Send until the client tries to refresh (its token reached the refresh
+    // instant); every send, that one included, is delivered.
+    let mut sent = 1;
+    while failed_fetches(&sim) == 0 {
+        assert!(
+            fetched.elapsed() < Duration::from_secs(5),
+            "a refresh was tried before the token's expiry"
+        );
+        let r = wechat.send(&notice(&format!("u{sent}"))).await;
+        assert_eq!(r.outcome, Outcome::Delivered, "send {sent}: {}", r.detail);
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fetched.elapsed() < Duration::from_secs(5),
+        "all of that before the token's expiry"
+    );
+    assert_eq!(sim.delivered().len(), sent);
+    assert_eq!(
+        sim.issued_tokens().len(),
+        1,
+        "the one token served them all"
+    );
+
+    // A token WeChat rejected is not used again, even while no new one can be had.
+    sim.expire_tokens();
+    assert_eq!(
+        wechat.send(&notice("u-stale")).await.outcome,
+        Outcome::TokenInvalid
+    );
+    let before = sim.notice_calls().len();
+    let r = wechat.send(&notice("u-stale")).await;
+    assert_eq!(r.outcome, Outcome::Transient, "{}", r.detail);
+    assert!(r.detail.contains("token"), "{}", r.detail);
+    assert_eq!(
+        sim.notice_calls().len(),
+        before,
+        "no call with the stale token"
+    );
+    sim.clear_faults();
+    assert_eq!(
+        wechat.send(&notice("u-stale")).await.outcome,
+        Outcome::Delivered
+    );
+}

@@ -23,7 +23,10 @@ pub async fn main() -> ExitCode {
     };
     // Whatever the log level: scripts and tests read the bound address here
     // (NOTIFIER_METRICS_ADDR may name port 0).
-    eprintln!("wechat-notifier: http listening on {}", service.http_addr());
+    telemetry::say(&format!(
+        "wechat-notifier: http listening on {}",
+        service.http_addr()
+    ));
     match service.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => super::fail(format!("{e:#}")),

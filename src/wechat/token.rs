@@ -1,5 +1,6 @@
 //! The access token: fetched once, cached, refreshed ahead of expiry, one fetch
-//! in flight at a time. The stable mode (`/cgi-bin/stable_token`) is the default
+//! in flight at a time; a failed refresh keeps the cached token until it
+//! expires, so a token endpoint's hiccup costs no notice. The stable mode (`/cgi-bin/stable_token`) is the default
 //! because it returns the same token to every replica and every other service
 //! of the appid; the classic `/cgi-bin/token` invalidates the tokens others hold.
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+use tracing::warn;
 
 use super::outcome::{classify, CallResult, Outcome};
 use crate::metrics::Metrics;
@@ -21,6 +23,10 @@ const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A stable token is force-refreshed at most this often (contract section 4).
 const FORCE_REFRESH_EVERY: Duration = Duration::from_secs(30);
 
+/// After a failed refresh of a token that is still valid, the next refresh is
+/// tried this much later (never past the expiry), not on every call.
+const REFRESH_RETRY: Duration = Duration::from_secs(5);
+
 #[derive(Deserialize)]
 struct TokenReply {
     access_token: Option<String>,
@@ -31,8 +37,20 @@ struct TokenReply {
 
 struct Cached {
     token: Secret,
+    /// When a refresh is tried, ahead of `expires_at`.
     refresh_at: Instant,
+    /// When WeChat stops taking it (counted from before the fetch).
+    expires_at: Instant,
+    /// WeChat called it invalid: never used again.
     stale: bool,
+}
+
+impl Cached {
+    /// Whether the token can still be used at `now` when a refresh failed:
+    /// not called invalid, and not expired.
+    fn usable_at(&self, now: Instant) -> bool {
+        !self.stale && now < self.expires_at
+    }
 }
 
 #[derive(Default)]
@@ -47,12 +65,22 @@ fn force_refresh_due(last_forced: Option<Instant>, now: Instant) -> bool {
     last_forced.is_none_or(|t| now.duration_since(t) >= FORCE_REFRESH_EVERY)
 }
 
-/// How long a token that lives `expires_in` seconds is used: refreshed ahead
-/// of expiry, at 90% of its lifetime and at most 5 minutes early, never
-/// sooner than a second.
+/// Tokens that live less than this are refreshed at half their life.
+const SHORT_LIFE: u64 = 60;
+
+/// How long a token that lives `expires_in` seconds is used before a refresh
+/// is tried: at 90% of its lifetime and at most 5 minutes early, and a
+/// short-lived one (under a minute) at half its life, so a failed refresh
+/// still leaves it time to be used (see `TokenProvider::get`); never sooner
+/// than a second.
 fn use_for(expires_in: u64) -> Duration {
-    let ahead = (expires_in / 10).min(300);
-    Duration::from_secs(expires_in.saturating_sub(ahead).max(1)).min(MAX_LIFETIME)
+    let used = if expires_in < SHORT_LIFE {
+        Duration::from_millis(expires_in * 500)
+    } else {
+        let ahead = (expires_in / 10).min(300);
+        Duration::from_secs(expires_in - ahead)
+    };
+    used.max(Duration::from_secs(1)).min(MAX_LIFETIME)
 }
 
 /// Shared by every call of this replica.
@@ -86,11 +114,14 @@ impl TokenProvider {
         }
     }
 
-    /// A valid token, fetched if none is cached or it is due.
+    /// A valid token, fetched if none is cached or it is due. When a refresh
+    /// ahead of expiry fails, the cached token is used until it expires (the
+    /// refresh is tried again every `REFRESH_RETRY`); a token WeChat called
+    /// invalid is never used again.
     ///
     /// # Errors
     /// The classified failure of the fetch (config fault for a bad secret,
-    /// transient for network trouble).
+    /// transient for network trouble) when no usable token is cached.
     pub async fn get(&self) -> Result<Secret, CallResult> {
         let mut state = self.state.lock().await;
         let now = Instant::now();
@@ -111,13 +142,25 @@ impl TokenProvider {
                 state.cached = Some(Cached {
                     token: token.clone(),
                     refresh_at: now + use_for(*expires_in),
+                    expires_at: now + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
                     stale: false,
                 });
                 self.metrics.token_fetch(self.mode_label(), "ok");
             }
-            Err(e) => self
-                .metrics
-                .token_fetch(self.mode_label(), e.outcome.as_str()),
+            Err(e) => {
+                self.metrics
+                    .token_fetch(self.mode_label(), e.outcome.as_str());
+                let after = Instant::now();
+                if let Some(c) = state.cached.as_mut().filter(|c| c.usable_at(after)) {
+                    c.refresh_at = (after + REFRESH_RETRY).min(c.expires_at);
+                    warn!(
+                        detail = %e.detail,
+                        expires_in_ms = c.expires_at.duration_since(after).as_millis() as u64,
+                        "token refresh failed; the cached token is used until it expires"
+                    );
+                    return Ok(c.token.clone());
+                }
+            }
         }
         result.map(|(t, _)| t)
     }
@@ -238,14 +281,31 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_usable_until_it_expires_unless_wechat_called_it_invalid() {
+        let t0 = Instant::now();
+        let mut c = Cached {
+            token: Secret::new("T"),
+            refresh_at: t0 + Duration::from_secs(10),
+            expires_at: t0 + Duration::from_secs(20),
+            stale: false,
+        };
+        assert!(c.usable_at(t0 + Duration::from_secs(15)), "past refresh_at");
+        assert!(!c.usable_at(t0 + Duration::from_secs(20)), "expired");
+        c.stale = true;
+        assert!(!c.usable_at(t0 + Duration::from_secs(15)), "called invalid");
+    }
+
+    #[test]
     fn tokens_are_refreshed_ahead_of_expiry() {
         // WeChat's usual 7200 s: five minutes early (the cap).
         assert_eq!(use_for(7200), Duration::from_secs(6900));
         // Shorter lives: at 90%.
         assert_eq!(use_for(1000), Duration::from_secs(900));
-        assert_eq!(use_for(20), Duration::from_secs(18));
-        // A life of seconds is used whole, and never for less than a second.
-        assert_eq!(use_for(5), Duration::from_secs(5));
+        assert_eq!(use_for(60), Duration::from_secs(54));
+        // Under a minute: at half the life, never for less than a second.
+        assert_eq!(use_for(59), Duration::from_millis(29_500));
+        assert_eq!(use_for(20), Duration::from_secs(10));
+        assert_eq!(use_for(5), Duration::from_millis(2_500));
         assert_eq!(use_for(1), Duration::from_secs(1));
         assert_eq!(use_for(0), Duration::from_secs(1));
     }

@@ -241,6 +241,34 @@ impl TestEnv {
         }
     }
 
+    /// As `spawn_process`, with its stderr a pipe nobody reads (a log
+    /// collector that stalled). The line saying where it listens is never
+    /// read, so its HTTP endpoints get a port picked here. Hold the returned
+    /// pipe: dropping it would close the pipe instead of leaving it full.
+    pub fn spawn_process_unread_stderr(&self) -> (Replica, std::process::ChildStderr) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let http = format!("127.0.0.1:{port}");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+            .arg("run")
+            .env_clear()
+            .envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("NOTIFIER_METRICS_ADDR", &http)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let replica = Replica {
+            child,
+            http,
+            reader: None,
+        };
+        (replica, stderr)
+    }
+
     /// Runs the binary with this test's settings (plus `extra`) and `args`, to completion.
     pub fn command(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wechat-notifier"));
