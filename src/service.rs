@@ -318,8 +318,6 @@ impl Service {
 
         match end {
             Ok(()) => {
-                // Deliveries that arrive from now on are not read: they stay
-                // unacked and return to the queue when the channel closes.
                 self.health.set_shutting_down();
                 let open = coalescer.drain();
                 info!(
@@ -329,16 +327,49 @@ impl Service {
                 );
                 self.spawn_all(open, &mut tasks);
                 self.metrics.open_windows.set(0);
+                // The consumer is still read, only to see the connection die:
+                // the broker then hands these messages to a standby, so the
+                // drain must stop calling WeChat. Deliveries that arrive from
+                // now on are held as they came (not processed, not released:
+                // no `Pending`, whose drop would nack) and return to the queue
+                // when the channel closes.
+                let mut unread: Vec<lapin::message::Delivery> = Vec::new();
                 let drained = tokio::time::timeout(s.shutdown_grace, async {
-                    while let Some(done) = tasks.join_next().await {
-                        log_panic(done);
+                    loop {
+                        tokio::select! {
+                            done = tasks.join_next() => match done {
+                                Some(done) => log_panic(done),
+                                None => return None,
+                            },
+                            delivery = consumer.next() => match delivery {
+                                Some(Ok(d)) => unread.push(d),
+                                Some(Err(e)) => return Some(anyhow::Error::new(e)),
+                                None => return Some(anyhow::anyhow!("the broker cancelled the consumer")),
+                            },
+                        }
                     }
                 })
                 .await;
-                if drained.is_err() {
-                    warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
-                    acks.abandon();
-                    tasks.shutdown().await;
+                match drained {
+                    Ok(None) => {}
+                    Ok(Some(e)) => {
+                        // As when the connection dies outside a drain: what is
+                        // unsettled goes back with the channel, to the standby.
+                        warn!(error = %format!("{e:#}"), "consumer lost during the drain; unfinished messages return to the queue for the next replica");
+                        acks.abandon();
+                        tasks.shutdown().await;
+                        if acks.usable() {
+                            flush(&acks).await;
+                        }
+                        drop((unread, consumer));
+                        close(&conn).await;
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        warn!("shutdown grace elapsed; unfinished messages stay unacked for the next replica");
+                        acks.abandon();
+                        tasks.shutdown().await;
+                    }
                 }
                 // What was settled is acked before the consumer goes.
                 flush(&acks).await;
@@ -351,7 +382,7 @@ impl Service {
                 let _ = tokio::time::timeout(CLOSE_LIMIT, cancel).await;
                 self.health.set_consuming(false);
                 self.metrics.consuming.set(0);
-                drop(consumer);
+                drop((unread, consumer));
                 close(&conn).await;
                 Ok(())
             }

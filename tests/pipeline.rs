@@ -243,6 +243,54 @@ async fn invalid_input_is_dead_lettered_with_reason_and_original_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_invalid_events_are_each_dead_lettered_once_without_churn() {
+    const N: usize = 5000;
+    let mut env = TestEnv::new("invalidflood").await;
+    // All held at once, so every copy is queued for the publisher together:
+    // more than it sends in the 5 s a copy has for its confirm (about 1-2 ms
+    // each, one at a time), so the last ones wait longer than that for their turn.
+    env.set("NOTIFIER_PREFETCH", &N.to_string());
+    env.declare().await;
+    let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
+    let mut replica = env.spawn_process_logging(Some(&log));
+    env.publish_raw(&vec![b"{}".to_vec(); N]).await;
+
+    let dead_queue = env.dead_queue();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.ready(&dead_queue).await as usize >= N && env.settled(&replica.http).await
+        })
+        .await,
+        "every invalid event is dead-lettered and the work queue ends empty"
+    );
+    // Each was received once: no copy failed, so no original went back to the queue.
+    let received = common::metric(&replica.http, "wechat_notifier_events_received_total", "").await;
+    assert_eq!(received as usize, N, "no invalid event was redelivered");
+    let dead = env.drain(&dead_queue).await;
+    assert_eq!(dead.len(), N, "exactly one dead letter per invalid event");
+    for (body, props) in &dead {
+        assert_eq!(body.as_slice(), b"{}");
+        assert_eq!(
+            header_str(props, headers::REASON).as_deref(),
+            Some("invalid_event")
+        );
+    }
+    replica.sigterm();
+    let _ = tokio::task::spawn_blocking(move || replica.wait()).await;
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("invalid event dead-lettered"),
+        "the log was captured"
+    );
+    assert!(
+        !logs.contains("not confirmed"),
+        "no copy counted as not confirmed"
+    );
+    let _ = std::fs::remove_file(&log);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_stays_unacked_while_wechat_holds_the_call_and_returns_when_the_replica_dies() {
     let env = TestEnv::new("hold").await;
     env.declare().await;

@@ -319,6 +319,137 @@ async fn the_endpoints_keep_answering_during_the_drain_after_sigterm() {
     env.cleanup().await;
 }
 
+/// The broker's id (`<rabbit@host.1.2.3>`) of the connection named `name`
+/// (connections are named after the consumer tag, see `broker::connect`).
+fn connection_pid(name: &str) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl runs");
+    let quoted = format!("\"{name}\"");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&quoted))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_string)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_the_drain_ends_the_drain_s_calls() {
+    let env = TestEnv::new("drainloss").await;
+    env.declare().await;
+    let log = std::env::temp_dir().join(format!("{}.a.log", env.prefix));
+    let mut active = env.spawn_process_logging(Some(&log));
+    assert!(
+        eventually(WAIT, || async { readyz(&active.http).await.0 == 200 }).await,
+        "the first replica is ready (and active)"
+    );
+    let standby = env.spawn_process();
+    assert!(
+        eventually(WAIT, || async { readyz(&standby.http).await.0 == 200 }).await,
+        "the second replica is ready (standby)"
+    );
+    // The active replica's consuming connection, named after its consumer tag.
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let tag = logs
+        .lines()
+        .find(|l| l.contains("consumer registered"))
+        .and_then(|l| l.split("consumer_tag=").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .expect("the replica logs its consumer tag")
+        .to_string();
+    let mut pid = None;
+    assert!(
+        wait_until(WAIT, || {
+            pid = connection_pid(&tag);
+            pid.is_some()
+        })
+        .await,
+        "the broker lists the connection {tag}"
+    );
+    let pid = pid.unwrap();
+
+    // Every call now takes 3 s; four assignees, one window each.
+    env.sim.push_fault(Fault {
+        api: Some(wechat_notifier::sim::Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::DelayMs(3000),
+        times: None,
+    });
+    let events = env.bulk(8, 4, false);
+    env.publish(&events).await;
+    assert!(
+        wait_until(WAIT, || env.sim.in_flight() == 4).await,
+        "the active replica has a call in flight for each assignee"
+    );
+    active.sigterm();
+    assert!(
+        wait_until(WAIT, || std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("draining before exit"))
+        .await,
+        "the active replica is draining"
+    );
+    // Its connection dies mid-drain: the standby gets the same messages.
+    let before_close = env.sim.calls().len();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", &pid, "test"])
+        .output()
+        .unwrap();
+    assert!(closed.status.success(), "{closed:?}");
+
+    let want = ids(&events);
+    assert!(
+        wait_until(Duration::from_secs(30), || want
+            .is_subset(&env.notified_ids()))
+        .await,
+        "every event is delivered in the end"
+    );
+    let exit = tokio::task::spawn_blocking(move || active.wait())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        eventually(WAIT, || env.settled(&standby.http)).await,
+        "the queue ends empty"
+    );
+    // Answered after the close: the standby's calls only. A call the draining
+    // replica kept going would be accepted too, a second notice of the same events.
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for call in &env.sim.calls()[before_close..] {
+        if call.http_status != 200 || call.errcode != 0 {
+            continue;
+        }
+        for id in call.body["notice"]["event_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            *counts.entry(id.as_str().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "events accepted twice after the close: {twice:?}"
+    );
+    assert_eq!(
+        env.sim.overlapping_calls(),
+        0,
+        "never two calls in flight for one assignee"
+    );
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    drop(standby);
+    let _ = std::fs::remove_file(&log);
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_queue_deleted_while_a_notice_fails_costs_nothing_once_declared_again() {
     let env = TestEnv::new("noretryq").await;

@@ -62,6 +62,10 @@ pub enum BrokerError {
     Unroutable(String),
     #[error("the broker did not confirm the message within {0:?}")]
     ConfirmTimeout(Duration),
+    #[error("the message waited longer than {0:?} for its turn to be published")]
+    TurnTimeout(Duration),
+    #[error("a copy ahead of this one failed to reach the broker; this one was not tried")]
+    FailedAhead,
 }
 
 /// What kind of broker failure, for callers that branch (and tests).
@@ -91,9 +95,11 @@ impl BrokerError {
             BrokerError::Unreachable { .. } => FailureKind::Unreachable,
             BrokerError::AccessRefused { .. } => FailureKind::AccessRefused,
             BrokerError::Amqp(e) => lapin_kind(e),
-            BrokerError::Nacked | BrokerError::Unroutable(_) | BrokerError::ConfirmTimeout(_) => {
-                FailureKind::Refused
-            }
+            BrokerError::Nacked
+            | BrokerError::Unroutable(_)
+            | BrokerError::ConfirmTimeout(_)
+            | BrokerError::TurnTimeout(_)
+            | BrokerError::FailedAhead => FailureKind::Refused,
         }
     }
 }
