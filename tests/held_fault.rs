@@ -388,7 +388,7 @@ impl Drop for ConsumerTimeout {
 /// dead-lettered, and /readyz names the pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_consumer_timeout() {
-    const TIMEOUT: Duration = Duration::from_secs(20);
+    const TIMEOUT: Duration = Duration::from_secs(12);
     let mut env = TestEnv::new("quota-timeout").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_RETRY_DELAYS", "60s");
