@@ -85,6 +85,8 @@ pub struct Budget {
     /// Calls take the budget one at a time, in the order they asked (a fair
     /// lock), so thousands of waiting windows do not all wake at every slot.
     turn: tokio::sync::Mutex<()>,
+    /// Daily-quota answers (45009) in a row, ended by a delivered notice.
+    daily_run: std::sync::atomic::AtomicU32,
     /// Until when every call is paused, and by which quota.
     pause_until: Mutex<Option<(Instant, QuotaKind)>>,
     /// The configuration fault being held, if any.
@@ -106,6 +108,7 @@ impl Budget {
             clock,
             turn: tokio::sync::Mutex::new(()),
             pause_until: Mutex::new(None),
+            daily_run: std::sync::atomic::AtomicU32::new(0),
             fault: watch::channel(None).0,
             probe: Arc::new(tokio::sync::Mutex::new(())),
             health,
@@ -119,6 +122,7 @@ impl Budget {
     /// (the one that did was parked or its task ended), the caller gets the
     /// probe turn instead: its notice becomes the one retried.
     pub async fn take(&self) -> Turn {
+        let entered = Instant::now();
         let mut fault = self.fault.subscribe();
         loop {
             if fault.borrow_and_update().is_some() {
@@ -136,7 +140,7 @@ impl Budget {
             if self.fault.borrow().is_some() {
                 continue; // held while this call waited for its turn
             }
-            return match self.take_in_turn(turn, Some(PAUSE_HOLD_LIMIT)).await {
+            return match self.take_in_turn(turn, Some(entered)).await {
                 Ok(()) => Turn::Go,
                 Err((left, errcode)) => Turn::Paused { left, errcode },
             };
@@ -151,8 +155,9 @@ impl Budget {
     /// As `take`, for the one retry of a held notice: the fault does not stop
     /// it, a long quota pause does (`Err` with the time left and the quota's errcode).
     pub async fn take_as_probe(&self, _turn: &ProbeTurn) -> Result<(), (Duration, i64)> {
+        let entered = Instant::now();
         let turn = self.turn.lock().await;
-        self.take_in_turn(turn, Some(PAUSE_HOLD_LIMIT)).await
+        self.take_in_turn(turn, Some(entered)).await
     }
 
     /// As `take`, whatever fault is held, waiting out any pause (the start-up
@@ -160,6 +165,18 @@ impl Budget {
     pub async fn take_unheld(&self) {
         let turn = self.turn.lock().await;
         let _ = self.take_in_turn(turn, None).await;
+    }
+
+    /// One more 45009 in a row: how many now.
+    pub fn daily_quota_run(&self) -> u32 {
+        self.daily_run
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            .saturating_add(1)
+    }
+
+    /// A notice was delivered: the run of 45009s is over.
+    pub fn quota_streak_ends(&self) {
+        self.daily_run.store(0, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A replica that becomes the active consumer starts with an empty
@@ -170,13 +187,14 @@ impl Budget {
         while self.limiter.check().is_ok() {}
     }
 
-    /// Waits for a pause that ends within `hold_limit` (any, if `None`), then
-    /// for the rate slot. `Err` with the time left and the quota's errcode
-    /// when the pause is longer.
+    /// Waits for a pause, then for the rate slot. With `entered` (when the
+    /// caller, which holds deliveries, started to wait), a pause that would
+    /// make its wait longer than `PAUSE_HOLD_LIMIT` in all is not waited out:
+    /// `Err` with the time left and the quota's errcode.
     async fn take_in_turn(
         &self,
         _turn: tokio::sync::MutexGuard<'_, ()>,
-        hold_limit: Option<Duration>,
+        entered: Option<Instant>,
     ) -> Result<(), (Duration, i64)> {
         let started = Instant::now();
         loop {
@@ -184,7 +202,7 @@ impl Budget {
             match until {
                 Some((t, kind)) if t > Instant::now() => {
                     let left = t - Instant::now();
-                    if hold_limit.is_some_and(|limit| left > limit) {
+                    if entered.is_some_and(|e| e.elapsed() + left > PAUSE_HOLD_LIMIT) {
                         return Err((left, kind.errcode()));
                     }
                     tokio::time::sleep_until(t).await;

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Pending, Publisher};
 use crate::coalescer::Closed;
@@ -114,7 +114,20 @@ impl Dispatcher {
         };
         let held = self.held_notice.lock().expect("not poisoned").clone();
         if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
-            result = self.resend(&notice, token).await;
+            match self.resend(&notice, token).await {
+                Err(e) if e.outcome != Outcome::ConfigFault => {
+                    // No proof either way (a 5xx, a timeout, a quota, the
+                    // function throwing on this notice): the fault stays held,
+                    // but this notice no longer keeps the replica from
+                    // consuming. One of the session's windows becomes the
+                    // notice retried, with the ladder (so a notice failing for
+                    // its own reasons is parked, not retried here forever).
+                    warn!(detail = %e.detail, "the held notice's retry proved nothing; consuming with the fault held");
+                    *self.held_notice.lock().expect("not poisoned") = None;
+                    return Ok(());
+                }
+                sent => result = sent,
+            }
         }
         match &result {
             Ok(()) => self.budget.release(),
@@ -145,7 +158,10 @@ impl Dispatcher {
                 event_ids = %notice.event_ids.join(","),
                 "held notice delivered on its retry; its messages are acked when they come back"
             );
-            *self.resent.lock().expect("not poisoned") = notice.event_ids.iter().cloned().collect();
+            self.resent
+                .lock()
+                .expect("not poisoned")
+                .extend(notice.event_ids.iter().cloned());
         }
         *self.held_notice.lock().expect("not poisoned") = None;
         Ok(())
@@ -205,16 +221,30 @@ impl Dispatcher {
         self.settle.close().await;
     }
 
-    async fn send(&self, closed: &mut Closed<Pending>, mut notice: Notice) {
-        let mut tries = Tries::default();
+    async fn send(&self, closed: &mut Closed<Pending>, notice: Notice) {
         // Held while this notice is the one retried during a configuration fault.
         let mut probe: Option<ProbeTurn> = None;
+        self.send_until_settled(closed, notice, &mut probe).await;
+        // The retried notice left the fault another way (expired, parked,
+        // dead-lettered): a later session must not send it again.
+        if probe.is_some() {
+            *self.held_notice.lock().expect("not poisoned") = None;
+        }
+    }
+
+    async fn send_until_settled(
+        &self,
+        closed: &mut Closed<Pending>,
+        mut notice: Notice,
+        probe: &mut Option<ProbeTurn>,
+    ) {
+        let mut tries = Tries::default();
         loop {
             let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
                 Attempt::Local(r) => (r, false),
                 Attempt::Answered(r) => (r, true),
                 Attempt::Probe(turn) => {
-                    probe = Some(turn);
+                    *probe = Some(turn);
                     continue;
                 }
                 Attempt::Done => return,
@@ -239,15 +269,24 @@ impl Dispatcher {
             if probe.is_some() && answered && result.outcome.proves_settings() {
                 self.budget.release();
                 *self.held_notice.lock().expect("not poisoned") = None;
-                probe = None;
+                *probe = None;
             }
             match step {
-                Step::Ack => return self.settle.ack_all(closed, &notice).await,
+                Step::Ack => {
+                    self.budget.quota_streak_ends();
+                    return self.settle.ack_all(closed, &notice).await;
+                }
                 Step::RetryAfter(d) if d.is_zero() => {}
                 Step::RetryAfter(d) => tokio::time::sleep(jitter(d)).await,
                 Step::PauseAll(d) => self.budget.pause(d, QuotaKind::Minute),
                 Step::Park { exhausted, pause } => {
                     if let Some(d) = pause {
+                        // The pause grows with the replica's run of 45009s
+                        // too, not only with this notice's rounds: fresh
+                        // notices meeting the quota one after another must
+                        // not keep it at the ladder's first step.
+                        let run = self.budget.daily_quota_run();
+                        let d = d.max(self.settle.rules().rung(i64::from(run) - 1));
                         self.budget.pause(d, QuotaKind::Daily);
                     }
                     return self
@@ -267,7 +306,7 @@ impl Dispatcher {
                     // Without the turn, another notice is the one retried: the
                     // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {
-                        probe = turn;
+                        *probe = turn;
                     }
                 }
             }

@@ -80,7 +80,7 @@ impl Rules {
 
     /// The ladder step for a notice whose messages already failed `attempts`
     /// rounds (the last step repeats).
-    fn rung(&self, attempts: i64) -> Duration {
+    pub fn rung(&self, attempts: i64) -> Duration {
         let i = usize::try_from(attempts.max(0)).unwrap_or(usize::MAX);
         self.ladder[i.min(self.ladder.len() - 1)]
     }
