@@ -190,6 +190,17 @@ impl Service {
         // A configuration fault found before consuming keeps this replica
         // from consuming: nothing is held, nothing churns.
         loop {
+            // The held notice's events belong to whichever replica consumes
+            // the queue: with another one active, they are its to send.
+            if self.dispatcher.holds_notice() {
+                if let Ok(broker::inspect::Presence::Present { consumers, .. }) =
+                    broker::inspect::queue(&conn, &s.queue).await
+                {
+                    if consumers > 0 {
+                        self.dispatcher.forget_held_notice();
+                    }
+                }
+            }
             let checked = tokio::select! {
                 _ = shutdown.wait() => {
                     close(&conn).await;

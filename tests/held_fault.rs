@@ -354,3 +354,62 @@ async fn a_standby_that_takes_over_adds_no_burst_of_its_own() {
     drop(standby);
     env.cleanup().await;
 }
+
+/// The held notice's events belong to whichever replica consumes the queue.
+/// The active replica holds a fault found on a send; its connection is lost
+/// and the broker gives the queue to the standby, which meets the same fault
+/// with the same events. The first replica then must not re-send its held
+/// notice beside the standby: once fixed, each event is accepted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_the_queue_does_not_re_send_the_events_another_now_holds() {
+    let mut env = TestEnv::new("held-handover").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "300ms");
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
+    env.declare().await;
+    let first = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&first.http).await.0 == 200 }).await,
+        "the first replica is ready (and active)"
+    );
+    env.sim.push_fault(on(
+        Api::InvokeCloudFunction,
+        FaultAction::NoticeFunctionErrcode(85088),
+        None,
+    ));
+    let events = env.bulk(3, 1, false);
+    env.publish(&events).await;
+    wait_for_fault(&first.http).await;
+    let second = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&second.http).await.0 == 200 }).await,
+        "the second replica is ready (standby)"
+    );
+
+    // The first replica's connection goes; the standby gets the events and the fault.
+    assert!(env.close_consuming_connection(&env.queue()));
+    wait_for_fault(&second.http).await;
+    env.sim.clear_faults();
+
+    let want = ids(&events);
+    assert!(
+        eventually(WAIT, || async {
+            want.iter()
+                .all(|id| delivered_counts(&env).contains_key(id))
+                && readyz(&first.http).await.0 == 200
+                && readyz(&second.http).await.0 == 200
+                && env.queue_state(&env.queue()).await.0 == 0
+                && metric(&second.http, "wechat_notifier_unacked_deliveries", "").await == 0.0
+        })
+        .await,
+        "delivered once fixed, both replicas ready"
+    );
+    let counts = delivered_counts(&env);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "each event accepted once: {counts:?}"
+    );
+    first.stop().await;
+    second.stop().await;
+    env.cleanup().await;
+}

@@ -167,6 +167,23 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Whether a notice whose send found the held fault waits to be re-sent.
+    pub fn holds_notice(&self) -> bool {
+        self.held_notice.lock().expect("not poisoned").is_some()
+    }
+
+    /// Another replica consumes the queue now (the broker gave it the queue
+    /// when this replica's session ended): it has the held notice's events
+    /// and sends them itself, so this replica must not re-send them.
+    pub fn forget_held_notice(&self) {
+        if let Some(n) = self.held_notice.lock().expect("not poisoned").take() {
+            info!(
+                notice_id = %n.notice_id,
+                "another replica consumes the queue: it has the held notice's events, not re-sending them"
+            );
+        }
+    }
+
     /// Whether a configuration fault is held (the session does not consume
     /// while the check before consuming fails with one held).
     pub fn fault_held(&self) -> bool {

@@ -312,7 +312,9 @@ impl TestEnv {
         publish::sample_events(&b)
     }
 
-    /// The channels (broker pids) that consume `queue`, by `rabbitmqctl`.
+    /// The channels (broker pids) whose consumer is the active one on
+    /// `queue` (standbys of a single-active-consumer queue are left out), by
+    /// `rabbitmqctl`.
     pub fn consuming_channels(&self, queue: &str) -> Vec<String> {
         let out = rabbitmqctl(&[
             "-q",
@@ -320,18 +322,19 @@ impl TestEnv {
             "--no-table-headers",
             "queue_name",
             "channel_pid",
+            "active",
         ]);
         out.lines()
             .filter_map(|l| {
-                let mut f = l.split('\t');
-                (f.next() == Some(queue)).then(|| f.next().unwrap_or("").trim().to_string())
+                let f: Vec<&str> = l.split('\t').map(str::trim).collect();
+                (f.len() == 3 && f[0] == queue && f[2] == "true").then(|| f[1].to_string())
             })
             .collect()
     }
 
     /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
-    /// connection that consumes `queue` (as a network fault or an operator
-    /// would). Returns false when no consumer is found.
+    /// connection of the active consumer of `queue` (as a network fault or an
+    /// operator would). Returns false when no consumer is found.
     pub fn close_consuming_connection(&self, queue: &str) -> bool {
         let channels = self.consuming_channels(queue);
         if channels.is_empty() {
