@@ -349,3 +349,46 @@ async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token_but_a_stale_one
         Outcome::Delivered
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
+    // A token that lives 6 s is refreshed at 3 s; that refresh takes 3 s.
+    let sim = Sim::start_local(SimConfig {
+        token_ttl: 6,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let wechat = Arc::new(client(&settings(&sim, &[])));
+    assert_eq!(wechat.send(&notice("u0")).await.outcome, Outcome::Delivered);
+    sim.push_fault(Fault {
+        api: Some(Api::StableToken),
+        user_id: None,
+        action: FaultAction::DelayMs(3000),
+        times: Some(1),
+    });
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    // This send finds the token due and refreshes it (slowly).
+    let refreshing = {
+        let wechat = wechat.clone();
+        tokio::spawn(async move { wechat.send(&notice("u1")).await })
+    };
+    // The refresh is held 3 s at the simulator (which logs a call when it
+    // answers): well inside that, another send.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = wechat.send(&notice("u2")).await;
+    assert_eq!(r.outcome, Outcome::Delivered, "{}", r.detail);
+    assert_eq!(refreshing.await.unwrap().outcome, Outcome::Delivered);
+    let refresh_asked = calls_of(&sim, Api::StableToken)[1].at_ms;
+    let sent = sim
+        .notice_calls()
+        .iter()
+        .find(|c| c.body["notice"]["assignee"]["user_id"] == "u2")
+        .map(|c| c.at_ms)
+        .expect("u2's notice reached WeChat");
+    assert!(
+        sent < refresh_asked + 3000.0,
+        "the call went with the cached token while the refresh was in flight \
+         (refresh asked at {refresh_asked} ms, call at {sent} ms)"
+    );
+}

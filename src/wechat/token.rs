@@ -4,6 +4,7 @@
 //! because it returns the same token to every replica and every other service
 //! of the appid; the classic `/cgi-bin/token` invalidates the tokens others hold.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,7 +92,18 @@ pub struct TokenProvider {
     secret: Secret,
     mode: TokenMode,
     state: Mutex<State>,
+    /// A refresh ahead of expiry is in flight (made outside the lock).
+    refreshing: AtomicBool,
     metrics: Arc<Metrics>,
+}
+
+/// Clears the refresh flag however the refresh ends (its task may be aborted).
+struct Refreshing<'a>(&'a AtomicBool);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl TokenProvider {
@@ -103,6 +115,7 @@ impl TokenProvider {
             secret: settings.appsecret.clone(),
             mode: settings.token_mode,
             state: Mutex::new(State::default()),
+            refreshing: AtomicBool::new(false),
             metrics,
         }
     }
@@ -114,10 +127,12 @@ impl TokenProvider {
         }
     }
 
-    /// A valid token, fetched if none is cached or it is due. When a refresh
-    /// ahead of expiry fails, the cached token is used until it expires (the
-    /// refresh is tried again every `REFRESH_RETRY`); a token WeChat called
-    /// invalid is never used again.
+    /// A valid token, fetched if none is cached or it is due. A refresh ahead
+    /// of expiry is made by one caller while the others keep using the cached
+    /// token (a slow token endpoint delays no call); when it fails, the cached
+    /// token is used until it expires (the refresh is tried again every
+    /// `REFRESH_RETRY`). A token WeChat called invalid is never used again:
+    /// callers then wait for the one fetch in flight.
     ///
     /// # Errors
     /// The classified failure of the fetch (config fault for a bad secret,
@@ -129,20 +144,44 @@ impl TokenProvider {
             if !c.stale && now < c.refresh_at {
                 return Ok(c.token.clone());
             }
+            if c.usable_at(now) {
+                // Due for a refresh ahead of expiry: one caller makes it,
+                // outside the lock; the others go on with this token.
+                if self.refreshing.swap(true, Ordering::SeqCst) {
+                    return Ok(c.token.clone());
+                }
+                drop(state);
+                let _refreshing = Refreshing(&self.refreshing);
+                let result = self.fetch(false).await;
+                let mut state = self.state.lock().await;
+                return self.keep(&mut state, now, false, result);
+            }
         }
         let force = self.mode == TokenMode::Stable
             && state.cached.as_ref().is_some_and(|c| c.stale)
             && force_refresh_due(state.last_forced, now);
         let result = self.fetch(force).await;
+        self.keep(&mut state, now, force, result)
+    }
+
+    /// Caches a fetched token; after a failed fetch, falls back to the cached
+    /// token while it is usable. `asked` is when the fetch started.
+    fn keep(
+        &self,
+        state: &mut State,
+        asked: Instant,
+        force: bool,
+        result: Result<(Secret, u64), CallResult>,
+    ) -> Result<Secret, CallResult> {
         match &result {
             Ok((token, expires_in)) => {
                 if force {
-                    state.last_forced = Some(now);
+                    state.last_forced = Some(asked);
                 }
                 state.cached = Some(Cached {
                     token: token.clone(),
-                    refresh_at: now + use_for(*expires_in),
-                    expires_at: now + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
+                    refresh_at: asked + use_for(*expires_in),
+                    expires_at: asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
                     stale: false,
                 });
                 self.metrics.token_fetch(self.mode_label(), "ok");
