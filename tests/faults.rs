@@ -488,3 +488,47 @@ async fn cluster_urls_are_tried_in_turn() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// A quota answer to the start-up probe pauses every call as one to a notice
+/// would: /readyz names it, and the first events wait (parked, since the
+/// pause is long) instead of meeting the exhausted quota at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_quota_answer_to_the_start_up_probe_pauses_every_call() {
+    let mut env = TestEnv::new("probe-quota").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_RETRY_DELAYS", "30s");
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
+    env.declare().await;
+    // The first call of the replica, its probe, meets the daily quota.
+    env.sim
+        .push_fault(fault(FaultAction::Errcode(45009), Some(1)));
+    let svc = env.start_service().await;
+    let readyz = |http: String| async move {
+        match reqwest::get(format!("http://{http}/readyz")).await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(svc.http.clone()).await;
+            status == 503 && text.contains("45009")
+        })
+        .await,
+        "/readyz names the pause: {:?}",
+        readyz(svc.http.clone()).await
+    );
+    let events = env.bulk(3, 3, false);
+    env.publish(&events).await;
+    let retry = env.retry_queues();
+    assert!(
+        eventually(WAIT, || async { env.ready(&retry[0]).await == 3 }).await,
+        "the events wait out the pause in the retry queue"
+    );
+    assert!(
+        env.sim.notice_calls().is_empty(),
+        "no notice met the exhausted quota"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}

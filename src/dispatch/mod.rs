@@ -64,6 +64,8 @@ enum Attempt {
     Answered(CallResult),
     /// This window's notice became the one retried during a held fault.
     Probe(ProbeTurn),
+    /// Go round again (a new rate slot).
+    Again,
     /// Nothing left to send (expired, or parked during a quota pause).
     Done,
 }
@@ -116,6 +118,7 @@ impl Dispatcher {
         if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
             match self.resend(&notice, token).await {
                 Err(e) if e.outcome != Outcome::ConfigFault => {
+                    self.pause_on_quota(e.outcome);
                     // No proof either way (a 5xx, a timeout, a quota, the
                     // function throwing on this notice): the fault stays held,
                     // but this notice no longer keeps the replica from
@@ -132,9 +135,26 @@ impl Dispatcher {
         match &result {
             Ok(()) => self.budget.release(),
             Err(e) if e.outcome == Outcome::ConfigFault => drop(self.budget.hold(&e.detail)),
-            Err(_) => {}
+            Err(e) => self.pause_on_quota(e.outcome),
         }
         result
+    }
+
+    /// A quota answer outside a notice's loop (the start-up probe, the held
+    /// notice's re-send) pauses every call as it would there.
+    fn pause_on_quota(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::MinuteQuota => self.budget.pause(
+                policy::until_next_minute(SystemTime::now()),
+                QuotaKind::Minute,
+            ),
+            Outcome::DailyQuota => {
+                let run = self.budget.daily_quota_run();
+                let d = self.settle.rules().rung(i64::from(run) - 1);
+                self.budget.pause(d, QuotaKind::Daily);
+            }
+            _ => {}
+        }
     }
 
     /// Sends the held notice again. Only an answer that proves the settings
@@ -264,6 +284,7 @@ impl Dispatcher {
                     *probe = Some(turn);
                     continue;
                 }
+                Attempt::Again => continue,
                 Attempt::Done => return,
             };
             debug!(
@@ -368,9 +389,18 @@ impl Dispatcher {
         // it may have waited behind a pause or a held fault.
         match self.settle.drop_expired(closed).await {
             Expiry::Nothing => {}
-            Expiry::Some => *notice = closed.notice(),
+            // The dead letters' confirms took time: this slot is spent
+            // unused, and the rest of the notice takes a new one (a call goes
+            // out right after its slot, never bunched behind a late one).
+            Expiry::Some => {
+                *notice = closed.notice();
+                return Attempt::Again;
+            }
             Expiry::All => return Attempt::Done,
         }
+        // The freshest token (another call may have replaced ours while this
+        // one waited for its slot), without waiting for a fetch.
+        let token = self.wechat.cached_token().unwrap_or(token);
         match self.wechat.prepare(notice) {
             Ok(prepared) => Attempt::Answered(self.wechat.call(&prepared, &token).await),
             Err(local) => Attempt::Local(local),

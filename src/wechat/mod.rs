@@ -151,6 +151,11 @@ impl WeChat {
         self.tokens.get().await
     }
 
+    /// The cached token if one is usable now, without waiting for a fetch.
+    pub fn cached_token(&self) -> Option<Secret> {
+        self.tokens.cached()
+    }
+
     /// As `probe`, with a token already taken.
     ///
     /// # Errors

@@ -164,6 +164,18 @@ impl TokenProvider {
         self.keep(&mut state, now, force, result)
     }
 
+    /// The cached token if it is usable now (not called invalid, not
+    /// expired), without waiting: `None` while the cache is being written.
+    pub fn cached(&self) -> Option<Secret> {
+        let state = self.state.try_lock().ok()?;
+        let now = Instant::now();
+        state
+            .cached
+            .as_ref()
+            .filter(|c| c.usable_at(now))
+            .map(|c| c.token.clone())
+    }
+
     /// Caches a fetched token; after a failed fetch, falls back to the cached
     /// token while it is usable. `asked` is when the fetch started.
     fn keep(
