@@ -7,17 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, metric, TestEnv};
+use common::{eventually, metric, readyz, TestEnv};
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn readyz(http: &str) -> (u16, String) {
-    match reqwest::get(format!("http://{http}/readyz")).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
 
 fn on(api: Api, action: FaultAction, times: Option<u32>) -> Fault {
     Fault {

@@ -8,19 +8,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{eventually, ids, metric, most_in_any_window, wait_until, TestEnv};
+use common::{eventually, ids, metric, most_in_any_window, readyz, wait_until, TestEnv};
 use serde_json::{json, Value};
 use wechat_notifier::broker::{header_str, headers};
 use wechat_notifier::sim::{Api, Call, Fault, FaultAction};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn readyz(http: &str) -> (u16, String) {
-    match reqwest::get(format!("http://{http}/readyz")).await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
-}
 
 fn on(api: Api, action: FaultAction, times: Option<u32>) -> Fault {
     Fault {

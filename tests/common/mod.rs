@@ -492,6 +492,14 @@ pub fn fault_for(event: &Value, action: FaultAction, times: Option<u32>) -> Faul
     }
 }
 
+/// `/readyz` at `http`: (status, body), (0, "") when nothing answers.
+pub async fn readyz(http: &str) -> (u16, String) {
+    match reqwest::get(format!("http://{http}/readyz")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
 /// `rabbitmqctl` with `args`: its standard output.
 pub fn rabbitmqctl(args: &[&str]) -> String {
     let out = std::process::Command::new("rabbitmqctl")
