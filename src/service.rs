@@ -190,23 +190,20 @@ impl Service {
         // A configuration fault found before consuming keeps this replica
         // from consuming: nothing is held, nothing churns.
         loop {
-            // The held notice's events belong to whichever replica consumes
-            // the queue: with another one active, they are its to send.
-            if self.dispatcher.holds_notice() {
-                if let Ok(broker::inspect::Presence::Present { consumers, .. }) =
-                    broker::inspect::queue(&conn, &s.queue).await
-                {
-                    if consumers > 0 {
-                        self.dispatcher.forget_held_notice();
-                    }
-                }
-            }
             let checked = tokio::select! {
                 _ = shutdown.wait() => {
                     close(&conn).await;
                     return Ok(());
                 }
-                checked = self.dispatcher.check_before_consuming() => checked,
+                checked = self.dispatcher.check_before_consuming(async {
+                    // The held notice's events belong to whichever replica
+                    // consumes the queue (a single-active-consumer queue counts
+                    // only its active consumer).
+                    matches!(
+                        tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(&conn, &s.queue)).await,
+                        Ok(Ok(broker::inspect::Presence::Present { consumers, .. })) if consumers > 0
+                    )
+                }) => checked,
             };
             match checked {
                 Ok(()) => break,

@@ -503,20 +503,14 @@ async fn a_daily_quota_answer_to_the_start_up_probe_pauses_every_call() {
     env.sim
         .push_fault(fault(FaultAction::Errcode(45009), Some(1)));
     let svc = env.start_service().await;
-    let readyz = |http: String| async move {
-        match reqwest::get(format!("http://{http}/readyz")).await {
-            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-            Err(_) => (0, String::new()),
-        }
-    };
     assert!(
         eventually(WAIT, || async {
-            let (status, text) = readyz(svc.http.clone()).await;
+            let (status, text) = common::readyz(&svc.http).await;
             status == 503 && text.contains("45009")
         })
         .await,
         "/readyz names the pause: {:?}",
-        readyz(svc.http.clone()).await
+        common::readyz(&svc.http).await
     );
     let events = env.bulk(3, 3, false);
     env.publish(&events).await;

@@ -104,7 +104,14 @@ impl Dispatcher {
     ///
     /// # Errors
     /// The classified failure; the caller decides which outcomes matter.
-    pub async fn check_before_consuming(&self) -> Result<(), CallResult> {
+    /// `others_consume` tells whether another replica consumes the queue now
+    /// (awaited only right before a re-send, after its rate slot): that
+    /// replica then has the held notice's events, so this one forgets the
+    /// notice.
+    pub async fn check_before_consuming(
+        &self,
+        others_consume: impl std::future::Future<Output = bool>,
+    ) -> Result<(), CallResult> {
         // The token before the rate slot (no slot held during a fetch).
         let token = self.wechat.token().await;
         let mut result = match &token {
@@ -116,7 +123,16 @@ impl Dispatcher {
         };
         let held = self.held_notice.lock().expect("not poisoned").clone();
         if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
-            match self.resend(&notice, token).await {
+            self.budget.take_unheld().await;
+            let sent = if others_consume.await {
+                self.forget_held_notice();
+                Ok(())
+            } else {
+                // The freshest token: the slot may have waited out a pause.
+                let token = self.wechat.cached_token().unwrap_or_else(|| token.clone());
+                self.resend(&notice, &token).await
+            };
+            match sent {
                 Err(e) if e.outcome != Outcome::ConfigFault => {
                     self.pause_on_quota(e.outcome);
                     // No proof either way (a 5xx, a timeout, a quota, the
@@ -157,7 +173,7 @@ impl Dispatcher {
         }
     }
 
-    /// Sends the held notice again. Only an answer that proves the settings
+    /// Sends the held notice again (its rate slot taken). Only an answer that proves the settings
     /// ends the fault (`Ok`); anything else (the fault again, a 5xx, a
     /// timeout, a quota) leaves it held (`Err` with that answer). An accepted notice's events
     /// are remembered so their deliveries are acked when they come back.
@@ -167,7 +183,6 @@ impl Dispatcher {
             // Cannot happen for a notice that reached WeChat; keep holding.
             Err(local) => return Err(local),
         };
-        self.budget.take_unheld().await;
         let sent = self.wechat.call(&prepared, token).await;
         if !sent.outcome.proves_settings() {
             return Err(sent);
@@ -394,6 +409,10 @@ impl Dispatcher {
             // out right after its slot, never bunched behind a late one).
             Expiry::Some => {
                 *notice = closed.notice();
+                if probe.is_some() {
+                    // A later session re-sends only what is still held.
+                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
+                }
                 return Attempt::Again;
             }
             Expiry::All => return Attempt::Done,

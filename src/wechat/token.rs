@@ -150,10 +150,31 @@ impl TokenProvider {
                 if self.refreshing.swap(true, Ordering::SeqCst) {
                     return Ok(c.token.clone());
                 }
+                let from = c.token.clone();
                 drop(state);
                 let _refreshing = Refreshing(&self.refreshing);
                 let result = self.fetch(false).await;
                 let mut state = self.state.lock().await;
+                // Meanwhile the token may have been called invalid, or
+                // replaced by a caller that could not wait: the refresh's
+                // answer replaces only the token it set out to refresh, so an
+                // older or invalid token never comes back.
+                let ours = state
+                    .cached
+                    .as_ref()
+                    .is_some_and(|c| c.token == from && !c.stale);
+                if !ours {
+                    return match state
+                        .cached
+                        .as_ref()
+                        .filter(|c| c.usable_at(Instant::now()))
+                    {
+                        Some(c) => Ok(c.token.clone()),
+                        None => Err(CallResult::transient(
+                            "the token was called invalid during its refresh",
+                        )),
+                    };
+                }
                 return self.keep(&mut state, now, false, result);
             }
         }
