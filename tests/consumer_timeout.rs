@@ -54,7 +54,7 @@ impl Drop for ConsumerTimeout {
 /// dead-lettered, and /readyz names the pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_consumer_timeout() {
-    const TIMEOUT: Duration = Duration::from_secs(12);
+    const TIMEOUT: Duration = Duration::from_secs(10);
     let mut env = TestEnv::new("quota-timeout").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     // The default ladder: the first pause (5 s) is waited out, the run of
@@ -95,7 +95,7 @@ async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_c
         "the windows are parked, not held through the pause"
     );
     // Past the broker's timeout (it checks every second here): still the same channel.
-    tokio::time::sleep(TIMEOUT + Duration::from_secs(3)).await;
+    tokio::time::sleep(TIMEOUT + Duration::from_secs(2)).await;
     assert_eq!(
         env.consuming_channels(&env.queue()),
         consuming,

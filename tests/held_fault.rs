@@ -262,7 +262,7 @@ async fn a_local_no_openid_verdict_does_not_end_a_held_fault() {
 /// it, never all at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_token_fetch_does_not_let_the_calls_waiting_for_it_burst() {
-    const RATE: usize = 10;
+    const RATE: usize = 20;
     const BURST: usize = 1;
     let mut env = TestEnv::new("token-burst").await;
     env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
@@ -281,7 +281,7 @@ async fn a_slow_token_fetch_does_not_let_the_calls_waiting_for_it_burst() {
         FaultAction::Errcode(40001),
         Some(1),
     ));
-    let events = env.bulk(60, 60, false);
+    let events = env.bulk(80, 80, false);
     env.publish(&events).await;
     let want = ids(&events);
     assert!(
@@ -305,7 +305,7 @@ async fn a_slow_token_fetch_does_not_let_the_calls_waiting_for_it_burst() {
 /// the fleet stays within R·T + B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_that_takes_over_adds_no_burst_of_its_own() {
-    const RATE: usize = 2;
+    const RATE: usize = 4;
     const BURST: usize = 5;
     let mut env = TestEnv::new("takeover-burst").await;
     env.set("NOTIFIER_RATE_PER_SEC", &RATE.to_string());
@@ -322,8 +322,8 @@ async fn a_standby_that_takes_over_adds_no_burst_of_its_own() {
         eventually(WAIT, || async { readyz(&standby.http).await.0 == 200 }).await,
         "the second replica is ready (standby)"
     );
-    // Both buckets fill (B / R = 2.5 s).
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // Both buckets fill (B / R = 1.25 s).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let events = env.bulk(12, 12, false);
     env.publish(&events).await;
     assert!(
