@@ -197,12 +197,12 @@ impl Service {
                 }
                 checked = self.dispatcher.check_before_consuming(async {
                     // The held notice's events belong to whichever replica
-                    // consumes the queue (a single-active-consumer queue counts
-                    // only its active consumer).
-                    matches!(
-                        tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(&conn, &s.queue)).await,
-                        Ok(Ok(broker::inspect::Presence::Present { consumers, .. })) if consumers > 0
-                    )
+                    // consumes the queue (any consumer: the active one gets
+                    // them). No answer means unknown, not "nobody".
+                    match tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(&conn, &s.queue)).await {
+                        Ok(Ok(broker::inspect::Presence::Present { consumers, .. })) => Some(consumers > 0),
+                        _ => None,
+                    }
                 }) => checked,
             };
             match checked {

@@ -392,3 +392,44 @@ async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
          (refresh asked at {refresh_asked} ms, call at {sent} ms)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_outlives_its_token_s_rejection_serves_the_token_it_fetched() {
+    // A token that lives 6 s is refreshed at 3 s; that refresh takes 2 s, and
+    // meanwhile WeChat rejects the old token (another call gets 40001).
+    let sim = Sim::start_local(SimConfig {
+        token_ttl: 6,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let wechat = Arc::new(client(&settings(&sim, &[])));
+    assert_eq!(wechat.send(&notice("u0")).await.outcome, Outcome::Delivered);
+    sim.push_fault(Fault {
+        api: Some(Api::StableToken),
+        user_id: None,
+        action: FaultAction::DelayMs(2000),
+        times: Some(1),
+    });
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let refreshing = {
+        let wechat = wechat.clone();
+        tokio::spawn(async move { wechat.send(&notice("u1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.expire_tokens();
+    assert_eq!(
+        wechat.send(&notice("u2")).await.outcome,
+        Outcome::TokenInvalid
+    );
+    // The refresh answers with a new token (asked for after nothing but the
+    // old one was rejected): its caller is served with it, and so is the next.
+    let r = refreshing.await.unwrap();
+    assert_eq!(r.outcome, Outcome::Delivered, "{}", r.detail);
+    assert_eq!(wechat.send(&notice("u2")).await.outcome, Outcome::Delivered);
+    assert_eq!(
+        sim.issued_tokens().len(),
+        2,
+        "one token fetched by the refresh served both, no third fetch"
+    );
+}

@@ -107,10 +107,10 @@ impl Dispatcher {
     /// `others_consume` tells whether another replica consumes the queue now
     /// (awaited only right before a re-send, after its rate slot): that
     /// replica then has the held notice's events, so this one forgets the
-    /// notice.
+    /// notice; `None` (unknown) keeps it held and returns `Err`.
     pub async fn check_before_consuming(
         &self,
-        others_consume: impl std::future::Future<Output = bool>,
+        others_consume: impl std::future::Future<Output = Option<bool>>,
     ) -> Result<(), CallResult> {
         // The token before the rate slot (no slot held during a fetch).
         let token = self.wechat.token().await;
@@ -122,15 +122,31 @@ impl Dispatcher {
             Err(e) => Err(e.clone()),
         };
         let held = self.held_notice.lock().expect("not poisoned").clone();
-        if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
+        if let (Ok(()), Ok(_), Some(notice)) = (&result, &token, held) {
             self.budget.take_unheld().await;
-            let sent = if others_consume.await {
-                self.forget_held_notice();
-                Ok(())
-            } else {
+            let sent = match others_consume.await {
+                Some(true) => {
+                    self.forget_held_notice();
+                    Ok(())
+                }
+                // Unknown (the broker did not answer): re-sending could send
+                // the events beside the replica that has them; the notice
+                // stays held and is tried again after the retry delay.
+                None => {
+                    let unknown = "whether another replica consumes the queue is unknown; \
+                                   the held notice waits";
+                    return Err(CallResult::transient(unknown));
+                }
                 // The freshest token: the slot may have waited out a pause.
-                let token = self.wechat.cached_token().unwrap_or_else(|| token.clone());
-                self.resend(&notice, &token).await
+                // Ours called invalid meanwhile: wait for the fetch (one
+                // call, so no burst behind it).
+                Some(false) => match self.wechat.cached_token() {
+                    Some(token) => self.resend(&notice, &token).await,
+                    None => match self.wechat.token().await {
+                        Ok(token) => self.resend(&notice, &token).await,
+                        Err(e) => Err(e),
+                    },
+                },
             };
             match sent {
                 Err(e) if e.outcome != Outcome::ConfigFault => {
@@ -382,10 +398,11 @@ impl Dispatcher {
         if probe.is_some() {
             tokio::time::sleep(self.settings.config_retry).await;
         }
-        let token = match self.wechat.token().await {
-            Ok(t) => t,
-            Err(e) => return Attempt::Answered(e),
-        };
+        // A token before the slot (no slot held during a fetch); the call
+        // takes the freshest one after the slot.
+        if let Err(e) = self.wechat.token().await {
+            return Attempt::Answered(e);
+        }
         let paused = match probe {
             Some(turn) => self.budget.take_as_probe(turn).await.err(),
             None => match self.budget.take().await {
@@ -418,8 +435,12 @@ impl Dispatcher {
             Expiry::All => return Attempt::Done,
         }
         // The freshest token (another call may have replaced ours while this
-        // one waited for its slot), without waiting for a fetch.
-        let token = self.wechat.cached_token().unwrap_or(token);
+        // one waited for its slot), without waiting for a fetch. None usable
+        // (ours was called invalid meanwhile): the slot goes unused and the
+        // notice takes the token again, then a new slot.
+        let Some(token) = self.wechat.cached_token() else {
+            return Attempt::Again;
+        };
         match self.wechat.prepare(notice) {
             Ok(prepared) => Attempt::Answered(self.wechat.call(&prepared, &token).await),
             Err(local) => Attempt::Local(local),

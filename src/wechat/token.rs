@@ -94,6 +94,9 @@ pub struct TokenProvider {
     state: Mutex<State>,
     /// A refresh ahead of expiry is in flight (made outside the lock).
     refreshing: AtomicBool,
+    /// The cached token and its expiry while not called invalid, readable
+    /// without waiting for the lock a fetch holds (see `cached`).
+    usable: std::sync::Mutex<Option<(Secret, Instant)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -116,6 +119,7 @@ impl TokenProvider {
             mode: settings.token_mode,
             state: Mutex::new(State::default()),
             refreshing: AtomicBool::new(false),
+            usable: std::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -139,7 +143,7 @@ impl TokenProvider {
     /// transient for network trouble) when no usable token is cached.
     pub async fn get(&self) -> Result<Secret, CallResult> {
         let mut state = self.state.lock().await;
-        let now = Instant::now();
+        let mut now = Instant::now();
         if let Some(c) = &state.cached {
             if !c.stale && now < c.refresh_at {
                 return Ok(c.token.clone());
@@ -154,28 +158,32 @@ impl TokenProvider {
                 drop(state);
                 let _refreshing = Refreshing(&self.refreshing);
                 let result = self.fetch(false).await;
-                let mut state = self.state.lock().await;
+                state = self.state.lock().await;
                 // Meanwhile the token may have been called invalid, or
                 // replaced by a caller that could not wait: the refresh's
-                // answer replaces only the token it set out to refresh, so an
-                // older or invalid token never comes back.
-                let ours = state
+                // answer replaces only the token it set out to refresh, and
+                // never brings back a token called invalid (a stable_token
+                // refresh may answer with the same token).
+                let (same, stale) = match state.cached.as_ref() {
+                    Some(c) => (c.token == from, c.stale),
+                    None => (false, true),
+                };
+                let fresh = matches!(&result, Ok((t, _)) if *t != from);
+                if same && (!stale || fresh) {
+                    return self.keep(&mut state, now, false, result);
+                }
+                if let Some(c) = state
                     .cached
                     .as_ref()
-                    .is_some_and(|c| c.token == from && !c.stale);
-                if !ours {
-                    return match state
-                        .cached
-                        .as_ref()
-                        .filter(|c| c.usable_at(Instant::now()))
-                    {
-                        Some(c) => Ok(c.token.clone()),
-                        None => Err(CallResult::transient(
-                            "the token was called invalid during its refresh",
-                        )),
-                    };
+                    .filter(|c| !same && c.usable_at(Instant::now()))
+                {
+                    return Ok(c.token.clone());
                 }
-                return self.keep(&mut state, now, false, result);
+                // No usable token: this caller waits for a fetch of its own,
+                // as the others do. The refresh's answer is still counted.
+                let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
+                self.metrics.token_fetch(self.mode_label(), outcome);
+                now = Instant::now();
             }
         }
         let force = self.mode == TokenMode::Stable
@@ -186,15 +194,14 @@ impl TokenProvider {
     }
 
     /// The cached token if it is usable now (not called invalid, not
-    /// expired), without waiting: `None` while the cache is being written.
+    /// expired), without waiting, even while a fetch holds the lock: `None`
+    /// means a call must wait for a fetch.
     pub fn cached(&self) -> Option<Secret> {
-        let state = self.state.try_lock().ok()?;
-        let now = Instant::now();
-        state
-            .cached
+        let usable = self.usable.lock().expect("not poisoned");
+        usable
             .as_ref()
-            .filter(|c| c.usable_at(now))
-            .map(|c| c.token.clone())
+            .filter(|(_, expires_at)| Instant::now() < *expires_at)
+            .map(|(token, _)| token.clone())
     }
 
     /// Caches a fetched token; after a failed fetch, falls back to the cached
@@ -217,6 +224,10 @@ impl TokenProvider {
                     expires_at: asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
                     stale: false,
                 });
+                *self.usable.lock().expect("not poisoned") = Some((
+                    token.clone(),
+                    asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
+                ));
                 self.metrics.token_fetch(self.mode_label(), "ok");
             }
             Err(e) => {
@@ -240,6 +251,13 @@ impl TokenProvider {
     /// WeChat said `token` is no longer valid: the next `get` fetches again.
     /// A token that was already replaced is left alone.
     pub async fn invalidate(&self, token: &Secret) {
+        // At once, even while a fetch holds the lock: no call takes it now.
+        {
+            let mut usable = self.usable.lock().expect("not poisoned");
+            if usable.as_ref().is_some_and(|(t, _)| t == token) {
+                *usable = None;
+            }
+        }
         let mut state = self.state.lock().await;
         if let Some(c) = state.cached.as_mut() {
             if &c.token == token {
