@@ -400,9 +400,10 @@ impl Dispatcher {
         }
         // A token before the slot (no slot held during a fetch); the call
         // takes the freshest one after the slot.
-        if let Err(e) = self.wechat.token().await {
-            return Attempt::Answered(e);
-        }
+        let token = match self.wechat.token().await {
+            Ok(t) => t,
+            Err(e) => return Attempt::Answered(e),
+        };
         let paused = match probe {
             Some(turn) => self.budget.take_as_probe(turn).await.err(),
             None => match self.budget.take().await {
@@ -435,11 +436,13 @@ impl Dispatcher {
             Expiry::All => return Attempt::Done,
         }
         // The freshest token (another call may have replaced ours while this
-        // one waited for its slot), without waiting for a fetch. None usable
-        // (ours was called invalid meanwhile): the slot goes unused and the
-        // notice takes the token again, then a new slot.
-        let Some(token) = self.wechat.cached_token() else {
-            return Attempt::Again;
+        // one waited for its slot), without waiting for a fetch. If WeChat
+        // rejected ours meanwhile and none replaced it yet, the slot goes
+        // unused and the notice takes the token again, then a new slot.
+        let token = match self.wechat.cached_token() {
+            Some(fresh) => fresh,
+            None if !self.wechat.token_rejected(&token) => token,
+            None => return Attempt::Again,
         };
         match self.wechat.prepare(notice) {
             Ok(prepared) => Attempt::Answered(self.wechat.call(&prepared, &token).await),

@@ -156,6 +156,11 @@ impl WeChat {
         self.tokens.cached()
     }
 
+    /// Whether WeChat rejected `token` (40001/42001) since it was taken.
+    pub fn token_rejected(&self, token: &Secret) -> bool {
+        self.tokens.was_rejected(token)
+    }
+
     /// As `probe`, with a token already taken.
     ///
     /// # Errors

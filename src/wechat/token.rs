@@ -97,6 +97,11 @@ pub struct TokenProvider {
     /// The cached token and its expiry while not called invalid, readable
     /// without waiting for the lock a fetch holds (see `cached`).
     usable: std::sync::Mutex<Option<(Secret, Instant)>>,
+    /// The token WeChat last rejected, recorded before the lock is taken
+    /// (so a call that waited for its rate slot sees it at once, and `get`
+    /// never serves it again even if the `invalidate` that recorded it was
+    /// cancelled before it took the lock).
+    rejected: std::sync::Mutex<Option<Secret>>,
     metrics: Arc<Metrics>,
 }
 
@@ -120,6 +125,7 @@ impl TokenProvider {
             state: Mutex::new(State::default()),
             refreshing: AtomicBool::new(false),
             usable: std::sync::Mutex::new(None),
+            rejected: std::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -144,6 +150,9 @@ impl TokenProvider {
     pub async fn get(&self) -> Result<Secret, CallResult> {
         let mut state = self.state.lock().await;
         let mut now = Instant::now();
+        if let Some(c) = state.cached.as_mut() {
+            c.stale |= self.was_rejected(&c.token);
+        }
         if let Some(c) = &state.cached {
             if !c.stale && now < c.refresh_at {
                 return Ok(c.token.clone());
@@ -165,7 +174,7 @@ impl TokenProvider {
                 // never brings back a token called invalid (a stable_token
                 // refresh may answer with the same token).
                 let (same, stale) = match state.cached.as_ref() {
-                    Some(c) => (c.token == from, c.stale),
+                    Some(c) => (c.token == from, c.stale || self.was_rejected(&c.token)),
                     None => (false, true),
                 };
                 let fresh = matches!(&result, Ok((t, _)) if *t != from);
@@ -183,6 +192,9 @@ impl TokenProvider {
                 // as the others do. The refresh's answer is still counted.
                 let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
                 self.metrics.token_fetch(self.mode_label(), outcome);
+                if let Some(c) = state.cached.as_mut() {
+                    c.stale |= self.was_rejected(&c.token);
+                }
                 now = Instant::now();
             }
         }
@@ -202,6 +214,11 @@ impl TokenProvider {
             .as_ref()
             .filter(|(_, expires_at)| Instant::now() < *expires_at)
             .map(|(token, _)| token.clone())
+    }
+
+    /// Whether WeChat rejected `token` (a call must not send it again).
+    pub fn was_rejected(&self, token: &Secret) -> bool {
+        self.rejected.lock().expect("not poisoned").as_ref() == Some(token)
     }
 
     /// Caches a fetched token; after a failed fetch, falls back to the cached
@@ -224,6 +241,13 @@ impl TokenProvider {
                     expires_at: asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
                     stale: false,
                 });
+                // Fetched after any rejection recorded so far: the endpoint
+                // vouches for it again (stable_token may answer the same one).
+                let mut rejected = self.rejected.lock().expect("not poisoned");
+                if rejected.as_ref() == Some(token) {
+                    *rejected = None;
+                }
+                drop(rejected);
                 *self.usable.lock().expect("not poisoned") = Some((
                     token.clone(),
                     asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
@@ -252,6 +276,7 @@ impl TokenProvider {
     /// A token that was already replaced is left alone.
     pub async fn invalidate(&self, token: &Secret) {
         // At once, even while a fetch holds the lock: no call takes it now.
+        *self.rejected.lock().expect("not poisoned") = Some(token.clone());
         {
             let mut usable = self.usable.lock().expect("not poisoned");
             if usable.as_ref().is_some_and(|(t, _)| t == token) {
