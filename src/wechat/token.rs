@@ -181,11 +181,9 @@ impl TokenProvider {
                 if same && (!stale || fresh) {
                     return self.keep(&mut state, now, false, result);
                 }
-                if let Some(c) = state
-                    .cached
-                    .as_ref()
-                    .filter(|c| !same && c.usable_at(Instant::now()))
-                {
+                if let Some(c) = state.cached.as_ref().filter(|c| {
+                    !same && c.usable_at(Instant::now()) && !self.was_rejected(&c.token)
+                }) {
                     return Ok(c.token.clone());
                 }
                 // No usable token: this caller waits for a fetch of its own,
@@ -243,15 +241,17 @@ impl TokenProvider {
                 });
                 // Fetched after any rejection recorded so far: the endpoint
                 // vouches for it again (stable_token may answer the same one).
+                let mut usable = self.usable.lock().expect("not poisoned");
                 let mut rejected = self.rejected.lock().expect("not poisoned");
                 if rejected.as_ref() == Some(token) {
                     *rejected = None;
                 }
-                drop(rejected);
-                *self.usable.lock().expect("not poisoned") = Some((
+                *usable = Some((
                     token.clone(),
                     asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
                 ));
+                drop(rejected);
+                drop(usable);
                 self.metrics.token_fetch(self.mode_label(), "ok");
             }
             Err(e) => {
@@ -276,11 +276,13 @@ impl TokenProvider {
     /// A token that was already replaced is left alone.
     pub async fn invalidate(&self, token: &Secret) {
         // At once, even while a fetch holds the lock: no call takes it now.
-        *self.rejected.lock().expect("not poisoned") = Some(token.clone());
+        // Only the current token: a late answer for a replaced one must not
+        // overwrite the record. (`usable`, then `rejected`, as in `keep`.)
         {
             let mut usable = self.usable.lock().expect("not poisoned");
             if usable.as_ref().is_some_and(|(t, _)| t == token) {
                 *usable = None;
+                *self.rejected.lock().expect("not poisoned") = Some(token.clone());
             }
         }
         let mut state = self.state.lock().await;
