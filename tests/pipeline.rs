@@ -489,6 +489,12 @@ async fn a_work_queue_deleted_under_a_backlog_is_declared_again_and_consumed() {
     let mut next = env.bulk(1, 1, false);
     next[0]["assignee"]["user_id"] = json!("after-the-delete");
     env.publish(&next).await;
+    // Held by the replica (a delivery that arrives during the drain would go
+    // back to the queue, with no replica left to take it).
+    assert!(
+        eventually(WAIT, || async { env.queue_state(&queue).await.0 == 0 }).await,
+        "the replica took the event"
+    );
     // Its window is the 60 s one of the replica: SIGTERM sends it at once.
     replica.sigterm();
     assert!(
