@@ -350,9 +350,12 @@ async fn a_failed_refresh_ahead_of_expiry_keeps_the_cached_token_but_a_stale_one
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
-    // A token that lives 6 s is refreshed at 3 s; that refresh takes 3 s.
+/// A client whose token (it lives 6 s) is due for its refresh ahead of
+/// expiry, and a send (u1) that makes that refresh, slowed by `delay_ms` at
+/// the simulator, in flight.
+async fn a_slow_refresh_in_flight(
+    delay_ms: u64,
+) -> (Sim, Arc<WeChat>, tokio::task::JoinHandle<CallResult>) {
     let sim = Sim::start_local(SimConfig {
         token_ttl: 6,
         ..SimConfig::default()
@@ -364,15 +367,22 @@ async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
     sim.push_fault(Fault {
         api: Some(Api::StableToken),
         user_id: None,
-        action: FaultAction::DelayMs(3000),
+        action: FaultAction::DelayMs(delay_ms),
         times: Some(1),
     });
+    // Refreshed at half its life (3 s).
     tokio::time::sleep(Duration::from_millis(3200)).await;
-    // This send finds the token due and refreshes it (slowly).
     let refreshing = {
         let wechat = wechat.clone();
         tokio::spawn(async move { wechat.send(&notice("u1")).await })
     };
+    (sim, wechat, refreshing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
+    // The refresh takes 3 s.
+    let (sim, wechat, refreshing) = a_slow_refresh_in_flight(3000).await;
     // The refresh is held 3 s at the simulator (which logs a call when it
     // answers): well inside that, another send.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -395,27 +405,9 @@ async fn a_slow_refresh_ahead_of_expiry_delays_no_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_that_outlives_its_token_s_rejection_serves_the_token_it_fetched() {
-    // A token that lives 6 s is refreshed at 3 s; that refresh takes 2 s, and
-    // meanwhile WeChat rejects the old token (another call gets 40001).
-    let sim = Sim::start_local(SimConfig {
-        token_ttl: 6,
-        ..SimConfig::default()
-    })
-    .await
-    .expect("simulator starts");
-    let wechat = Arc::new(client(&settings(&sim, &[])));
-    assert_eq!(wechat.send(&notice("u0")).await.outcome, Outcome::Delivered);
-    sim.push_fault(Fault {
-        api: Some(Api::StableToken),
-        user_id: None,
-        action: FaultAction::DelayMs(2000),
-        times: Some(1),
-    });
-    tokio::time::sleep(Duration::from_millis(3200)).await;
-    let refreshing = {
-        let wechat = wechat.clone();
-        tokio::spawn(async move { wechat.send(&notice("u1")).await })
-    };
+    // The refresh takes 2 s, and meanwhile WeChat rejects the old token
+    // (another call gets 40001).
+    let (sim, wechat, refreshing) = a_slow_refresh_in_flight(2000).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     sim.expire_tokens();
     assert_eq!(

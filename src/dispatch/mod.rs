@@ -117,12 +117,15 @@ impl Dispatcher {
         let mut result = match &token {
             Ok(token) => {
                 self.budget.take_unheld().await;
-                self.wechat.probe_with(token).await
+                match self.token_after_wait(token).await {
+                    Ok(token) => self.wechat.probe_with(&token).await,
+                    Err(e) => Err(e),
+                }
             }
             Err(e) => Err(e.clone()),
         };
         let held = self.held_notice.lock().expect("not poisoned").clone();
-        if let (Ok(()), Ok(_), Some(notice)) = (&result, &token, held) {
+        if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
             self.budget.take_unheld().await;
             let sent = match others_consume.await {
                 Some(true) => {
@@ -137,15 +140,9 @@ impl Dispatcher {
                                    the held notice waits";
                     return Err(CallResult::transient(unknown));
                 }
-                // The freshest token: the slot may have waited out a pause.
-                // Ours called invalid meanwhile: wait for the fetch (one
-                // call, so no burst behind it).
-                Some(false) => match self.wechat.cached_token() {
-                    Some(token) => self.resend(&notice, &token).await,
-                    None => match self.wechat.token().await {
-                        Ok(token) => self.resend(&notice, &token).await,
-                        Err(e) => Err(e),
-                    },
+                Some(false) => match self.token_after_wait(token).await {
+                    Ok(token) => self.resend(&notice, &token).await,
+                    Err(e) => Err(e),
                 },
             };
             match sent {
@@ -172,6 +169,17 @@ impl Dispatcher {
         result
     }
 
+    /// The token for one call outside a notice's loop (the start-up probe,
+    /// the held notice's re-send) after its rate slot, which may have waited
+    /// out a pause: as `WeChat::token_after_wait`, else the fetch is waited
+    /// for (one call, so no burst behind it).
+    async fn token_after_wait(&self, taken: &Secret) -> Result<Secret, CallResult> {
+        match self.wechat.token_after_wait(taken) {
+            Some(token) => Ok(token),
+            None => self.wechat.token().await,
+        }
+    }
+
     /// A quota answer outside a notice's loop (the start-up probe, the held
     /// notice's re-send) pauses every call as it would there.
     fn pause_on_quota(&self, outcome: Outcome) {
@@ -180,13 +188,19 @@ impl Dispatcher {
                 policy::until_next_minute(SystemTime::now()),
                 QuotaKind::Minute,
             ),
-            Outcome::DailyQuota => {
-                let run = self.budget.daily_quota_run();
-                let d = self.settle.rules().rung(i64::from(run) - 1);
-                self.budget.pause(d, QuotaKind::Daily);
-            }
+            Outcome::DailyQuota => self.pause_daily(Duration::ZERO),
             _ => {}
         }
+    }
+
+    /// Pauses every call for a daily quota (45009): at least `at_least`, and
+    /// growing along the retry ladder with the replica's run of 45009s, not
+    /// only with one notice's rounds (fresh notices meeting the quota one
+    /// after another must not keep it at the ladder's first step).
+    fn pause_daily(&self, at_least: Duration) {
+        let run = self.budget.daily_quota_run();
+        let d = at_least.max(self.settle.rules().rung(i64::from(run) - 1));
+        self.budget.pause(d, QuotaKind::Daily);
     }
 
     /// Sends the held notice again (its rate slot taken). Only an answer that proves the settings
@@ -216,11 +230,6 @@ impl Dispatcher {
         }
         *self.held_notice.lock().expect("not poisoned") = None;
         Ok(())
-    }
-
-    /// Whether a notice whose send found the held fault waits to be re-sent.
-    pub fn holds_notice(&self) -> bool {
-        self.held_notice.lock().expect("not poisoned").is_some()
     }
 
     /// Another replica consumes the queue now (the broker gave it the queue
@@ -350,13 +359,7 @@ impl Dispatcher {
                 Step::PauseAll(d) => self.budget.pause(d, QuotaKind::Minute),
                 Step::Park { exhausted, pause } => {
                     if let Some(d) = pause {
-                        // The pause grows with the replica's run of 45009s
-                        // too, not only with this notice's rounds: fresh
-                        // notices meeting the quota one after another must
-                        // not keep it at the ladder's first step.
-                        let run = self.budget.daily_quota_run();
-                        let d = d.max(self.settle.rules().rung(i64::from(run) - 1));
-                        self.budget.pause(d, QuotaKind::Daily);
+                        self.pause_daily(d);
                     }
                     return self
                         .settle
@@ -435,14 +438,10 @@ impl Dispatcher {
             }
             Expiry::All => return Attempt::Done,
         }
-        // The freshest token (another call may have replaced ours while this
-        // one waited for its slot), without waiting for a fetch. If WeChat
-        // rejected ours meanwhile and none replaced it yet, the slot goes
-        // unused and the notice takes the token again, then a new slot.
-        let token = match self.wechat.cached_token() {
-            Some(fresh) => fresh,
-            None if !self.wechat.token_rejected(&token) => token,
-            None => return Attempt::Again,
+        // No usable token after the slot (ours rejected meanwhile, none
+        // fetched yet): the slot goes unused, the notice takes a token again.
+        let Some(token) = self.wechat.token_after_wait(&token) else {
+            return Attempt::Again;
         };
         match self.wechat.prepare(notice) {
             Ok(prepared) => Attempt::Answered(self.wechat.call(&prepared, &token).await),

@@ -151,14 +151,14 @@ impl WeChat {
         self.tokens.get().await
     }
 
-    /// The cached token if one is usable now, without waiting for a fetch.
-    pub fn cached_token(&self) -> Option<Secret> {
-        self.tokens.cached()
-    }
-
-    /// Whether WeChat rejected `token` (40001/42001) since it was taken.
-    pub fn token_rejected(&self, token: &Secret) -> bool {
-        self.tokens.was_rejected(token)
+    /// The token for a call made after waiting for its rate slot, without
+    /// waiting for a fetch: the freshest cached one (another call may have
+    /// replaced `taken` meanwhile), else `taken` unless WeChat rejected it
+    /// meanwhile (`None`: the call must take a token again).
+    pub fn token_after_wait(&self, taken: &Secret) -> Option<Secret> {
+        self.tokens
+            .cached()
+            .or_else(|| (!self.tokens.was_rejected(taken)).then(|| taken.clone()))
     }
 
     /// As `probe`, with a token already taken.
