@@ -33,6 +33,8 @@ pub enum CloseReason {
     MaxEvents,
     BatchComplete,
     Shutdown,
+    /// An accept released the user's held events: the open window goes with them.
+    Release,
 }
 
 impl CloseReason {
@@ -43,6 +45,7 @@ impl CloseReason {
             CloseReason::MaxEvents => "max_events",
             CloseReason::BatchComplete => "batch_complete",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Release => "release",
         }
     }
 }
@@ -54,6 +57,10 @@ pub struct Closed<D> {
     pub events: Vec<AssignmentEvent>,
     pub deliveries: Vec<(usize, D)>,
     pub reason: CloseReason,
+    /// How many of the first `events` come from the grant ledger (held
+    /// events, with no delivery of their own here; `NOTIFIER_MAX_AGE` does not
+    /// apply to them). 0 without the ledger.
+    pub held: usize,
 }
 
 impl<D> Closed<D> {
@@ -247,6 +254,7 @@ impl<D> Coalescer<D> {
                 .map(|(i, d)| (i, *d))
                 .collect(),
             reason,
+            held: 0,
         })
     }
 
@@ -292,6 +300,12 @@ impl<D> Coalescer<D> {
         }
         self.forget_stale_batches(now);
         closed
+    }
+
+    /// Closes `key`'s window now, if one is open (an accept releases it with
+    /// the user's held events).
+    pub fn take(&mut self, key: &str) -> Option<Closed<D>> {
+        self.close(key, CloseReason::Release)
     }
 
     /// Closes every window now (shutdown, or a flush).

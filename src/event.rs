@@ -744,3 +744,71 @@ mod tests {
         );
     }
 }
+
+// TEMPORARY (replaced by the subscription event's own module when merged).
+pub mod subscription_tmp {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum SubscriptionStatus {
+        Accept,
+        Reject,
+        Off,
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct SubscriptionEvent {
+        pub event_id: String,
+        pub occurred_at: DateTime<FixedOffset>,
+        pub user_id: String,
+        pub openid: Option<String>,
+        pub template_id: String,
+        pub status: SubscriptionStatus,
+    }
+
+    pub enum Event {
+        Assigned(AssignmentEvent),
+        Subscription(SubscriptionEvent),
+    }
+
+    fn bad(detail: &str) -> InvalidEvent {
+        InvalidEvent {
+            kind: InvalidKind::Field,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn parse_any(body: &[u8]) -> Result<Event, InvalidEvent> {
+        match parse(body) {
+            Ok(e) => return Ok(Event::Assigned(e)),
+            Err(e) if !e.detail.contains("event_type") => return Err(e),
+            Err(_) => {}
+        }
+        let v: Value = serde_json::from_slice(body).map_err(|_| bad("not JSON"))?;
+        if v.get("event_type").and_then(Value::as_str) != Some("subscription.changed") {
+            return parse(body).map(Event::Assigned);
+        }
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let user = v.get("user").ok_or_else(|| bad("user is required"))?;
+        let user_id = match user.get("user_id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(bad("user.user_id is required")),
+        };
+        Ok(Event::Subscription(SubscriptionEvent {
+            event_id: s("event_id").ok_or_else(|| bad("event_id is required"))?,
+            occurred_at: s("occurred_at")
+                .and_then(|t| timestamp(&t))
+                .ok_or_else(|| bad("occurred_at"))?,
+            user_id,
+            openid: user.get("openid").and_then(Value::as_str).map(str::to_string),
+            template_id: s("template_id").ok_or_else(|| bad("template_id is required"))?,
+            status: match s("status").as_deref() {
+                Some("accept") => SubscriptionStatus::Accept,
+                Some("reject") => SubscriptionStatus::Reject,
+                Some("off") => SubscriptionStatus::Off,
+                _ => return Err(bad("status")),
+            },
+        }))
+    }
+}

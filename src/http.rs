@@ -26,6 +26,8 @@ pub struct Health {
     broker_problem: Mutex<Option<String>>,
     /// A WeChat quota pause (which quota, until when).
     quota_pause: Mutex<Option<(&'static str, i64, std::time::Instant)>>,
+    /// The grant ledger cannot be reached (or a statement failed).
+    ledger_problem: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -56,6 +58,11 @@ impl Health {
         *self.quota_pause.lock().expect("not poisoned") = Some((quota, errcode, until));
     }
 
+    /// The grant ledger's trouble (`None` once a statement succeeds again).
+    pub fn set_ledger_problem(&self, problem: Option<String>) {
+        *self.ledger_problem.lock().expect("not poisoned") = problem;
+    }
+
     /// `Ok` when ready, else the reason.
     pub fn ready(&self) -> Result<(), String> {
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -71,6 +78,9 @@ impl Health {
                     None => "broker connection is down".into(),
                 },
             );
+        }
+        if let Some(p) = self.ledger_problem.lock().expect("not poisoned").clone() {
+            return Err(format!("ledger unavailable: {p}"));
         }
         if !self.consuming.load(Ordering::SeqCst) {
             return Err("no consumer registered".into());

@@ -12,6 +12,7 @@
 //!   `broker::inspect` looks without changing anything (passive declares).
 //! - [`reason`]: the one vocabulary of dead-letter reasons (headers, `dlq` filters, metric labels).
 //! - [`dispatch`]: rate budget, one call per assignee, outcome → ack/park/dead-letter.
+//! - [`ledger`]: the grant ledger in PostgreSQL (subscription credits, held notices).
 //! - [`wechat`]: tokens, the cloud-function and subscribe-message calls, errcode → outcome.
 //! - [`service`]: broker sessions, reconnects, shutdown drain (the `run` subcommand).
 //! - [`sim`]: the WeChat simulator used by tests, the demo and docker-compose.
@@ -28,6 +29,7 @@ pub mod coalescer;
 pub mod dispatch;
 pub mod event;
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod notice;
 pub mod progress;

@@ -34,6 +34,17 @@ pub struct Metrics {
     pub consuming: Gauge<i64, AtomicI64>,
     /// 1 while a configuration fault keeps this replica from calling WeChat.
     pub config_fault: Gauge<i64, AtomicI64>,
+    /// The grant ledger (contract section 8.7).
+    pub ledger_held_events: Gauge<i64, AtomicI64>,
+    pub ledger_held_users: Gauge<i64, AtomicI64>,
+    pub ledger_held_users_over_a_day: Gauge<i64, AtomicI64>,
+    pub ledger_holds: Family<Labels, Counter>,
+    pub ledger_releases: Counter,
+    pub ledger_calls_saved: Counter,
+    pub ledger_expiries: Family<Labels, Counter>,
+    pub ledger_errors: Counter,
+    pub ledger_statement: Histogram,
+    pub signals: Family<Labels, Counter>,
     quota_pauses: Family<Labels, Counter>,
     /// Brought up to `telemetry::log_lines_dropped` at each `encode`.
     log_lines_dropped: Counter,
@@ -68,6 +79,16 @@ impl Metrics {
             config_fault: Gauge::default(),
             quota_pauses: Family::default(),
             log_lines_dropped: Counter::default(),
+            ledger_held_events: Gauge::default(),
+            ledger_held_users: Gauge::default(),
+            ledger_held_users_over_a_day: Gauge::default(),
+            ledger_holds: Family::default(),
+            ledger_releases: Counter::default(),
+            ledger_calls_saved: Counter::default(),
+            ledger_expiries: Family::default(),
+            ledger_errors: Counter::default(),
+            ledger_statement: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            signals: Family::default(),
         };
         registry.register(
             "events_received",
@@ -151,8 +172,81 @@ impl Metrics {
             "log lines dropped because stderr did not keep up (the process never waits for it)",
             m.log_lines_dropped.clone(),
         );
+        registry.register(
+            "ledger_held_events",
+            "events held in the grant ledger for want of a credit or an openid",
+            m.ledger_held_events.clone(),
+        );
+        registry.register(
+            "ledger_held_users",
+            "users with held events",
+            m.ledger_held_users.clone(),
+        );
+        registry.register(
+            "ledger_held_users_over_a_day",
+            "users whose oldest held event is older than 24 hours",
+            m.ledger_held_users_over_a_day.clone(),
+        );
+        registry.register(
+            "ledger_holds",
+            "notices held in the ledger, by reason (no_credit, no_openid)",
+            m.ledger_holds.clone(),
+        );
+        registry.register(
+            "ledger_releases",
+            "notices that delivered held events",
+            m.ledger_releases.clone(),
+        );
+        registry.register(
+            "ledger_calls_saved",
+            "notices held without a call because the ledger knew an exact 0",
+            m.ledger_calls_saved.clone(),
+        );
+        registry.register(
+            "ledger_expiries",
+            "held events dead-lettered, by reason (no_subscription, hold_full)",
+            m.ledger_expiries.clone(),
+        );
+        registry.register(
+            "ledger_errors",
+            "ledger statements that failed (unreachable, or an error)",
+            m.ledger_errors.clone(),
+        );
+        registry.register_with_unit(
+            "ledger_statement_duration",
+            "duration of ledger statements",
+            prometheus_client::registry::Unit::Seconds,
+            m.ledger_statement.clone(),
+        );
+        registry.register(
+            "signals",
+            "signals published to the CRM, by signal and outcome",
+            m.signals.clone(),
+        );
         *m.registry.lock().expect("fresh mutex") = registry;
         m
+    }
+
+    pub fn ledger_hold(&self, reason: &'static str) {
+        self.ledger_holds
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    pub fn ledger_expiry(&self, reason: Reason, n: u64) {
+        self.ledger_expiries
+            .get_or_create(&vec![("reason", reason.as_str().to_string())])
+            .inc_by(n);
+    }
+
+    pub fn signal(&self, signal: &'static str, confirmed: bool) {
+        let outcome = if confirmed { "confirmed" } else { "failed" };
+        self.signals
+            .get_or_create(&vec![
+                ("signal", signal.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
     }
 
     /// The Prometheus text exposition.

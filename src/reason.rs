@@ -20,6 +20,12 @@ pub enum Reason {
     RetriesExhausted,
     /// The event was older than `NOTIFIER_MAX_AGE` when it would be sent.
     Expired,
+    /// Held by the grant ledger longer than `NOTIFIER_HOLD_FOR` with no accept.
+    NoSubscription,
+    /// The user's held events passed `NOTIFIER_HOLD_MAX_EVENTS`: the oldest go.
+    HoldFull,
+    /// A subscription event reached a replica with the ledger off.
+    NoLedger,
     /// The broker dead-lettered it itself (the work queue's delivery limit);
     /// such a message carries no `x-notifier-*` header.
     DeliveryLimit,
@@ -27,13 +33,16 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order `--help` and error messages list them.
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 10] = [
         Reason::InvalidEvent,
         Reason::WechatRejected,
         Reason::FunctionFailed,
         Reason::NoOpenid,
         Reason::RetriesExhausted,
         Reason::Expired,
+        Reason::NoSubscription,
+        Reason::HoldFull,
+        Reason::NoLedger,
         Reason::DeliveryLimit,
     ];
 
@@ -46,6 +55,9 @@ impl Reason {
             Reason::NoOpenid => "no_openid",
             Reason::RetriesExhausted => "retries_exhausted",
             Reason::Expired => "expired",
+            Reason::NoSubscription => "no_subscription",
+            Reason::HoldFull => "hold_full",
+            Reason::NoLedger => "no_ledger",
             Reason::DeliveryLimit => "delivery_limit",
         }
     }

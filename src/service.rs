@@ -21,6 +21,7 @@ use crate::coalescer::{Closed, Coalescer, WindowRules};
 use crate::dispatch::Dispatcher;
 use crate::event;
 use crate::http::{self, Health};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
 use crate::shutdown::{Shutdown, ShutdownTrigger};
@@ -78,13 +79,20 @@ impl Service {
             std::process::id(),
             fastrand::u32(..)
         );
+        let ledger = match &settings.ledger {
+            Some(l) => Some(Arc::new(
+                Ledger::new(l, metrics.clone(), health.clone()).map_err(std::io::Error::other)?,
+            )),
+            None => None,
+        };
         Ok(Service {
-            dispatcher: Arc::new(Dispatcher::new(
+            dispatcher: Dispatcher::new(
                 settings.clone(),
                 metrics.clone(),
                 health.clone(),
+                ledger,
                 &consumer_tag,
-            )),
+            ),
             settings,
             metrics,
             health,
@@ -187,6 +195,25 @@ impl Service {
         broker::declare_topology(&setup, s).await?;
         let _ = setup.close(200, "declared".into()).await;
 
+        // A ledger that cannot be reached (or migrated) at start keeps this
+        // replica from consuming until it can (contract section 8.3).
+        if let Some(ledger) = self.dispatcher.ledger() {
+            while let Err(e) = ledger.start().await {
+                let retry = s.config_retry.min(Duration::from_secs(5));
+                warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "not consuming: the ledger is unavailable");
+                tokio::select! {
+                    _ = shutdown.wait() => {
+                        close(&conn).await;
+                        return Ok(());
+                    }
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                if !conn.status().connected() {
+                    anyhow::bail!("the broker connection closed while waiting for the ledger");
+                }
+            }
+        }
+
         // A configuration fault found before consuming keeps this replica
         // from consuming: nothing is held, nothing churns.
         loop {
@@ -263,6 +290,11 @@ impl Service {
         let mut timer_at = None;
         // Set by this session's first delivery: the replica is the active one.
         let mut active = false;
+        // The ledger's sweep, at least once a minute while this session
+        // consumes; its task ends with the session.
+        let mut sweep_tick = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+        let mut sweeping: Option<AbortOnDrop> = None;
+        let ledger_on = self.dispatcher.ledger().is_some();
         let end = 'session: loop {
             let deadline = coalescer.next_deadline();
             if let Some(d) = deadline.filter(|d| timer_at != Some(*d)) {
@@ -280,6 +312,18 @@ impl Service {
                     self.spawn_all(closed, &mut tasks);
                 }
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => log_panic(done),
+                _ = sweep_tick.tick(), if ledger_on => {
+                    if sweeping.as_ref().is_none_or(|t| t.0.is_finished()) {
+                        // Active: a delivery came this session, or this is the
+                        // queue's only consumer (an idle queue sends nothing).
+                        let active = active || matches!(
+                            tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(&conn, &s.queue)).await,
+                            Ok(Ok(broker::inspect::Presence::Present { consumers: 1, .. }))
+                        );
+                        let dispatcher = self.dispatcher.clone();
+                        sweeping = Some(AbortOnDrop(tokio::spawn(dispatcher.sweep(active))));
+                    }
+                }
                 delivery = consumer.next() => {
                     // Deliveries already here are taken in the same turn.
                     let mut delivery = delivery;
@@ -421,7 +465,26 @@ impl Service {
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
         let pending = Pending::new(delivery, acks);
-        match event::parse(&pending.body) {
+        let parsed = match event::subscription_tmp::parse_any(&pending.body) {
+            Ok(event::subscription_tmp::Event::Assigned(e)) => Ok(e),
+            Ok(event::subscription_tmp::Event::Subscription(sub)) => {
+                // In its user's lane, after the user's earlier notices; an
+                // accept for our template takes the user's open window along.
+                let window = match &self.dispatcher.ledger() {
+                    Some(l) if sub.status == event::subscription_tmp::SubscriptionStatus::Accept
+                        && sub.template_id == l.template_id() => coalescer.take(&sub.user_id),
+                    _ => None,
+                };
+                let ticket = self.dispatcher.lane(&sub.user_id);
+                let dispatcher = self.dispatcher.clone();
+                tasks.spawn(async move {
+                    dispatcher.subscription(sub, pending, window, ticket).await;
+                });
+                return Vec::new();
+            }
+            Err(e) => Err(e),
+        };
+        match parsed {
             Ok(event) if self.dispatcher.already_delivered(&event.event_id) => {
                 let mut pending = pending;
                 pending.ack();
@@ -448,6 +511,18 @@ impl Service {
             let ticket = dispatcher.ticket(&window);
             tasks.spawn(async move { dispatcher.deliver(window, ticket).await });
         }
+    }
+}
+
+/// How often the ledger's sweep runs (contract: at least once a minute).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Aborts its task when dropped (the sweep ends with its session).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

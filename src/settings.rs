@@ -121,6 +121,8 @@ pub struct Settings {
     /// RabbitMQ's management API (`status` asks it which replica is active);
     /// the URL may carry credentials, so it is kept as a secret.
     pub management_url: Option<Secret>,
+    /// The grant ledger (contract section 8), when `NOTIFIER_LEDGER_URL` is set.
+    pub ledger: Option<LedgerSettings>,
 }
 
 /// What a subcommand reads: `publish`, `dlq` and `status` only talk to the
@@ -882,6 +884,35 @@ fn management_url(src: &Source) -> Result<Option<Secret>, SettingsError> {
     }
 }
 
+/// The grant ledger's settings (TEMPORARY: replaced by the settings split).
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    pub url: Secret,
+    pub schema: String,
+    pub pool: u32,
+    pub hold_for: Duration,
+    pub hold_max_events: u32,
+    pub credits_low: u32,
+    pub credit_probe: Duration,
+    pub template_id: String,
+}
+
+fn ledger_tmp(src: &Source) -> Result<Option<LedgerSettings>, SettingsError> {
+    let Some(url) = src.get("NOTIFIER_LEDGER_URL") else {
+        return Ok(None);
+    };
+    Ok(Some(LedgerSettings {
+        url: Secret::new(url),
+        schema: src.get("NOTIFIER_LEDGER_SCHEMA").unwrap_or("wechat_notifier").to_string(),
+        pool: integer(src, "NOTIFIER_LEDGER_POOL", "4", 1u32, 64)?,
+        hold_for: duration(src, "NOTIFIER_HOLD_FOR", "168h")?,
+        hold_max_events: integer(src, "NOTIFIER_HOLD_MAX_EVENTS", "1000", 1u32, 1_000_000)?,
+        credits_low: integer(src, "NOTIFIER_CREDITS_LOW", "1", 0u32, 1_000_000)?,
+        credit_probe: duration(src, "NOTIFIER_CREDIT_PROBE", "1h")?,
+        template_id: src.get("WECHAT_TEMPLATE_ID").unwrap_or("").to_string(),
+    }))
+}
+
 impl Settings {
     /// Reads the process environment (and `NOTIFIER_CONFIG`).
     pub fn from_env() -> Result<Self, SettingsError> {
@@ -953,6 +984,7 @@ impl Settings {
                 &[("text", LogFormat::Text), ("json", LogFormat::Json)],
             )?,
             management_url: management_url(src)?,
+            ledger: ledger_tmp(svc)?,
         };
         if settings.batch_max_wait < settings.batch_window {
             return Err(SettingsError::new(

@@ -33,6 +33,9 @@ pub struct Pending {
     /// retry queue), never negative: a hostile or broken header counts as 0.
     pub attempts: i64,
     pub first_failed_at: Option<String>,
+    /// The broker delivered it before (a crash or a lost ack): the grant
+    /// ledger may already hold or have settled its event.
+    pub redelivered: bool,
 }
 
 /// The content type the CRM's events carry (contract section 2).
@@ -128,6 +131,7 @@ impl Pending {
             attempts: attempts_of(&delivery.properties),
             first_failed_at: header_str(&delivery.properties, headers::FIRST_FAILED_AT),
             tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
             acks: acks.clone(),
             acker: Some(delivery.acker),
             body: delivery.data.into_boxed_slice(),

@@ -11,12 +11,13 @@
 //! confirmed in a retry or dead-letter queue; otherwise it is held or released.
 
 pub mod budget;
+mod held;
 pub mod lanes;
 pub mod policy;
 pub mod settle;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use tracing::{debug, info, warn, Instrument};
@@ -24,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::broker::{Pending, Publisher};
 use crate::coalescer::Closed;
 use crate::http::Health;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::notice::Notice;
 pub use crate::reason::Reason;
@@ -33,6 +35,7 @@ pub use budget::quota;
 use budget::{Budget, ProbeTurn, QuotaKind, Turn};
 use lanes::{Lanes, Ticket};
 use policy::{Step, Tries};
+use held::{LedgerCtx, OnHold};
 use settle::{Expiry, Settler};
 
 /// Shared by every window this replica sends; outlives broker sessions so the
@@ -53,6 +56,28 @@ pub struct Dispatcher {
     /// the queue they are acked without another notice (so an accepted
     /// re-send settles exactly the events it carried).
     resent: Mutex<HashSet<String>>,
+    /// The grant ledger (contract section 8), when `NOTIFIER_LEDGER_URL` is set.
+    ledger: Option<Arc<Ledger>>,
+    metrics: Arc<Metrics>,
+    /// Itself, for the ledger's background work (a decrement retried, a
+    /// signal published) that outlives the notice that started it.
+    me: Weak<Dispatcher>,
+}
+
+/// How a notice's loop ended: what the grant ledger does next with the
+/// held events the notice claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Ended {
+    /// WeChat accepted it; its deliveries are acked.
+    Accepted,
+    /// Held in the ledger; its deliveries are acked.
+    Held,
+    /// Parked in a retry queue (or released to the queue): it comes back.
+    Parked,
+    /// Dead-lettered for good with this reason.
+    DeadLettered(Reason, CallResult),
+    /// Nothing was left to send (every event expired).
+    Gone,
 }
 
 /// One pass of a notice's loop, before its outcome is judged.
@@ -76,10 +101,11 @@ impl Dispatcher {
         settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
+        ledger: Option<Arc<Ledger>>,
         name: &str,
-    ) -> Self {
+    ) -> Arc<Self> {
         let publisher = Publisher::new(settings.amqp_urls.clone(), format!("{name}-publish"));
-        Dispatcher {
+        Arc::new_cyclic(|me| Dispatcher {
             wechat: WeChat::new(&settings, metrics.clone()),
             budget: Budget::new(
                 settings.rate_per_sec,
@@ -88,11 +114,28 @@ impl Dispatcher {
                 metrics.clone(),
             ),
             lanes: Lanes::default(),
-            settle: Settler::new(publisher, settings.clone(), metrics),
+            settle: Settler::new(publisher, settings.clone(), metrics.clone()),
             held_notice: Mutex::new(None),
             resent: Mutex::new(HashSet::new()),
+            ledger,
+            metrics,
+            me: me.clone(),
             settings,
-        }
+        })
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This dispatcher, shared (it lives in an `Arc` from `new` on).
+    fn me(&self) -> Arc<Dispatcher> {
+        self.me.upgrade().expect("a dispatcher lives in its Arc")
+    }
+
+    /// The grant ledger, when it is on.
+    pub fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
     }
 
     /// Before consuming: reaches WeChat without a notice (within the rate
@@ -261,6 +304,9 @@ impl Dispatcher {
     /// session): its rate bucket starts empty, so a takeover adds no burst.
     pub fn now_active(&self) {
         self.budget.empty();
+        if let Some(l) = &self.ledger {
+            l.session_started();
+        }
     }
 
     /// Takes this window's place in its assignee's lane. Called in arrival
@@ -274,6 +320,12 @@ impl Dispatcher {
         self.lanes.ticket(key)
     }
 
+    /// A place in `user`'s lane (a subscription event goes one at a time
+    /// with the user's notices).
+    pub fn lane(&self, user: &str) -> Ticket {
+        self.lanes.ticket(user)
+    }
+
     /// Sends one closed window (after its assignee's previous one) and settles
     /// every delivery it holds.
     pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
@@ -285,7 +337,17 @@ impl Dispatcher {
             assignee = %notice.assignee.user_id,
             events = notice.customer_count
         );
-        self.send(&mut closed, notice).instrument(span).await;
+        match self.ledger.clone() {
+            Some(ledger) => {
+                let user = notice.assignee.user_id.clone();
+                self.deliver_ledgered(&ledger, &user, closed)
+                    .instrument(span)
+                    .await;
+            }
+            None => {
+                self.send(&mut closed, notice, None).instrument(span).await;
+            }
+        }
     }
 
     /// Dead-letters an event that breaks the schema.
@@ -298,15 +360,23 @@ impl Dispatcher {
         self.settle.close().await;
     }
 
-    async fn send(&self, closed: &mut Closed<Pending>, notice: Notice) {
+    async fn send(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: Notice,
+        ledger: Option<&mut LedgerCtx>,
+    ) -> Ended {
         // Held while this notice is the one retried during a configuration fault.
         let mut probe: Option<ProbeTurn> = None;
-        self.send_until_settled(closed, notice, &mut probe).await;
+        let ended = self
+            .send_until_settled(closed, notice, &mut probe, ledger)
+            .await;
         // The retried notice left the fault another way (expired, parked,
         // dead-lettered): a later session must not send it again.
         if probe.is_some() {
             *self.held_notice.lock().expect("not poisoned") = None;
         }
+        ended
     }
 
     async fn send_until_settled(
@@ -314,7 +384,8 @@ impl Dispatcher {
         closed: &mut Closed<Pending>,
         mut notice: Notice,
         probe: &mut Option<ProbeTurn>,
-    ) {
+        mut ledger: Option<&mut LedgerCtx>,
+    ) -> Ended {
         let mut tries = Tries::default();
         loop {
             let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
@@ -325,7 +396,7 @@ impl Dispatcher {
                     continue;
                 }
                 Attempt::Again => continue,
-                Attempt::Done => return,
+                Attempt::Done => return Ended::Gone,
             };
             debug!(
                 outcome = result.outcome.as_str(),
@@ -333,6 +404,16 @@ impl Dispatcher {
                 answered,
                 "attempt judged"
             );
+            // With the grant ledger, a `43101` (or no openid in the direct
+            // mode) holds the notice until the user's next accept.
+            if let Some(ctx) = ledger.as_deref_mut() {
+                match self.hold_on(ctx, closed, &notice, &result).await {
+                    OnHold::NotAHold => {}
+                    OnHold::Held => return Ended::Held,
+                    OnHold::SendAgain => continue,
+                    OnHold::Parked => return Ended::Parked,
+                }
+            }
             let prior = closed
                 .deliveries
                 .iter()
@@ -352,7 +433,8 @@ impl Dispatcher {
             match step {
                 Step::Ack => {
                     self.budget.quota_streak_ends();
-                    return self.settle.ack_all(closed, &notice).await;
+                    self.settle.ack_all(closed, &notice).await;
+                    return Ended::Accepted;
                 }
                 Step::RetryAfter(d) if d.is_zero() => {}
                 Step::RetryAfter(d) => tokio::time::sleep(jitter(d)).await,
@@ -361,16 +443,16 @@ impl Dispatcher {
                     if let Some(d) = pause {
                         self.pause_daily(d);
                     }
-                    return self
-                        .settle
+                    self.settle
                         .park_all(closed, &notice, &result, exhausted)
                         .await;
+                    return Ended::Parked;
                 }
                 Step::DeadLetter(reason) => {
-                    return self
-                        .settle
+                    self.settle
                         .dead_letter_all(closed, &notice, reason, &result)
                         .await;
+                    return Ended::DeadLettered(reason, result);
                 }
                 Step::Hold => {
                     let turn = self.budget.hold(&result.detail);

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::policy::{is_expired, Park, Rules};
 use crate::broker::{with_park_headers, BrokerError, ParkHeaders, Pending, Publisher};
 use crate::coalescer::Closed;
+use crate::ledger::store::HeldRow;
 use crate::metrics::Metrics;
 use crate::notice::Notice;
 use crate::reason::Reason;
@@ -287,19 +288,36 @@ impl Settler {
         left: Duration,
         errcode: i64,
     ) {
-        let now = Utc::now();
         let delay = self.rules.rung_for_pause(left);
-        let queue = self.settings.retry_queue(delay);
         let detail = format!(
             "every WeChat call is paused for another {} s (quota, errcode {errcode}); not a failed attempt",
             left.as_secs()
         );
         let moved = self
+            .park_unattempted(closed, notice, delay, detail, Some(errcode))
+            .await;
+        self.metrics.retry("quota_pause", moved as u64);
+    }
+
+    /// Parks every delivery of a window in the retry queue of `delay`
+    /// without counting a failed attempt (a quota pause, the grant ledger
+    /// unavailable): the messages come back, their attempts unchanged.
+    pub async fn park_unattempted(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        delay: Duration,
+        detail: String,
+        errcode: Option<i64>,
+    ) -> usize {
+        let now = Utc::now();
+        let queue = self.settings.retry_queue(delay);
+        let moved = self
             .move_all(closed, |p| {
                 let h = ParkHeaders::new(
                     Reason::RetriesExhausted,
                     detail.clone(),
-                    Some(errcode),
+                    errcode,
                     p.attempts,
                     p.first_failed_at.as_deref(),
                     now,
@@ -307,16 +325,158 @@ impl Settler {
                 (queue.clone(), h)
             })
             .await;
-        self.metrics.retry("quota_pause", moved.len() as u64);
         let ids: Vec<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
         info!(
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
             queue = %queue,
-            pause_left_s = left.as_secs(),
+            %detail,
             event_ids = %ids.join(","),
-            "parked during a quota pause"
+            "parked, not as a failed attempt"
         );
+        moved.len()
+    }
+
+    /// Acks every delivery of a window whose events the grant ledger now
+    /// holds (written first: never acked before).
+    pub fn ack_held(&self, closed: &mut Closed<Pending>) {
+        for (_, p) in &mut closed.deliveries {
+            p.ack();
+        }
+    }
+
+    /// Parks one delivery (a subscription event) in a retry queue without
+    /// counting a failed attempt.
+    pub async fn park_one_unattempted(&self, p: Pending, delay: Duration, detail: String) {
+        let mut one = single(p);
+        let queue = self.settings.retry_queue(delay);
+        let now = Utc::now();
+        self.move_all(&mut one, |p| {
+            let h = ParkHeaders::new(
+                Reason::RetriesExhausted,
+                detail.clone(),
+                None,
+                p.attempts,
+                p.first_failed_at.as_deref(),
+                now,
+            );
+            (queue.clone(), h)
+        })
+        .await;
+    }
+
+    /// Parks one delivery (an accept whose release failed for now) on its
+    /// next ladder step, as a failed attempt; past the ladder it is
+    /// dead-lettered `retries_exhausted`.
+    pub async fn park_one(&self, p: Pending, detail: String) {
+        let mut one = single(p);
+        let now = Utc::now();
+        self.move_all(&mut one, |p| {
+            let (queue, attempts) = match self.rules.ladder_step(p.attempts) {
+                Park::Retry { delay, attempts } => (self.settings.retry_queue(delay), attempts),
+                Park::Exhausted { attempts } => (self.settings.dead_queue.clone(), attempts),
+            };
+            let h = ParkHeaders::new(
+                Reason::RetriesExhausted,
+                detail.clone(),
+                None,
+                attempts,
+                p.first_failed_at.as_deref(),
+                now,
+            );
+            (queue, h)
+        })
+        .await;
+    }
+
+    /// Dead-letters one delivery with `reason` at once (as an invalid event is).
+    pub async fn dead_letter_one(&self, p: Pending, reason: Reason, detail: String) {
+        let mut one = single(p);
+        let now = Utc::now();
+        let dead_queue = self.settings.dead_queue.clone();
+        let moved = self
+            .move_all(&mut one, |p| {
+                let h = ParkHeaders::new(
+                    reason,
+                    detail.clone(),
+                    None,
+                    p.attempts,
+                    p.first_failed_at.as_deref(),
+                    now,
+                );
+                (dead_queue.clone(), h)
+            })
+            .await;
+        self.metrics.dead_letter(reason, moved.len() as u64);
+        for (id, _, _) in moved {
+            warn!(message_id = %id, reason = reason.as_str(), %detail, "dead-lettered");
+        }
+    }
+
+    /// Dead-letters a held event from the body the ledger kept (the original
+    /// message is long acked): `true` once the copy is confirmed.
+    pub async fn dead_letter_body(
+        &self,
+        row: &HeldRow,
+        reason: Reason,
+        errcode: Option<i64>,
+        detail: &str,
+    ) -> bool {
+        let h = ParkHeaders::new(
+            reason,
+            detail,
+            errcode,
+            i64::from(row.attempts),
+            None,
+            Utc::now(),
+        );
+        let mut props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(row.event_id.as_str().into())
+            .with_delivery_mode(2);
+        if let Some(tp) = &row.traceparent {
+            let mut t = lapin::types::FieldTable::default();
+            t.insert("traceparent".into(), lapin::types::AMQPValue::LongString(tp.as_str().into()));
+            props = props.with_headers(t);
+        }
+        let props = with_park_headers(&props, &h);
+        match self
+            .publisher
+            .publish("", &self.settings.dead_queue, &row.body, props)
+            .await
+        {
+            Ok(()) => {
+                self.metrics.dead_letter(reason, 1);
+                warn!(event_id = %row.event_id, reason = reason.as_str(), %detail, "held event dead-lettered");
+                true
+            }
+            Err(e) => {
+                warn!(event_id = %row.event_id, error = %e, "dead-letter copy of a held event not confirmed; it stays held");
+                false
+            }
+        }
+    }
+
+    /// Publishes a signal to the CRM (persistent JSON, confirmed): `true`
+    /// once the broker confirmed it.
+    pub async fn publish_signal(&self, exchange: &str, key: &str, body: &serde_json::Value) -> bool {
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        match self.publisher.publish(exchange, key, &bytes, props).await {
+            Ok(()) => true,
+            // The broker took it, but no queue of the CRM is bound to the
+            // key: publishing it again would not change that.
+            Err(BrokerError::Unroutable(_)) => {
+                info!(signal = key, "signal published, but no queue is bound to it (the CRM does not listen)");
+                true
+            }
+            Err(e) => {
+                warn!(signal = key, error = %e, "signal not published");
+                false
+            }
+        }
     }
 
     /// Dead-letters the events older than `NOTIFIER_MAX_AGE` and takes them
@@ -327,7 +487,9 @@ impl Settler {
         let expired: Vec<bool> = closed
             .events
             .iter()
-            .map(|e| is_expired(e.occurred_at, now, max_age))
+            .enumerate()
+            // Held events wait for an accept: the max age does not apply.
+            .map(|(i, e)| i >= closed.held && is_expired(e.occurred_at, now, max_age))
             .collect();
         if !expired.contains(&true) {
             return Expiry::Nothing;
@@ -341,6 +503,7 @@ impl Settler {
             events: Vec::new(),
             deliveries: Vec::new(),
             reason: closed.reason,
+            held: 0,
         };
         let mut kept_events = Vec::new();
         let mut new_index = vec![usize::MAX; closed.events.len()];
@@ -384,6 +547,16 @@ impl Settler {
         } else {
             Expiry::Some
         }
+    }
+}
+
+/// One delivery as a window of its own (no events: logs name its message id).
+fn single(p: Pending) -> Closed<Pending> {
+    Closed {
+        events: Vec::new(),
+        deliveries: vec![(0, p)],
+        reason: crate::coalescer::CloseReason::Release,
+        held: 0,
     }
 }
 

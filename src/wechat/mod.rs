@@ -64,7 +64,18 @@ struct FunctionReply {
 struct InvokeBody<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
+    notice: NoticeOut<'a>,
+}
+
+/// The notice as the cloud function reads it: with the grant ledger on, it
+/// also names the template the function sends (the ledger counts credits
+/// per template).
+#[derive(Serialize)]
+struct NoticeOut<'a> {
+    #[serde(flatten)]
     notice: &'a Notice,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template_id: Option<&'a str>,
 }
 
 /// A notice that passed the local checks, with its request body where the
@@ -90,6 +101,8 @@ pub struct WeChat {
     cloud_env: String,
     cloud_function: String,
     template: Option<TemplateSettings>,
+    /// With the grant ledger on: the template the cloud function sends.
+    ledger_template: Option<String>,
     tokens: TokenProvider,
     metrics: Arc<Metrics>,
 }
@@ -119,6 +132,7 @@ impl WeChat {
             cloud_env: settings.cloud_env.clone(),
             cloud_function: settings.cloud_function.clone(),
             template: settings.template.clone(),
+            ledger_template: settings.ledger.as_ref().map(|l| l.template_id.clone()),
             metrics,
         }
     }
@@ -296,7 +310,10 @@ impl WeChat {
     async fn invoke(&self, notice: &Notice, token: &str) -> CallResult {
         let body = InvokeBody {
             kind: NOTICE_TYPE,
-            notice,
+            notice: NoticeOut {
+                notice,
+                template_id: self.ledger_template.as_deref(),
+            },
         };
         let query = [
             ("access_token", token),

@@ -1,0 +1,798 @@
+//! Notices with the grant ledger (contract section 8): what a notice covers
+//! (its window plus the user's held events, each once), when it is held
+//! instead of sent (an exact 0, a `43101`, no openid in the direct mode), what
+//! an accept releases, and what the ledger learns from each outcome. The
+//! credit rules themselves are `ledger::rules`; the SQL is `ledger::store`.
+//! The ledger never holds up a delivery it cannot reach: notices go on
+//! without their held events, and what needs it waits in the retry queues.
+
+use std::sync::Arc;
+
+use chrono::SecondsFormat;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{Dispatcher, Ended};
+use crate::broker::{header_str, Pending};
+use crate::coalescer::{CloseReason, Closed};
+use crate::event::subscription_tmp::{SubscriptionEvent, SubscriptionStatus};
+use crate::event::{self, AssignmentEvent};
+use crate::ledger::rules::{self, Plan, Status};
+use crate::ledger::store::{HeldRow, HoldDone, ToHold};
+use crate::ledger::Ledger;
+use crate::notice::{notice_id, Notice};
+use crate::reason::Reason;
+use crate::wechat::{CallResult, Outcome};
+
+/// The errcode WeChat answers when the user has no credit left.
+pub const NO_CREDIT: i64 = 43101;
+
+/// What a notice's loop knows of the ledger.
+pub(crate) struct LedgerCtx {
+    ledger: Arc<Ledger>,
+    user: String,
+    /// The count's version when the notice read the ledger (a hold sets an
+    /// exact 0 only if it is unchanged).
+    version: i64,
+    /// The notice id its held events were claimed under.
+    claimed: Option<String>,
+    /// The ledger did not answer: a `43101` parks the notice (not an attempt).
+    down: bool,
+}
+
+/// What a `43101` (or a missing openid) did.
+pub(crate) enum OnHold {
+    /// Not a hold: the policy decides.
+    NotAHold,
+    Held,
+    SendAgain,
+    Parked,
+}
+
+/// Why a notice is held.
+#[derive(Debug, Clone, Copy)]
+enum HoldReason {
+    NoCredit,
+    NoOpenid,
+}
+
+impl HoldReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            HoldReason::NoCredit => "no_credit",
+            HoldReason::NoOpenid => "no_openid",
+        }
+    }
+}
+
+/// The window's events as rows to hold (original body, trace context, attempts).
+fn to_hold(closed: &Closed<Pending>) -> Vec<ToHold> {
+    let mut out: Vec<ToHold> = Vec::new();
+    for (i, p) in &closed.deliveries {
+        let Some(e) = closed.events.get(*i) else {
+            continue;
+        };
+        if *i < closed.held || out.iter().any(|h| h.event_id == e.event_id) {
+            continue;
+        }
+        out.push(ToHold {
+            event_id: e.event_id.clone(),
+            body: p.body.to_vec(),
+            traceparent: header_str(&p.properties(), "traceparent"),
+            attempts: i32::try_from(p.attempts).unwrap_or(i32::MAX),
+        });
+    }
+    out
+}
+
+/// Puts the held events (oldest first) in front of the window's, each event
+/// id once: a window event the ledger already holds keeps its deliveries,
+/// which are acked with the notice.
+fn prepend_held(closed: &mut Closed<Pending>, held: Vec<AssignmentEvent>) {
+    if held.is_empty() {
+        return;
+    }
+    let k = held.len();
+    let mut events = held;
+    let mut index = Vec::with_capacity(closed.events.len());
+    for e in std::mem::take(&mut closed.events) {
+        match events[..k].iter().position(|h| h.event_id == e.event_id) {
+            Some(at) => index.push(at),
+            None => {
+                index.push(events.len());
+                events.push(e);
+            }
+        }
+    }
+    for (i, _) in &mut closed.deliveries {
+        *i = index[*i];
+    }
+    closed.events = events;
+    closed.held = k;
+}
+
+/// A held row's event (its body was valid when it was held).
+fn parse_rows(rows: &[HeldRow]) -> Vec<AssignmentEvent> {
+    rows.iter()
+        .filter_map(|r| match event::parse(&r.body) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                warn!(event_id = %r.event_id, detail = %e.detail, "a held event no longer parses; left in the ledger");
+                None
+            }
+        })
+        .collect()
+}
+
+fn empty_window() -> Closed<Pending> {
+    Closed {
+        events: Vec::new(),
+        deliveries: Vec::new(),
+        reason: CloseReason::Release,
+        held: 0,
+    }
+}
+
+impl Dispatcher {
+    /// Sends one closed window of `user` (possibly empty: a release) with
+    /// the user's held events, or holds it; settles every delivery and tells
+    /// the ledger the outcome.
+    pub(crate) async fn deliver_ledgered(
+        &self,
+        ledger: &Arc<Ledger>,
+        user: &str,
+        mut closed: Closed<Pending>,
+    ) -> Ended {
+        let state = match ledger.user(user).await {
+            Ok(s) => s,
+            Err(_) => {
+                // Section 8.8: the notice goes without its held events.
+                if closed.events.is_empty() {
+                    return Ended::Parked;
+                }
+                let mut ctx = LedgerCtx {
+                    ledger: ledger.clone(),
+                    user: user.to_string(),
+                    version: 0,
+                    claimed: None,
+                    down: true,
+                };
+                let notice = closed.notice();
+                return self.send(&mut closed, notice, Some(&mut ctx)).await;
+            }
+        };
+        if closed.deliveries.iter().any(|(_, p)| p.redelivered) {
+            self.ack_known(ledger, &mut closed).await;
+        }
+        self.openid_both_ways(ledger, user, &state.openid, &mut closed)
+            .await;
+        let mut ctx = LedgerCtx {
+            ledger: ledger.clone(),
+            user: user.to_string(),
+            version: state.credit.version,
+            claimed: None,
+            down: false,
+        };
+        if state.held > 0 {
+            let window = to_hold(&closed);
+            let window_ids: Vec<String> = closed.events.iter().map(|e| e.event_id.clone()).collect();
+            let claim = ledger
+                .store()
+                .claim(user, ledger.template_id(), &window, |free| {
+                    let mut ids: Vec<&str> = free.iter().map(|r| r.event_id.as_str()).collect();
+                    for id in &window_ids {
+                        if !ids.contains(&id.as_str()) {
+                            ids.push(id);
+                        }
+                    }
+                    notice_id(&ids)
+                })
+                .await;
+            ledger.record(&claim);
+            match claim {
+                Ok(claim) => {
+                    // Notices whose outcome a crash left unknown go again
+                    // first, with exactly their ids.
+                    for (stale_id, rows) in claim.stale {
+                        let mut again = empty_window();
+                        prepend_held(&mut again, parse_rows(&rows));
+                        let mut stale_ctx = LedgerCtx {
+                            claimed: Some(stale_id),
+                            ..ctx.clone_for_release()
+                        };
+                        let notice = again.notice();
+                        info!(notice_id = %notice.notice_id, events = rows.len(), "a notice whose outcome is unknown is sent again with the same events");
+                        let ended = self.send(&mut again, notice, Some(&mut stale_ctx)).await;
+                        self.after(&mut stale_ctx, &again, ended).await;
+                    }
+                    prepend_held(&mut closed, parse_rows(&claim.rows));
+                    ctx.claimed = Some(claim.notice_id);
+                }
+                Err(_) => {
+                    // Unclaimed, nothing changed: the window goes alone.
+                    ctx.down = true;
+                }
+            }
+        }
+        if closed.events.is_empty() {
+            return Ended::Gone;
+        }
+        let notice = closed.notice();
+        if !ctx.down {
+            let since = Ledger::since_probe(&state);
+            match rules::plan(state.credit, since, ledger.settings().credit_probe) {
+                Plan::HoldWithoutCall => {
+                    self.metrics().ledger_calls_saved.inc();
+                    let ended = match self
+                        .hold(&mut ctx, &mut closed, &notice, HoldReason::NoCredit, None)
+                        .await
+                    {
+                        OnHold::Held => Ended::Held,
+                        _ => Ended::Parked,
+                    };
+                    return self.after(&mut ctx, &closed, ended).await;
+                }
+                Plan::Call if state.credit.exact && state.credit.count == 0 => {
+                    info!(assignee = %user, "credit probe: one real call for a user held at an exact 0");
+                    let probed = ledger.store().probed(user, ledger.template_id()).await;
+                    ledger.record(&probed);
+                    ledger.update(user, |s| s.probed_at = std::time::Instant::now());
+                }
+                Plan::Call => {}
+            }
+        }
+        let ended = self.send(&mut closed, notice, Some(&mut ctx)).await;
+        self.after(&mut ctx, &closed, ended).await
+    }
+
+    /// Acks the redelivered copies of events the ledger holds or released
+    /// (a crash or a lost ack after the ledger's write) and takes them out
+    /// of the window; held ones are covered by the held part of the notice.
+    async fn ack_known(&self, ledger: &Ledger, closed: &mut Closed<Pending>) {
+        let ids: Vec<String> = closed.events.iter().map(|e| e.event_id.clone()).collect();
+        let known = ledger.store().known(&ids).await;
+        ledger.record(&known);
+        let Ok(known) = known else { return };
+        if known.is_empty() {
+            return;
+        }
+        let keep: Vec<bool> = closed
+            .events
+            .iter()
+            .map(|e| !known.contains(&e.event_id))
+            .collect();
+        let mut index = vec![usize::MAX; keep.len()];
+        let mut events = Vec::new();
+        for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
+            if keep[i] {
+                index[i] = events.len();
+                events.push(e);
+            }
+        }
+        let mut deliveries = Vec::new();
+        for (i, mut p) in std::mem::take(&mut closed.deliveries) {
+            if keep[i] {
+                deliveries.push((index[i], p));
+            } else {
+                p.ack();
+            }
+        }
+        info!(event_ids = %known.join(","), "acked: redelivered copies of events the ledger already has");
+        closed.events = events;
+        closed.deliveries = deliveries;
+    }
+
+    /// The ledger remembers the openid the window carries; a window without
+    /// one carries the ledger's (so the cloud function and the direct mode
+    /// reach the user without a lookup of their own).
+    async fn openid_both_ways(
+        &self,
+        ledger: &Ledger,
+        user: &str,
+        known: &Option<String>,
+        closed: &mut Closed<Pending>,
+    ) {
+        let carried = closed
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| e.assignee.openid.clone());
+        match carried {
+            Some(openid) if known.as_deref() != Some(openid.as_str()) => {
+                let r = ledger.store().remember_openid(user, &openid).await;
+                ledger.record(&r);
+                if r.is_ok() {
+                    ledger.update(user, |s| s.openid = Some(openid));
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(openid) = known {
+                    for e in &mut closed.events {
+                        e.assignee.openid = Some(openid.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Called with each judged answer of a notice's loop: a `43101`, or no
+    /// openid in the direct mode, holds the notice.
+    pub(crate) async fn hold_on(
+        &self,
+        ctx: &mut LedgerCtx,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        result: &CallResult,
+    ) -> OnHold {
+        let reason = match result.outcome {
+            Outcome::Rejected if result.errcode == Some(NO_CREDIT) => HoldReason::NoCredit,
+            Outcome::NoOpenid => HoldReason::NoOpenid,
+            _ => return OnHold::NotAHold,
+        };
+        if ctx.down {
+            return self.park_for_ledger(closed, notice, result.errcode).await;
+        }
+        let guard = matches!(reason, HoldReason::NoCredit).then_some(ctx.version);
+        self.hold(ctx, closed, notice, reason, guard).await
+    }
+
+    /// Writes the notice's events to the ledger (one statement), then acks
+    /// their deliveries. A credit counted since the notice read the ledger
+    /// sends it again instead; a ledger that fails parks it (not an attempt).
+    async fn hold(
+        &self,
+        ctx: &mut LedgerCtx,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        reason: HoldReason,
+        guard: Option<i64>,
+    ) -> OnHold {
+        let ledger = ctx.ledger.clone();
+        let window = to_hold(closed);
+        let errcode = matches!(reason, HoldReason::NoCredit).then_some(NO_CREDIT as i32);
+        let done = ledger
+            .store()
+            .hold(
+                &ctx.user,
+                ledger.template_id(),
+                ctx.claimed.as_deref().unwrap_or(""),
+                &window,
+                reason.as_str(),
+                errcode,
+                guard,
+            )
+            .await;
+        ledger.record(&done);
+        match done {
+            Ok(HoldDone::CreditCounted) => {
+                info!(notice_id = %notice.notice_id, "a credit was counted while the notice was in flight: sending it again");
+                ledger.forget(&ctx.user);
+                if let Ok(s) = ledger.user(&ctx.user).await {
+                    ctx.version = s.credit.version;
+                }
+                OnHold::SendAgain
+            }
+            Ok(HoldDone::Held {
+                new_spell,
+                held,
+                oldest,
+            }) => {
+                // Written, now acked: never before.
+                self.settle.ack_held(closed);
+                ctx.claimed = None;
+                self.metrics().ledger_hold(reason.as_str());
+                ledger.update(&ctx.user, |s| {
+                    s.held = held;
+                    if guard.is_some() {
+                        s.credit = rules::Credit {
+                            count: 0,
+                            exact: true,
+                            version: s.credit.version,
+                        };
+                        s.probed_at = std::time::Instant::now();
+                    }
+                });
+                info!(
+                    notice_id = %notice.notice_id,
+                    assignee = %ctx.user,
+                    reason = reason.as_str(),
+                    event_ids = %notice.event_ids.join(","),
+                    held,
+                    "notice held until the user's next accept"
+                );
+                if new_spell {
+                    self.signal_held(&ledger, &ctx.user, reason.as_str(), held, oldest);
+                }
+                if rules::over_limit(held, ledger.settings().hold_max_events) > 0 {
+                    let this = self.me();
+                    tokio::spawn(async move { this.drop_from_ledger(false).await });
+                }
+                OnHold::Held
+            }
+            Err(_) => self.park_for_ledger(closed, notice, errcode.map(i64::from)).await,
+        }
+    }
+
+    /// Parks a notice the ledger could not take, as not a failed attempt.
+    async fn park_for_ledger(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        errcode: Option<i64>,
+    ) -> OnHold {
+        let delay = self.settle.rules().rung(0);
+        self.settle
+            .park_unattempted(
+                closed,
+                notice,
+                delay,
+                "the grant ledger is unavailable; the notice waits in a retry queue (not a failed attempt)".into(),
+                errcode,
+            )
+            .await;
+        OnHold::Parked
+    }
+
+    /// What the ledger learns from how a notice ended.
+    async fn after(&self, ctx: &mut LedgerCtx, closed: &Closed<Pending>, ended: Ended) -> Ended {
+        let ledger = ctx.ledger.clone();
+        if ctx.down {
+            return ended;
+        }
+        let template = ledger.template_id().to_string();
+        match &ended {
+            Ended::Accepted => {
+                let id = ctx
+                    .claimed
+                    .clone()
+                    .unwrap_or_else(|| closed.notice().notice_id);
+                let state = ledger.user(&ctx.user).await.ok();
+                let counts = state
+                    .as_ref()
+                    .is_none_or(|s| s.credit.exact || s.credit.count > 0);
+                if ctx.claimed.is_none() && !counts {
+                    // A lower bound of 0 stays 0: nothing to write.
+                    return ended;
+                }
+                if closed.held > 0 {
+                    self.metrics().ledger_releases.inc();
+                }
+                ledger.update(&ctx.user, |s| {
+                    s.credit = rules::after_accept(s.credit);
+                    s.held = 0;
+                });
+                let this = self.me();
+                let user = ctx.user.clone();
+                // Acked whatever the ledger answers; its update is retried.
+                tokio::spawn(async move { this.spent(user, template, id).await });
+            }
+            Ended::Held => {}
+            Ended::Parked | Ended::Gone => {
+                if let Some(id) = ctx.claimed.take() {
+                    let r = ledger.store().unclaim(&id).await;
+                    ledger.record(&r);
+                    ledger.forget(&ctx.user);
+                }
+            }
+            Ended::DeadLettered(reason, result) => {
+                if let Some(id) = ctx.claimed.take() {
+                    let r = ledger.store().unclaim(&id).await;
+                    ledger.record(&r);
+                    ledger.forget(&ctx.user);
+                    if r.is_ok() {
+                        let held: Vec<&AssignmentEvent> = closed.events[..closed.held].iter().collect();
+                        for e in held {
+                            self.dead_letter_held(&ledger, &ctx.user, &e.event_id, *reason, result.errcode, &result.detail)
+                                .await;
+                        }
+                    }
+                }
+            }
+        }
+        ended
+    }
+
+    /// Records an accepted notice in the ledger (decrement once per notice
+    /// id, its claimed events released), retrying until the ledger answers;
+    /// then publishes `notifier.credits_low` when the count is low.
+    async fn spent(self: Arc<Self>, user: String, template: String, notice_id: String) {
+        let Some(ledger) = self.ledger.clone() else { return };
+        let mut wait = std::time::Duration::from_millis(500);
+        loop {
+            let r = ledger.store().accepted(&notice_id, &user, &template).await;
+            ledger.record(&r);
+            match r {
+                Ok(spent) => {
+                    if let Some(c) = spent.credit {
+                        if rules::credits_low(c, ledger.settings().credits_low) {
+                            self.signal(
+                                "credits_low",
+                                json!({"user_id": user, "template_id": template, "credits": c.count}),
+                            )
+                            .await;
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    warn!(notice_id = %notice_id, error = %e, "recording an accepted notice in the ledger failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// A `subscription.changed` event, in its user's lane: counted once by
+    /// event id; an accept releases the user's held events (with `window`,
+    /// the user's open window, closed for it). Acked once the credit is
+    /// recorded and the release delivered or held again.
+    pub async fn subscription(
+        &self,
+        event: SubscriptionEvent,
+        mut pending: Pending,
+        window: Option<Closed<Pending>>,
+        ticket: super::lanes::Ticket,
+    ) {
+        let _turn = ticket.wait().await;
+        let Some(ledger) = self.ledger.clone() else {
+            self.settle
+                .dead_letter_one(
+                    pending,
+                    Reason::NoLedger,
+                    "a subscription event reached a replica with the grant ledger off (NOTIFIER_LEDGER_URL unset); replay it once the ledger is on".into(),
+                )
+                .await;
+            return;
+        };
+        let status = match event.status {
+            SubscriptionStatus::Accept => Status::Accept,
+            SubscriptionStatus::Reject => Status::Reject,
+            SubscriptionStatus::Off => Status::Off,
+        };
+        let counted = ledger
+            .store()
+            .subscription(
+                &event.event_id,
+                &event.user_id,
+                &event.template_id,
+                event.openid.as_deref(),
+                status,
+            )
+            .await;
+        ledger.record(&counted);
+        let counted = match counted {
+            Ok(c) => c,
+            Err(_) => {
+                self.settle
+                    .park_one_unattempted(
+                        pending,
+                        self.settle.rules().rung(0),
+                        "the grant ledger is unavailable; the subscription event waits in a retry queue (not a failed attempt)".into(),
+                    )
+                    .await;
+                if let Some(w) = window {
+                    self.deliver_ledgered(&ledger, &event.user_id, w).await;
+                }
+                return;
+            }
+        };
+        ledger.forget(&event.user_id);
+        info!(
+            event_id = %event.event_id,
+            user = %event.user_id,
+            status = status.as_str(),
+            counted = counted.counted,
+            credits = counted.credit.count,
+            exact = counted.credit.exact,
+            held = counted.held,
+            "subscription event recorded"
+        );
+        let ours = event.template_id == ledger.template_id();
+        let release = ours
+            && status == Status::Accept
+            && rules::should_release(counted.credit, counted.held, false);
+        if !release && window.is_none() {
+            pending.ack();
+            return;
+        }
+        let ended = self
+            .deliver_ledgered(&ledger, &event.user_id, window.unwrap_or_else(empty_window))
+            .await;
+        match ended {
+            Ended::Parked => {
+                self.settle
+                    .park_one(
+                        pending,
+                        "the release of the user's held events failed for now; the accept comes back to try again".into(),
+                    )
+                    .await;
+            }
+            _ => {
+                pending.ack();
+            }
+        }
+    }
+
+    /// Publishes `notifier.notice_held` for a new spell of holding, and
+    /// records the broker's confirm (the sweep publishes it again until then).
+    fn signal_held(&self, ledger: &Arc<Ledger>, user: &str, reason: &str, held: u64, oldest: chrono::DateTime<chrono::Utc>) {
+        let this = self.me();
+        let ledger = ledger.clone();
+        let (user, reason) = (user.to_string(), reason.to_string());
+        tokio::spawn(async move {
+            let template = ledger.template_id().to_string();
+            let body = json!({
+                "user_id": user,
+                "template_id": template,
+                "reason": reason,
+                "held_events": held,
+                "oldest_held_at": oldest.to_rfc3339_opts(SecondsFormat::Secs, true),
+            });
+            if this.signal("notice_held", body).await {
+                let r = ledger.store().signal_confirmed(&user, &template).await;
+                ledger.record(&r);
+            }
+        });
+    }
+
+    /// Publishes one signal to the CRM (confirmed; never holds up a delivery).
+    pub(crate) async fn signal(&self, name: &'static str, body: serde_json::Value) -> bool {
+        let key = format!("notifier.{name}");
+        let confirmed = self.settle.publish_signal(&self.settings.exchange, &key, &body).await;
+        self.metrics().signal(name, confirmed);
+        confirmed
+    }
+
+    /// Dead-letters one held event from its stored body (confirmed), then
+    /// takes it out of the ledger: a crash between the two repeats the copy.
+    async fn dead_letter_held(
+        &self,
+        ledger: &Ledger,
+        user: &str,
+        event_id: &str,
+        reason: Reason,
+        errcode: Option<i64>,
+        detail: &str,
+    ) -> bool {
+        let rows = ledger.store().held_of(user).await;
+        ledger.record(&rows);
+        let Ok(rows) = rows else { return false };
+        let Some((_, row)) = rows.into_iter().find(|(_, r)| r.event_id == event_id) else {
+            return true;
+        };
+        self.dead_letter_row(ledger, &row, reason, errcode, detail).await
+    }
+
+    async fn dead_letter_row(
+        &self,
+        ledger: &Ledger,
+        row: &HeldRow,
+        reason: Reason,
+        errcode: Option<i64>,
+        detail: &str,
+    ) -> bool {
+        if !self.settle.dead_letter_body(row, reason, errcode, detail).await {
+            return false;
+        }
+        let r = ledger.store().dropped(&row.event_id).await;
+        ledger.record(&r);
+        r.is_ok()
+    }
+
+    /// The sweep's dead letters: events held past `NOTIFIER_HOLD_FOR`
+    /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`).
+    /// Nothing expires while a configuration fault is held.
+    pub(crate) async fn drop_from_ledger(self: Arc<Self>, expire: bool) {
+        let Some(ledger) = self.ledger.clone() else { return };
+        let s = ledger.settings().clone();
+        let found = ledger.store().to_drop(s.hold_for, s.hold_max_events, 500).await;
+        ledger.record(&found);
+        let Ok((expired, over)) = found else { return };
+        let mut users = Vec::new();
+        if expire && !self.fault_held() {
+            for (user, row) in &expired {
+                let errcode = row.errcode.map(i64::from);
+                let detail = format!(
+                    "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
+                    crate::settings::format_duration(s.hold_for),
+                    if row.reason == "no_openid" { "an openid" } else { "a subscription credit" }
+                );
+                if self.dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail).await {
+                    self.metrics().ledger_expiry(Reason::NoSubscription, 1);
+                    users.push(user.clone());
+                }
+            }
+        }
+        for (user, row) in &over {
+            let detail = format!(
+                "the user's held events passed NOTIFIER_HOLD_MAX_EVENTS ({}); the oldest go",
+                s.hold_max_events
+            );
+            let errcode = row.errcode.map(i64::from);
+            if self.dead_letter_row(&ledger, row, Reason::HoldFull, errcode, &detail).await {
+                self.metrics().ledger_expiry(Reason::HoldFull, 1);
+                users.push(user.clone());
+            }
+        }
+        for u in users {
+            ledger.forget(&u);
+        }
+    }
+
+    /// One sweep pass (on the replica holding the sweep's advisory lock):
+    /// expiry and the hold limit, signals not yet confirmed, releases due
+    /// (a count above 0 or a lower bound, or the credit probe), old ids and
+    /// idle users forgotten, the gauges refreshed. `active`: this replica
+    /// consumes the queue (only the active replica calls WeChat).
+    pub async fn sweep(self: Arc<Self>, active: bool) {
+        let Some(ledger) = self.ledger.clone() else { return };
+        let this = self.clone();
+        let l = ledger.clone();
+        let pass = ledger
+            .store()
+            .with_sweep_lock(|| async move {
+                this.clone().drop_from_ledger(true).await;
+                if let Ok(spells) = l.store().unconfirmed_spells().await {
+                    for (user, template, reason, held, oldest) in spells {
+                        if held == 0 {
+                            continue;
+                        }
+                        let body = json!({
+                            "user_id": user, "template_id": template, "reason": reason,
+                            "held_events": held,
+                            "oldest_held_at": oldest.to_rfc3339_opts(SecondsFormat::Secs, true),
+                        });
+                        if this.signal("notice_held", body).await {
+                            let r = l.store().signal_confirmed(&user, &template).await;
+                            l.record(&r);
+                        }
+                    }
+                }
+                let r = l.store().forget_old(l.settings().hold_for).await;
+                l.record(&r);
+                if let Ok((events, users, old)) = l.store().totals().await {
+                    let m = this.metrics();
+                    m.ledger_held_events.set(events as i64);
+                    m.ledger_held_users.set(users as i64);
+                    m.ledger_held_users_over_a_day.set(old as i64);
+                }
+                if !active {
+                    return;
+                }
+                let Ok(users) = l.store().held_users(1000).await else { return };
+                for u in users {
+                    if u.template_id != l.template_id() {
+                        continue;
+                    }
+                    let probe_due = u.since_probe >= l.settings().credit_probe;
+                    if rules::should_release(u.credit, u.held, probe_due) {
+                        let ticket = this.lanes.ticket(&u.user_id);
+                        let d = this.clone();
+                        let l2 = l.clone();
+                        tokio::spawn(async move {
+                            let _turn = ticket.wait().await;
+                            d.deliver_ledgered(&l2, &u.user_id, empty_window()).await;
+                        });
+                    }
+                }
+            })
+            .await;
+        ledger.record(&pass);
+    }
+}
+
+impl LedgerCtx {
+    /// A context for a release sent on its own (a notice of held events).
+    fn clone_for_release(&self) -> LedgerCtx {
+        LedgerCtx {
+            ledger: self.ledger.clone(),
+            user: self.user.clone(),
+            version: self.version,
+            claimed: None,
+            down: self.down,
+        }
+    }
+}
+

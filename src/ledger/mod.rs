@@ -1,0 +1,169 @@
+//! The grant ledger (contract section 8): WeChat's one-time subscriptions are
+//! a stock of credits it never lets us read, so the service counts them in
+//! PostgreSQL, holds a notice that met `43101` until the user's next accept,
+//! and then sends one summary of everything that waited.
+//!
+//! - [`rules`]: the credit rules, pure and table-tested;
+//! - [`store`]: the SQL (the only file with any);
+//! - this file: the active replica's cache of what it wrote, and the
+//!   ledger's health (`/readyz`, the error metric).
+//!
+//! Depends on settings, metrics and the HTTP health; `dispatch` uses it.
+
+pub mod rules;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use crate::http::Health;
+use crate::metrics::Metrics;
+use crate::settings::LedgerSettings;
+pub use rules::{Credit, Status};
+pub use store::{LedgerError, Store};
+
+/// What the active replica knows of one user: read from the ledger on first
+/// use in a broker session, then kept up to date by its own writes (it is the
+/// only writer of these rows besides the sweep, which touches only unclaimed
+/// expired events and never a count).
+#[derive(Debug, Clone)]
+pub struct UserState {
+    pub credit: Credit,
+    pub openid: Option<String>,
+    /// Held events (0: nothing to claim, no statement needed).
+    pub held: u64,
+    /// When the last real call for this user was (the credit probe).
+    pub probed_at: Instant,
+}
+
+/// The ledger of one replica.
+pub struct Ledger {
+    store: Store,
+    settings: LedgerSettings,
+    cache: Mutex<HashMap<String, UserState>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    /// A statement failed and none succeeded since (what `/readyz` reports).
+    down: AtomicBool,
+}
+
+impl Ledger {
+    /// # Errors
+    /// The URL does not parse.
+    pub fn new(
+        settings: &LedgerSettings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Ledger, LedgerError> {
+        Ok(Ledger {
+            store: Store::connect(settings, Some(metrics.clone()))?,
+            settings: settings.clone(),
+            cache: Mutex::new(HashMap::new()),
+            metrics,
+            health,
+            down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &LedgerSettings {
+        &self.settings
+    }
+
+    /// The template the ledger counts credits of (`WECHAT_TEMPLATE_ID`).
+    pub fn template_id(&self) -> &str {
+        &self.settings.template_id
+    }
+
+    /// Migrates the schema (before the replica consumes; a replica that
+    /// cannot reach the ledger does not consume until it can).
+    ///
+    /// # Errors
+    /// Unreachable, or a migration failed.
+    pub async fn start(&self) -> Result<(), LedgerError> {
+        let r = self.store.migrate().await;
+        self.record(&r);
+        r
+    }
+
+    /// A new broker session: the cache starts empty (a standby that takes
+    /// over reads each user from the ledger on first use).
+    pub fn session_started(&self) {
+        self.cache.lock().expect("not poisoned").clear();
+    }
+
+    /// Notes a statement's result: the first failure marks the ledger down
+    /// (`/readyz` 503 naming it), the next success clears it.
+    pub fn record<T>(&self, r: &Result<T, LedgerError>) {
+        match r {
+            Ok(_) => {
+                if self.down.swap(false, Ordering::SeqCst) {
+                    info!("the ledger answers again");
+                    self.health.set_ledger_problem(None);
+                }
+            }
+            Err(e) => {
+                self.metrics.ledger_errors.inc();
+                if !self.down.swap(true, Ordering::SeqCst) {
+                    warn!(error = %e, "the ledger is unavailable; notices go on without their held events");
+                }
+                self.health.set_ledger_problem(Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Whether the last statement failed.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
+
+    /// The user's state: cached, or read in one statement.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn user(&self, user_id: &str) -> Result<UserState, LedgerError> {
+        if let Some(s) = self.cache.lock().expect("not poisoned").get(user_id) {
+            return Ok(s.clone());
+        }
+        let r = self.store.user(user_id, self.template_id()).await;
+        self.record(&r);
+        let row = r?;
+        let state = UserState {
+            credit: row.credit,
+            openid: row.openid,
+            held: row.held,
+            probed_at: Instant::now()
+                .checked_sub(row.since_probe)
+                .unwrap_or_else(Instant::now),
+        };
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .insert(user_id.to_string(), state.clone());
+        Ok(state)
+    }
+
+    /// Changes the cached state of a user (after this replica's own write).
+    pub fn update(&self, user_id: &str, f: impl FnOnce(&mut UserState)) {
+        if let Some(s) = self.cache.lock().expect("not poisoned").get_mut(user_id) {
+            f(s);
+        }
+    }
+
+    /// Forgets a user's cached state (a write whose effect is unknown).
+    pub fn forget(&self, user_id: &str) {
+        self.cache.lock().expect("not poisoned").remove(user_id);
+    }
+
+    /// Since the last real call for this user (for the credit probe).
+    pub fn since_probe(state: &UserState) -> Duration {
+        state.probed_at.elapsed()
+    }
+}

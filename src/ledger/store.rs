@@ -1,0 +1,945 @@
+//! The grant ledger in PostgreSQL: the only file with SQL. Each function is
+//! one statement (or one transaction) that carries out a rule of `rules.rs`;
+//! every write is idempotent by event id or notice id, so a retried commit,
+//! a redelivered event or the sweeping replica beside the active one never
+//! counts twice. Tables live in their own schema (the connection's
+//! `search_path`), created and migrated at start under sqlx's migrator lock.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Row;
+
+use super::rules::{Credit, Status};
+use crate::metrics::Metrics;
+use crate::settings::LedgerSettings;
+
+/// How long a statement may wait for a pooled connection: a ledger that does
+/// not answer is reported (and worked around, section 8.8) rather than waited for.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The migrations, embedded in the binary. Each only adds (tables, columns
+/// with defaults, indexes), so the previous release keeps working on a schema
+/// a newer replica migrated.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "ledger",
+    include_str!("migrations/0001_ledger.sql"),
+)];
+
+/// Why a ledger statement failed, without the URL or the password (sqlx's
+/// errors never carry the connection string; the text is kept short).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the ledger (PostgreSQL) failed: {0}")]
+pub struct LedgerError(pub String);
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(e: sqlx::Error) -> Self {
+        let text = match &e {
+            sqlx::Error::PoolTimedOut => "no connection within 3 s (is PostgreSQL up?)".to_string(),
+            sqlx::Error::Io(io) => format!("connection: {io}"),
+            sqlx::Error::Database(db) => format!("{} ({})", db.message(), db.code().unwrap_or_default()),
+            other => other.to_string(),
+        };
+        LedgerError(text)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for LedgerError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        LedgerError(format!("migration: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+/// What the ledger knows of one user for one template.
+#[derive(Debug, Clone, Default)]
+pub struct UserRow {
+    pub credit: Credit,
+    pub openid: Option<String>,
+    /// Held events (claimed or not).
+    pub held: u64,
+    /// Since the last real call for a user held at an exact 0.
+    pub since_probe: Duration,
+}
+
+/// One held event.
+#[derive(Debug, Clone)]
+pub struct HeldRow {
+    pub event_id: String,
+    pub body: Vec<u8>,
+    pub reason: String,
+    pub errcode: Option<i32>,
+    pub held_at: DateTime<Utc>,
+    pub claimed_by: Option<String>,
+    pub traceparent: Option<String>,
+    pub attempts: i32,
+}
+
+/// An event to hold: its id, original body, trace context and failed attempts.
+#[derive(Debug, Clone)]
+pub struct ToHold {
+    pub event_id: String,
+    pub body: Vec<u8>,
+    pub traceparent: Option<String>,
+    pub attempts: i32,
+}
+
+/// What a hold did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldDone {
+    /// Written; `new_spell` when the user had nothing held before (the
+    /// `notifier.notice_held` signal is due), `held`: how many are held now.
+    Held {
+        new_spell: bool,
+        held: u64,
+        oldest: DateTime<Utc>,
+    },
+    /// A credit was counted after the notice read the ledger: not held.
+    CreditCounted,
+}
+
+/// What a subscription event did.
+#[derive(Debug, Clone)]
+pub struct Counted {
+    /// Counted now (false: a redelivered event, counted before).
+    pub counted: bool,
+    pub credit: Credit,
+    pub openid: Option<String>,
+    pub held: u64,
+}
+
+/// What an accepted notice did to the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct Spent {
+    /// The count after the decrement (`None`: the ledger has no count for
+    /// the user, or the decrement was counted before).
+    pub credit: Option<Credit>,
+    pub released: u64,
+}
+
+/// A user with held events (`ledger held`, the sweep).
+#[derive(Debug, Clone)]
+pub struct HeldUser {
+    pub user_id: String,
+    pub template_id: String,
+    pub held: u64,
+    pub oldest: DateTime<Utc>,
+    pub reason: String,
+    pub credit: Credit,
+    pub since_probe: Duration,
+}
+
+/// The pooled connection to the ledger and its statements.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+    schema: String,
+    metrics: Option<std::sync::Arc<Metrics>>,
+}
+
+/// Connection options from the URL, with the schema as the search path.
+///
+/// # Errors
+/// The URL does not parse (the message names the variable, never the URL).
+pub fn connect_options(s: &LedgerSettings) -> Result<PgConnectOptions> {
+    let opts = PgConnectOptions::from_str(s.url.expose())
+        .map_err(|_| LedgerError("NOTIFIER_LEDGER_URL is not a valid PostgreSQL URL".into()))?;
+    Ok(opts
+        .options([("search_path", s.schema.as_str())])
+        .application_name("wechat-notifier"))
+}
+
+impl Store {
+    /// A lazy pool: nothing is connected until the first statement, so a
+    /// ledger that is down at start is reported, not fatal.
+    ///
+    /// # Errors
+    /// The URL does not parse.
+    pub fn connect(s: &LedgerSettings, metrics: Option<std::sync::Arc<Metrics>>) -> Result<Store> {
+        let pool = PgPoolOptions::new()
+            .max_connections(s.pool)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(connect_options(s)?);
+        Ok(Store {
+            pool,
+            schema: s.schema.clone(),
+            metrics,
+        })
+    }
+
+    /// Times one statement (the ledger's statement-duration histogram).
+    fn timed(&self, started: Instant) {
+        if let Some(m) = &self.metrics {
+            m.ledger_statement
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Creates the schema and runs the embedded migrations under the
+    /// migrator's advisory lock (replicas starting together are safe).
+    ///
+    /// # Errors
+    /// The ledger is unreachable or a migration fails.
+    pub async fn migrate(&self) -> Result<()> {
+        // The schema name was checked at start to be a plain identifier.
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+            .execute(&self.pool)
+            .await?;
+        let migrations: Vec<Migration> = MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    Cow::Borrowed(*description),
+                    MigrationType::Simple,
+                    Cow::Borrowed(*sql),
+                    false,
+                )
+            })
+            .collect();
+        let migrator = Migrator {
+            migrations: Cow::Owned(migrations),
+            ignore_missing: true,
+            locking: true,
+            no_tx: false,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Reaches the ledger and checks its tables exist, changing nothing
+    /// (`check`, and readiness after an outage).
+    ///
+    /// # Errors
+    /// Unreachable, or not migrated.
+    pub async fn ping(&self) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query("SELECT count(*) FROM credits WHERE false")
+            .execute(&self.pool)
+            .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// The user's count, openid and held events, in one statement.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn user(&self, user_id: &str, template_id: &str) -> Result<UserRow> {
+        let started = Instant::now();
+        let row = sqlx::query(
+            "SELECT c.count, c.exact, c.version,
+                    EXTRACT(EPOCH FROM now() - c.probed_at)::float8 AS since_probe,
+                    u.openid,
+                    (SELECT count(*) FROM held h WHERE h.user_id = $1 AND h.template_id = $2) AS held
+             FROM (SELECT 1) one
+             LEFT JOIN credits c ON c.user_id = $1 AND c.template_id = $2
+             LEFT JOIN users u ON u.user_id = $1",
+        )
+        .bind(user_id)
+        .bind(template_id)
+        .fetch_one(&self.pool)
+        .await;
+        self.timed(started);
+        let row = row?;
+        let credit = match row.try_get::<Option<i32>, _>("count")? {
+            Some(count) => Credit {
+                count,
+                exact: row.try_get("exact")?,
+                version: row.try_get("version")?,
+            },
+            None => Credit::default(),
+        };
+        let since: Option<f64> = row.try_get("since_probe")?;
+        Ok(UserRow {
+            credit,
+            openid: row.try_get("openid")?,
+            held: row.try_get::<i64, _>("held")?.max(0) as u64,
+            since_probe: Duration::from_secs_f64(since.unwrap_or(0.0).max(0.0)),
+        })
+    }
+
+    /// Which of `ids` the ledger holds or has settled (released, expired):
+    /// a redelivered copy of such an event needs no notice of its own.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn known(&self, ids: &[String]) -> Result<Vec<String>> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT event_id FROM held WHERE event_id = ANY($1)
+             UNION SELECT event_id FROM settled WHERE event_id = ANY($1) AND kind <> 'subscription'",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await;
+        self.timed(started);
+        Ok(rows?.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// Remembers the openid an assignment event carried.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn remember_openid(&self, user_id: &str, openid: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "INSERT INTO users (user_id, openid) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE SET openid = excluded.openid, seen_at = now()",
+        )
+        .bind(user_id)
+        .bind(openid)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Claims the user's held events for a notice before its call, in one
+    /// transaction: rows claimed by an earlier notice whose outcome is
+    /// unknown (a crash) are returned apart, to be sent again with exactly
+    /// their ids; the unclaimed ones, oldest first, are marked with the
+    /// notice id `make_id` computes from them and `window` (whose events are
+    /// written claimed too, so a crash after the call can repeat the notice
+    /// only with the same ids).
+    ///
+    /// # Errors
+    /// The ledger failed (nothing is claimed).
+    pub async fn claim(
+        &self,
+        user_id: &str,
+        template_id: &str,
+        window: &[ToHold],
+        make_id: impl FnOnce(&[HeldRow]) -> String,
+    ) -> Result<Claim> {
+        let started = Instant::now();
+        let r = self.claim_tx(user_id, template_id, window, make_id).await;
+        self.timed(started);
+        r
+    }
+
+    async fn claim_tx(
+        &self,
+        user_id: &str,
+        template_id: &str,
+        window: &[ToHold],
+        make_id: impl FnOnce(&[HeldRow]) -> String,
+    ) -> Result<Claim> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
+             FROM held WHERE user_id = $1 AND template_id = $2
+             ORDER BY held_at, event_id FOR UPDATE",
+        )
+        .bind(user_id)
+        .bind(template_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut free = Vec::new();
+        let mut stale: Vec<(String, Vec<HeldRow>)> = Vec::new();
+        for r in rows {
+            let row = held_row(&r)?;
+            match row.claimed_by.clone() {
+                None => free.push(row),
+                Some(n) => match stale.iter_mut().find(|(id, _)| *id == n) {
+                    Some((_, group)) => group.push(row),
+                    None => stale.push((n, vec![row])),
+                },
+            }
+        }
+        let notice_id = make_id(&free);
+        let ids: Vec<&str> = free.iter().map(|r| r.event_id.as_str()).collect();
+        sqlx::query("UPDATE held SET claimed_by = $1 WHERE event_id = ANY($2)")
+            .bind(&notice_id)
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        if !window.is_empty() {
+            insert_held(&mut tx, user_id, template_id, window, "window", None, Some(&notice_id))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Claim {
+            notice_id,
+            rows: free,
+            stale,
+        })
+    }
+
+    /// The notice `notice_id` was accepted: its decrement is counted once
+    /// (keyed by the notice id), the events it claimed leave the ledger (kept
+    /// as `released` ids), and a spell of holding ends when nothing is left.
+    ///
+    /// # Errors
+    /// The ledger failed (the caller retries: the statement is idempotent).
+    pub async fn accepted(&self, notice_id: &str, user_id: &str, template_id: &str) -> Result<Spent> {
+        let started = Instant::now();
+        let row = sqlx::query(
+            "WITH s AS (
+                INSERT INTO sends (notice_id, user_id, template_id) VALUES ($1, $2, $3)
+                ON CONFLICT DO NOTHING RETURNING 1),
+             c AS (
+                UPDATE credits SET count = greatest(count - 1, 0), updated_at = now()
+                WHERE user_id = $2 AND template_id = $3 AND EXISTS (SELECT 1 FROM s)
+                RETURNING count, exact, version),
+             r AS (DELETE FROM held WHERE claimed_by = $1 RETURNING event_id, reason),
+             st AS (
+                INSERT INTO settled (event_id, kind) SELECT event_id, 'released' FROM r
+                ON CONFLICT DO NOTHING),
+             sp AS (
+                DELETE FROM spells WHERE user_id = $2 AND template_id = $3
+                AND NOT EXISTS (SELECT 1 FROM held WHERE user_id = $2 AND template_id = $3
+                                AND claimed_by IS DISTINCT FROM $1))
+             SELECT (SELECT count FROM c) AS count, (SELECT exact FROM c) AS exact,
+                    (SELECT version FROM c) AS version,
+                    (SELECT count(*) FROM r WHERE reason <> 'window') AS released",
+        )
+        .bind(notice_id)
+        .bind(user_id)
+        .bind(template_id)
+        .fetch_one(&self.pool)
+        .await;
+        self.timed(started);
+        let row = row?;
+        let credit = match row.try_get::<Option<i32>, _>("count")? {
+            Some(count) => Some(Credit {
+                count,
+                exact: row.try_get::<Option<bool>, _>("exact")?.unwrap_or(false),
+                version: row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+            }),
+            None => None,
+        };
+        Ok(Spent {
+            credit,
+            released: row.try_get::<i64, _>("released")?.max(0) as u64,
+        })
+    }
+
+    /// The notice `notice_id` did not go (parked for a retry, or refused):
+    /// its window's rows leave the ledger and its held events are unclaimed.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn unclaim(&self, notice_id: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window')
+             UPDATE held SET claimed_by = NULL WHERE claimed_by = $1 AND reason <> 'window'",
+        )
+        .bind(notice_id)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Holds a notice's events, in one statement: with `guard_version`, the
+    /// count becomes an exact 0 only if it is still at that version (no
+    /// credit counted since the notice read the ledger), else nothing is
+    /// written (`CreditCounted`). The notice's claimed rows are unclaimed and
+    /// its window's events written (idempotent by event id); the user's spell
+    /// of holding starts if none runs.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing is written).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn hold(
+        &self,
+        user_id: &str,
+        template_id: &str,
+        notice_id: &str,
+        events: &[ToHold],
+        reason: &str,
+        errcode: Option<i32>,
+        guard_version: Option<i64>,
+    ) -> Result<HoldDone> {
+        let started = Instant::now();
+        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+        let traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
+        let attempts: Vec<i32> = events.iter().map(|e| e.attempts).collect();
+        let row = sqlx::query(
+            "WITH g AS (
+                INSERT INTO credits AS c (user_id, template_id, count, exact, version)
+                SELECT $1, $2, 0, true, 0 WHERE $4
+                ON CONFLICT (user_id, template_id) DO UPDATE
+                  SET count = 0, exact = true, probed_at = now(), updated_at = now()
+                  WHERE c.version = $3
+                RETURNING 1),
+             ok AS (SELECT 1 AS one WHERE NOT $4 OR EXISTS (SELECT 1 FROM g)),
+             u AS (
+                UPDATE held SET claimed_by = NULL, reason = $5, errcode = $6
+                WHERE claimed_by = $7 AND EXISTS (SELECT 1 FROM ok) RETURNING event_id),
+             i AS (
+                INSERT INTO held (event_id, user_id, template_id, body, reason, errcode, traceparent, attempts)
+                SELECT e, $1, $2, b, $5, $6, tp, a
+                FROM unnest($8::text[], $9::bytea[], $10::text[], $11::int4[]) AS x(e, b, tp, a)
+                WHERE EXISTS (SELECT 1 FROM ok)
+                ON CONFLICT (event_id) DO NOTHING RETURNING event_id),
+             sp AS (
+                INSERT INTO spells (user_id, template_id, reason)
+                SELECT $1, $2, $5 WHERE EXISTS (SELECT 1 FROM ok)
+                ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM ok) AS ok,
+                    EXISTS (SELECT 1 FROM sp) AS new_spell,
+                    (SELECT count(*) FROM held WHERE user_id = $1 AND template_id = $2)
+                      + (SELECT count(*) FROM i) AS held,
+                    coalesce((SELECT min(held_at) FROM held WHERE user_id = $1 AND template_id = $2),
+                             now()) AS oldest",
+        )
+        .bind(user_id)
+        .bind(template_id)
+        .bind(guard_version.unwrap_or(0))
+        .bind(guard_version.is_some())
+        .bind(reason)
+        .bind(errcode)
+        .bind(notice_id)
+        .bind(&ids)
+        .bind(&bodies)
+        .bind(&traces)
+        .bind(&attempts)
+        .fetch_one(&self.pool)
+        .await;
+        self.timed(started);
+        let row = row?;
+        if !row.try_get::<bool, _>("ok")? {
+            return Ok(HoldDone::CreditCounted);
+        }
+        Ok(HoldDone::Held {
+            new_spell: row.try_get("new_spell")?,
+            held: row.try_get::<i64, _>("held")?.max(0) as u64,
+            oldest: row.try_get("oldest")?,
+        })
+    }
+
+    /// Counts a subscription event once (by event id) and remembers the
+    /// openid it carries; returns the user's count either way.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing is counted).
+    pub async fn subscription(
+        &self,
+        event_id: &str,
+        user_id: &str,
+        template_id: &str,
+        openid: Option<&str>,
+        status: Status,
+    ) -> Result<Counted> {
+        let started = Instant::now();
+        let row = sqlx::query(
+            "WITH s AS (
+                INSERT INTO settled (event_id, kind) VALUES ($1, 'subscription')
+                ON CONFLICT DO NOTHING RETURNING 1),
+             c AS (
+                INSERT INTO credits AS c (user_id, template_id, count, exact, version)
+                SELECT $2, $3, CASE $4 WHEN 'accept' THEN 1 ELSE 0 END, $4 = 'off',
+                       CASE $4 WHEN 'reject' THEN 0 ELSE 1 END
+                FROM s
+                ON CONFLICT (user_id, template_id) DO UPDATE SET
+                  count = CASE $4 WHEN 'accept' THEN c.count + 1 WHEN 'off' THEN 0 ELSE c.count END,
+                  exact = CASE $4 WHEN 'off' THEN true ELSE c.exact END,
+                  version = c.version + CASE $4 WHEN 'reject' THEN 0 ELSE 1 END,
+                  updated_at = now()
+                RETURNING count, exact, version),
+             u AS (
+                INSERT INTO users (user_id, openid) VALUES ($2, $5)
+                ON CONFLICT (user_id) DO UPDATE
+                  SET openid = coalesce(excluded.openid, users.openid), seen_at = now()
+                RETURNING openid)
+             SELECT EXISTS (SELECT 1 FROM s) AS counted,
+                    coalesce((SELECT count FROM c), (SELECT count FROM credits WHERE user_id = $2 AND template_id = $3), 0) AS count,
+                    coalesce((SELECT exact FROM c), (SELECT exact FROM credits WHERE user_id = $2 AND template_id = $3), false) AS exact,
+                    coalesce((SELECT version FROM c), (SELECT version FROM credits WHERE user_id = $2 AND template_id = $3), 0) AS version,
+                    (SELECT openid FROM u) AS openid,
+                    (SELECT count(*) FROM held WHERE user_id = $2 AND template_id = $3) AS held",
+        )
+        .bind(event_id)
+        .bind(user_id)
+        .bind(template_id)
+        .bind(status.as_str())
+        .bind(openid)
+        .fetch_one(&self.pool)
+        .await;
+        self.timed(started);
+        let row = row?;
+        Ok(Counted {
+            counted: row.try_get("counted")?,
+            credit: Credit {
+                count: row.try_get("count")?,
+                exact: row.try_get("exact")?,
+                version: row.try_get("version")?,
+            },
+            openid: row.try_get("openid")?,
+            held: row.try_get::<i64, _>("held")?.max(0) as u64,
+        })
+    }
+
+    /// Records that the user held at an exact 0 had a real call now.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn probed(&self, user_id: &str, template_id: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "UPDATE credits SET probed_at = now() WHERE user_id = $1 AND template_id = $2",
+        )
+        .bind(user_id)
+        .bind(template_id)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Users with held events, the oldest wait first (`ledger held`, the sweep).
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn held_users(&self, limit: i64) -> Result<Vec<HeldUser>> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT h.user_id, h.template_id, count(*) AS held, min(h.held_at) AS oldest,
+                    (array_agg(h.reason ORDER BY h.held_at))[1] AS reason,
+                    coalesce(c.count, 0) AS count, coalesce(c.exact, false) AS exact,
+                    coalesce(c.version, 0) AS version,
+                    EXTRACT(EPOCH FROM now() - coalesce(c.probed_at, now()))::float8 AS since_probe
+             FROM held h
+             LEFT JOIN credits c ON c.user_id = h.user_id AND c.template_id = h.template_id
+             WHERE h.reason <> 'window'
+             GROUP BY h.user_id, h.template_id, c.count, c.exact, c.version, c.probed_at
+             ORDER BY oldest LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await;
+        self.timed(started);
+        rows?
+            .iter()
+            .map(|r| {
+                Ok(HeldUser {
+                    user_id: r.try_get("user_id")?,
+                    template_id: r.try_get("template_id")?,
+                    held: r.try_get::<i64, _>("held")?.max(0) as u64,
+                    oldest: r.try_get("oldest")?,
+                    reason: r.try_get("reason")?,
+                    credit: Credit {
+                        count: r.try_get("count")?,
+                        exact: r.try_get("exact")?,
+                        version: r.try_get("version")?,
+                    },
+                    since_probe: Duration::from_secs_f64(
+                        r.try_get::<f64, _>("since_probe")?.max(0.0),
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Every held event of one user (`ledger show`), oldest first.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn held_of(&self, user_id: &str) -> Result<Vec<(String, HeldRow)>> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT template_id, event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
+             FROM held WHERE user_id = $1 AND reason <> 'window' ORDER BY held_at, event_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await;
+        self.timed(started);
+        rows?
+            .iter()
+            .map(|r| Ok((r.try_get("template_id")?, held_row(r)?)))
+            .collect()
+    }
+
+    /// Every count the ledger keeps for one user (`ledger show`).
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn credits_of(&self, user_id: &str) -> Result<(Vec<(String, Credit)>, Option<String>)> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT template_id, count, exact, version FROM credits WHERE user_id = $1 ORDER BY template_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await;
+        let openid = sqlx::query("SELECT openid FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await;
+        self.timed(started);
+        let credits = rows?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("template_id")?,
+                    Credit {
+                        count: r.try_get("count")?,
+                        exact: r.try_get("exact")?,
+                        version: r.try_get("version")?,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let openid = match openid? {
+            Some(r) => r.try_get::<Option<String>, _>("openid")?,
+            None => None,
+        };
+        Ok((credits, openid))
+    }
+
+    /// Runs `pass` while holding the sweep's advisory lock (for the length of
+    /// one transaction), or returns `None` when another replica holds it.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn with_sweep_lock<F, Fut, T>(&self, pass: F) -> Result<Option<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
+            .bind(format!("wechat-notifier sweep {}", self.schema))
+            .fetch_one(&mut *tx)
+            .await?;
+        if !got {
+            return Ok(None);
+        }
+        let out = pass().await;
+        tx.commit().await?;
+        Ok(Some(out))
+    }
+
+    /// Held events past their time (`expired`: older than `hold_for`, not
+    /// claimed, the user with no untried credit) or over the user's limit
+    /// (`over`: the oldest beyond `max`), at most `limit` of each.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn to_drop(
+        &self,
+        hold_for: Duration,
+        max: u32,
+        limit: i64,
+    ) -> Result<(Vec<(String, HeldRow)>, Vec<(String, HeldRow)>)> {
+        let started = Instant::now();
+        let expired = sqlx::query(
+            "SELECT h.template_id, h.user_id, h.event_id, h.body, h.reason, h.errcode, h.held_at,
+                    h.claimed_by, h.traceparent, h.attempts
+             FROM held h LEFT JOIN credits c ON c.user_id = h.user_id AND c.template_id = h.template_id
+             WHERE h.claimed_by IS NULL AND h.reason <> 'window'
+               AND h.held_at < now() - make_interval(secs => $1)
+               AND (h.reason = 'no_openid' OR (coalesce(c.exact, false) AND coalesce(c.count, 0) = 0))
+             ORDER BY h.held_at LIMIT $2",
+        )
+        .bind(hold_for.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await;
+        let over = sqlx::query(
+            "SELECT template_id, user_id, event_id, body, reason, errcode, held_at, claimed_by,
+                    traceparent, attempts
+             FROM (SELECT h.*, row_number() OVER (PARTITION BY user_id, template_id
+                                                   ORDER BY held_at DESC, event_id DESC) AS n
+                   FROM held h WHERE reason <> 'window') x
+             WHERE n > $1 AND claimed_by IS NULL ORDER BY held_at LIMIT $2",
+        )
+        .bind(i64::from(max))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await;
+        self.timed(started);
+        let read = |rows: Vec<sqlx::postgres::PgRow>| -> Result<Vec<(String, HeldRow)>> {
+            rows.iter()
+                .map(|r| Ok((r.try_get("user_id")?, held_row(r)?)))
+                .collect()
+        };
+        Ok((read(expired?)?, read(over?)?))
+    }
+
+    /// A held event whose dead-letter copy was confirmed leaves the ledger
+    /// (its id kept as `expired`); a spell of holding ends with its last event.
+    ///
+    /// # Errors
+    /// The ledger failed (the copy may be repeated: at worst a duplicate dead letter).
+    pub async fn dropped(&self, event_id: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "WITH d AS (DELETE FROM held WHERE event_id = $1 AND claimed_by IS NULL
+                        RETURNING user_id, template_id),
+             st AS (INSERT INTO settled (event_id, kind) SELECT $1, 'expired' FROM d
+                    ON CONFLICT DO NOTHING)
+             DELETE FROM spells s USING d
+             WHERE s.user_id = d.user_id AND s.template_id = d.template_id
+               AND NOT EXISTS (SELECT 1 FROM held h WHERE h.user_id = d.user_id
+                               AND h.template_id = d.template_id AND h.event_id <> $1)",
+        )
+        .bind(event_id)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Spells whose `notifier.notice_held` the broker has not confirmed yet.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn unconfirmed_spells(&self) -> Result<Vec<(String, String, String, u64, DateTime<Utc>)>> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT s.user_id, s.template_id, s.reason, count(h.event_id) AS held,
+                    coalesce(min(h.held_at), s.started_at) AS oldest
+             FROM spells s LEFT JOIN held h ON h.user_id = s.user_id AND h.template_id = s.template_id
+             WHERE NOT s.signal_confirmed
+             GROUP BY s.user_id, s.template_id, s.reason, s.started_at LIMIT 500",
+        )
+        .fetch_all(&self.pool)
+        .await;
+        self.timed(started);
+        rows?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("user_id")?,
+                    r.try_get("template_id")?,
+                    r.try_get("reason")?,
+                    r.try_get::<i64, _>("held")?.max(0) as u64,
+                    r.try_get("oldest")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The broker confirmed the spell's `notifier.notice_held`.
+    ///
+    /// # Errors
+    /// The ledger failed (the sweep publishes it again).
+    pub async fn signal_confirmed(&self, user_id: &str, template_id: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "UPDATE spells SET signal_confirmed = true WHERE user_id = $1 AND template_id = $2",
+        )
+        .bind(user_id)
+        .bind(template_id)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Privacy and growth: ids settled longer than `hold_for` ago, old sends,
+    /// and users idle that long with nothing held are deleted.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn forget_old(&self, hold_for: Duration) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "WITH a AS (DELETE FROM settled WHERE at < now() - make_interval(secs => $1)),
+             b AS (DELETE FROM sends WHERE at < now() - make_interval(secs => $1))
+             DELETE FROM users u WHERE u.seen_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM held h WHERE h.user_id = u.user_id)",
+        )
+        .bind(hold_for.as_secs_f64())
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// Gauges for `/metrics`: held events, users with held events, users
+    /// whose oldest held event is older than a day.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn totals(&self) -> Result<(u64, u64, u64)> {
+        let started = Instant::now();
+        let row = sqlx::query(
+            "SELECT count(*) AS events, count(DISTINCT user_id) AS users,
+                    (SELECT count(*) FROM (SELECT user_id FROM held WHERE reason <> 'window'
+                      GROUP BY user_id HAVING min(held_at) < now() - interval '1 day') x) AS old
+             FROM held WHERE reason <> 'window'",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        self.timed(started);
+        let row = row?;
+        let n = |c: &str| -> Result<u64> { Ok(row.try_get::<i64, _>(c)?.max(0) as u64) };
+        Ok((n("events")?, n("users")?, n("old")?))
+    }
+}
+
+/// The claim a notice made before its call.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub notice_id: String,
+    /// The held events it covers, oldest first.
+    pub rows: Vec<HeldRow>,
+    /// Rows claimed by earlier notices whose outcome is unknown, per notice id.
+    pub stale: Vec<(String, Vec<HeldRow>)>,
+}
+
+fn held_row(r: &sqlx::postgres::PgRow) -> Result<HeldRow> {
+    Ok(HeldRow {
+        event_id: r.try_get("event_id")?,
+        body: r.try_get("body")?,
+        reason: r.try_get("reason")?,
+        errcode: r.try_get("errcode")?,
+        held_at: r.try_get("held_at")?,
+        claimed_by: r.try_get("claimed_by")?,
+        traceparent: r.try_get("traceparent")?,
+        attempts: r.try_get("attempts")?,
+    })
+}
+
+async fn insert_held(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    user_id: &str,
+    template_id: &str,
+    events: &[ToHold],
+    reason: &str,
+    errcode: Option<i32>,
+    claimed_by: Option<&str>,
+) -> Result<()> {
+    let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+    let traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
+    let attempts: Vec<i32> = events.iter().map(|e| e.attempts).collect();
+    sqlx::query(
+        "INSERT INTO held (event_id, user_id, template_id, body, reason, errcode, claimed_by, traceparent, attempts)
+         SELECT e, $1, $2, b, $3, $4, $5, tp, a
+         FROM unnest($6::text[], $7::bytea[], $8::text[], $9::int4[]) AS x(e, b, tp, a)
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(template_id)
+    .bind(reason)
+    .bind(errcode)
+    .bind(claimed_by)
+    .bind(&ids)
+    .bind(&bodies)
+    .bind(&traces)
+    .bind(&attempts)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
