@@ -801,7 +801,10 @@ pub mod subscription_tmp {
                 .and_then(|t| timestamp(&t))
                 .ok_or_else(|| bad("occurred_at"))?,
             user_id,
-            openid: user.get("openid").and_then(Value::as_str).map(str::to_string),
+            openid: user
+                .get("openid")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             template_id: s("template_id").ok_or_else(|| bad("template_id is required"))?,
             status: match s("status").as_deref() {
                 Some("accept") => SubscriptionStatus::Accept,

@@ -292,7 +292,8 @@ impl Service {
         let mut active = false;
         // The ledger's sweep, at least once a minute while this session
         // consumes; its task ends with the session.
-        let mut sweep_tick = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
+        let every = sweep_every(s);
+        let mut sweep_tick = tokio::time::interval_at(Instant::now() + every, every);
         let mut sweeping: Option<AbortOnDrop> = None;
         let ledger_on = self.dispatcher.ledger().is_some();
         let end = 'session: loop {
@@ -471,8 +472,12 @@ impl Service {
                 // In its user's lane, after the user's earlier notices; an
                 // accept for our template takes the user's open window along.
                 let window = match &self.dispatcher.ledger() {
-                    Some(l) if sub.status == event::subscription_tmp::SubscriptionStatus::Accept
-                        && sub.template_id == l.template_id() => coalescer.take(&sub.user_id),
+                    Some(l)
+                        if sub.status == event::subscription_tmp::SubscriptionStatus::Accept
+                            && sub.template_id == l.template_id() =>
+                    {
+                        coalescer.take(&sub.user_id)
+                    }
                     _ => None,
                 };
                 let ticket = self.dispatcher.lane(&sub.user_id);
@@ -514,8 +519,12 @@ impl Service {
     }
 }
 
-/// How often the ledger's sweep runs (contract: at least once a minute).
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How often the ledger's sweep runs: at least once a minute, and often
+/// enough for a short `NOTIFIER_HOLD_FOR` (a quarter of it, at least 1 s).
+fn sweep_every(s: &Settings) -> Duration {
+    let hold_for = s.ledger.as_ref().map_or(Duration::MAX, |l| l.hold_for);
+    (hold_for / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
 
 /// Aborts its task when dropped (the sweep ends with its session).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -903,7 +903,10 @@ fn ledger_tmp(src: &Source) -> Result<Option<LedgerSettings>, SettingsError> {
     };
     Ok(Some(LedgerSettings {
         url: Secret::new(url),
-        schema: src.get("NOTIFIER_LEDGER_SCHEMA").unwrap_or("wechat_notifier").to_string(),
+        schema: src
+            .get("NOTIFIER_LEDGER_SCHEMA")
+            .unwrap_or("wechat_notifier")
+            .to_string(),
         pool: integer(src, "NOTIFIER_LEDGER_POOL", "4", 1u32, 64)?,
         hold_for: duration(src, "NOTIFIER_HOLD_FOR", "168h")?,
         hold_max_events: integer(src, "NOTIFIER_HOLD_MAX_EVENTS", "1000", 1u32, 1_000_000)?,

@@ -319,6 +319,19 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<
             FieldTable::default(),
         )
         .await?;
+    if settings.ledger.is_some() {
+        // Subscription events go through the one active replica too, each
+        // in its user's lane (contract section 8.1).
+        channel
+            .queue_bind(
+                settings.queue.as_str().into(),
+                settings.exchange.as_str().into(),
+                "subscription.changed".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     for delay in &settings.retry_delays {
         channel
             .queue_declare(

@@ -164,8 +164,6 @@ impl Dispatcher {
         if closed.deliveries.iter().any(|(_, p)| p.redelivered) {
             self.ack_known(ledger, &mut closed).await;
         }
-        self.openid_both_ways(ledger, user, &state.openid, &mut closed)
-            .await;
         let mut ctx = LedgerCtx {
             ledger: ledger.clone(),
             user: user.to_string(),
@@ -175,7 +173,8 @@ impl Dispatcher {
         };
         if state.held > 0 {
             let window = to_hold(&closed);
-            let window_ids: Vec<String> = closed.events.iter().map(|e| e.event_id.clone()).collect();
+            let window_ids: Vec<String> =
+                closed.events.iter().map(|e| e.event_id.clone()).collect();
             let claim = ledger
                 .store()
                 .claim(user, ledger.template_id(), &window, |free| {
@@ -217,6 +216,8 @@ impl Dispatcher {
         if closed.events.is_empty() {
             return Ended::Gone;
         }
+        self.openid_both_ways(ledger, user, &state.openid, &mut closed)
+            .await;
         let notice = closed.notice();
         if !ctx.down {
             let since = Ledger::since_probe(&state);
@@ -410,7 +411,10 @@ impl Dispatcher {
                 }
                 OnHold::Held
             }
-            Err(_) => self.park_for_ledger(closed, notice, errcode.map(i64::from)).await,
+            Err(_) => {
+                self.park_for_ledger(closed, notice, errcode.map(i64::from))
+                    .await
+            }
         }
     }
 
@@ -481,10 +485,18 @@ impl Dispatcher {
                     ledger.record(&r);
                     ledger.forget(&ctx.user);
                     if r.is_ok() {
-                        let held: Vec<&AssignmentEvent> = closed.events[..closed.held].iter().collect();
+                        let held: Vec<&AssignmentEvent> =
+                            closed.events[..closed.held].iter().collect();
                         for e in held {
-                            self.dead_letter_held(&ledger, &ctx.user, &e.event_id, *reason, result.errcode, &result.detail)
-                                .await;
+                            self.dead_letter_held(
+                                &ledger,
+                                &ctx.user,
+                                &e.event_id,
+                                *reason,
+                                result.errcode,
+                                &result.detail,
+                            )
+                            .await;
                         }
                     }
                 }
@@ -497,7 +509,9 @@ impl Dispatcher {
     /// id, its claimed events released), retrying until the ledger answers;
     /// then publishes `notifier.credits_low` when the count is low.
     async fn spent(self: Arc<Self>, user: String, template: String, notice_id: String) {
-        let Some(ledger) = self.ledger.clone() else { return };
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
         let mut wait = std::time::Duration::from_millis(500);
         loop {
             let r = ledger.store().accepted(&notice_id, &user, &template).await;
@@ -617,7 +631,14 @@ impl Dispatcher {
 
     /// Publishes `notifier.notice_held` for a new spell of holding, and
     /// records the broker's confirm (the sweep publishes it again until then).
-    fn signal_held(&self, ledger: &Arc<Ledger>, user: &str, reason: &str, held: u64, oldest: chrono::DateTime<chrono::Utc>) {
+    fn signal_held(
+        &self,
+        ledger: &Arc<Ledger>,
+        user: &str,
+        reason: &str,
+        held: u64,
+        oldest: chrono::DateTime<chrono::Utc>,
+    ) {
         let this = self.me();
         let ledger = ledger.clone();
         let (user, reason) = (user.to_string(), reason.to_string());
@@ -640,7 +661,10 @@ impl Dispatcher {
     /// Publishes one signal to the CRM (confirmed; never holds up a delivery).
     pub(crate) async fn signal(&self, name: &'static str, body: serde_json::Value) -> bool {
         let key = format!("notifier.{name}");
-        let confirmed = self.settle.publish_signal(&self.settings.exchange, &key, &body).await;
+        let confirmed = self
+            .settle
+            .publish_signal(&self.settings.exchange, &key, &body)
+            .await;
         self.metrics().signal(name, confirmed);
         confirmed
     }
@@ -662,7 +686,8 @@ impl Dispatcher {
         let Some((_, row)) = rows.into_iter().find(|(_, r)| r.event_id == event_id) else {
             return true;
         };
-        self.dead_letter_row(ledger, &row, reason, errcode, detail).await
+        self.dead_letter_row(ledger, &row, reason, errcode, detail)
+            .await
     }
 
     async fn dead_letter_row(
@@ -673,7 +698,11 @@ impl Dispatcher {
         errcode: Option<i64>,
         detail: &str,
     ) -> bool {
-        if !self.settle.dead_letter_body(row, reason, errcode, detail).await {
+        if !self
+            .settle
+            .dead_letter_body(row, reason, errcode, detail)
+            .await
+        {
             return false;
         }
         let r = ledger.store().dropped(&row.event_id).await;
@@ -685,9 +714,14 @@ impl Dispatcher {
     /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`).
     /// Nothing expires while a configuration fault is held.
     pub(crate) async fn drop_from_ledger(self: Arc<Self>, expire: bool) {
-        let Some(ledger) = self.ledger.clone() else { return };
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
         let s = ledger.settings().clone();
-        let found = ledger.store().to_drop(s.hold_for, s.hold_max_events, 500).await;
+        let found = ledger
+            .store()
+            .to_drop(s.hold_for, s.hold_max_events, 500)
+            .await;
         ledger.record(&found);
         let Ok((expired, over)) = found else { return };
         let mut users = Vec::new();
@@ -697,9 +731,16 @@ impl Dispatcher {
                 let detail = format!(
                     "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
                     crate::settings::format_duration(s.hold_for),
-                    if row.reason == "no_openid" { "an openid" } else { "a subscription credit" }
+                    if row.reason == "no_openid" {
+                        "an openid"
+                    } else {
+                        "a subscription credit"
+                    }
                 );
-                if self.dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail).await {
+                if self
+                    .dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail)
+                    .await
+                {
                     self.metrics().ledger_expiry(Reason::NoSubscription, 1);
                     users.push(user.clone());
                 }
@@ -711,7 +752,10 @@ impl Dispatcher {
                 s.hold_max_events
             );
             let errcode = row.errcode.map(i64::from);
-            if self.dead_letter_row(&ledger, row, Reason::HoldFull, errcode, &detail).await {
+            if self
+                .dead_letter_row(&ledger, row, Reason::HoldFull, errcode, &detail)
+                .await
+            {
                 self.metrics().ledger_expiry(Reason::HoldFull, 1);
                 users.push(user.clone());
             }
@@ -727,7 +771,9 @@ impl Dispatcher {
     /// idle users forgotten, the gauges refreshed. `active`: this replica
     /// consumes the queue (only the active replica calls WeChat).
     pub async fn sweep(self: Arc<Self>, active: bool) {
-        let Some(ledger) = self.ledger.clone() else { return };
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
         let this = self.clone();
         let l = ledger.clone();
         let pass = ledger
@@ -761,7 +807,9 @@ impl Dispatcher {
                 if !active {
                     return;
                 }
-                let Ok(users) = l.store().held_users(1000).await else { return };
+                let Ok(users) = l.store().held_users(1000).await else {
+                    return;
+                };
                 for u in users {
                     if u.template_id != l.template_id() {
                         continue;
@@ -795,4 +843,3 @@ impl LedgerCtx {
         }
     }
 }
-

@@ -33,9 +33,9 @@ use crate::settings::{Secret, Settings};
 use crate::wechat::{CallResult, Outcome, WeChat};
 pub use budget::quota;
 use budget::{Budget, ProbeTurn, QuotaKind, Turn};
+use held::{LedgerCtx, OnHold};
 use lanes::{Lanes, Ticket};
 use policy::{Step, Tries};
-use held::{LedgerCtx, OnHold};
 use settle::{Expiry, Settler};
 
 /// Shared by every window this replica sends; outlives broker sessions so the

@@ -436,7 +436,10 @@ impl Settler {
             .with_delivery_mode(2);
         if let Some(tp) = &row.traceparent {
             let mut t = lapin::types::FieldTable::default();
-            t.insert("traceparent".into(), lapin::types::AMQPValue::LongString(tp.as_str().into()));
+            t.insert(
+                "traceparent".into(),
+                lapin::types::AMQPValue::LongString(tp.as_str().into()),
+            );
             props = props.with_headers(t);
         }
         let props = with_park_headers(&props, &h);
@@ -459,7 +462,12 @@ impl Settler {
 
     /// Publishes a signal to the CRM (persistent JSON, confirmed): `true`
     /// once the broker confirmed it.
-    pub async fn publish_signal(&self, exchange: &str, key: &str, body: &serde_json::Value) -> bool {
+    pub async fn publish_signal(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &serde_json::Value,
+    ) -> bool {
         let props = lapin::BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
@@ -469,7 +477,10 @@ impl Settler {
             // The broker took it, but no queue of the CRM is bound to the
             // key: publishing it again would not change that.
             Err(BrokerError::Unroutable(_)) => {
-                info!(signal = key, "signal published, but no queue is bound to it (the CRM does not listen)");
+                info!(
+                    signal = key,
+                    "signal published, but no queue is bound to it (the CRM does not listen)"
+                );
                 true
             }
             Err(e) => {

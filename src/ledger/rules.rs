@@ -181,10 +181,7 @@ mod tests {
         assert_eq!(plan(EXACT0, minute, hour), Plan::HoldWithoutCall);
         assert_eq!(plan(EXACT0, hour, hour), Plan::Call);
         assert_eq!(plan(LOWER0, minute, hour), Plan::Call);
-        let one = Credit {
-            count: 1,
-            ..EXACT0
-        };
+        let one = Credit { count: 1, ..EXACT0 };
         assert_eq!(plan(one, minute, hour), Plan::Call);
     }
 
@@ -196,10 +193,7 @@ mod tests {
 
     #[test]
     fn release_needs_held_events_and_a_possible_credit() {
-        let one = Credit {
-            count: 1,
-            ..EXACT0
-        };
+        let one = Credit { count: 1, ..EXACT0 };
         assert!(should_release(one, 3, false));
         assert!(should_release(LOWER0, 3, false));
         assert!(!should_release(EXACT0, 3, false));
@@ -209,10 +203,7 @@ mod tests {
 
     #[test]
     fn credits_low_is_for_exact_counts_at_or_under_the_threshold() {
-        let one = Credit {
-            count: 1,
-            ..EXACT0
-        };
+        let one = Credit { count: 1, ..EXACT0 };
         assert!(credits_low(one, 1));
         assert!(credits_low(EXACT0, 1));
         assert!(!credits_low(Credit { count: 2, ..one }, 1));

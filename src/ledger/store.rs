@@ -25,11 +25,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The migrations, embedded in the binary. Each only adds (tables, columns
 /// with defaults, indexes), so the previous release keeps working on a schema
 /// a newer replica migrated.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("migrations/0001_ledger.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "ledger", include_str!("migrations/0001_ledger.sql"))];
 
 /// Why a ledger statement failed, without the URL or the password (sqlx's
 /// errors never carry the connection string; the text is kept short).
@@ -42,7 +39,9 @@ impl From<sqlx::Error> for LedgerError {
         let text = match &e {
             sqlx::Error::PoolTimedOut => "no connection within 3 s (is PostgreSQL up?)".to_string(),
             sqlx::Error::Io(io) => format!("connection: {io}"),
-            sqlx::Error::Database(db) => format!("{} ({})", db.message(), db.code().unwrap_or_default()),
+            sqlx::Error::Database(db) => {
+                format!("{} ({})", db.message(), db.code().unwrap_or_default())
+            }
             other => other.to_string(),
         };
         LedgerError(text)
@@ -176,8 +175,7 @@ impl Store {
     /// Times one statement (the ledger's statement-duration histogram).
     fn timed(&self, started: Instant) {
         if let Some(m) = &self.metrics {
-            m.ledger_statement
-                .observe(started.elapsed().as_secs_f64());
+            m.ledger_statement.observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -187,10 +185,18 @@ impl Store {
     /// # Errors
     /// The ledger is unreachable or a migration fails.
     pub async fn migrate(&self) -> Result<()> {
-        // The schema name was checked at start to be a plain identifier.
-        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
-            .execute(&self.pool)
+        // Replicas starting together: `CREATE SCHEMA IF NOT EXISTS` is not
+        // safe against itself, so it runs under an advisory lock. The schema
+        // name was checked at start to be a plain identifier.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("wechat-notifier schema {}", self.schema))
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         let migrations: Vec<Migration> = MIGRATIONS
             .iter()
             .map(|(version, description, sql)| {
@@ -363,8 +369,16 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if !window.is_empty() {
-            insert_held(&mut tx, user_id, template_id, window, "window", None, Some(&notice_id))
-                .await?;
+            insert_held(
+                &mut tx,
+                user_id,
+                template_id,
+                window,
+                "window",
+                None,
+                Some(&notice_id),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(Claim {
@@ -380,7 +394,12 @@ impl Store {
     ///
     /// # Errors
     /// The ledger failed (the caller retries: the statement is idempotent).
-    pub async fn accepted(&self, notice_id: &str, user_id: &str, template_id: &str) -> Result<Spent> {
+    pub async fn accepted(
+        &self,
+        notice_id: &str,
+        user_id: &str,
+        template_id: &str,
+    ) -> Result<Spent> {
         let started = Instant::now();
         let row = sqlx::query(
             "WITH s AS (
@@ -669,7 +688,10 @@ impl Store {
     ///
     /// # Errors
     /// The ledger failed.
-    pub async fn credits_of(&self, user_id: &str) -> Result<(Vec<(String, Credit)>, Option<String>)> {
+    pub async fn credits_of(
+        &self,
+        user_id: &str,
+    ) -> Result<(Vec<(String, Credit)>, Option<String>)> {
         let started = Instant::now();
         let rows = sqlx::query(
             "SELECT template_id, count, exact, version FROM credits WHERE user_id = $1 ORDER BY template_id",
@@ -801,7 +823,9 @@ impl Store {
     ///
     /// # Errors
     /// The ledger failed.
-    pub async fn unconfirmed_spells(&self) -> Result<Vec<(String, String, String, u64, DateTime<Utc>)>> {
+    pub async fn unconfirmed_spells(
+        &self,
+    ) -> Result<Vec<(String, String, String, u64, DateTime<Utc>)>> {
         let started = Instant::now();
         let rows = sqlx::query(
             "SELECT s.user_id, s.template_id, s.reason, count(h.event_id) AS held,
