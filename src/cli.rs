@@ -142,6 +142,11 @@ pub struct SimArgs {
         default_value = "quickstartFunctions"
     )]
     pub function: String,
+    /// Model subscription credits: a count per (openid, template), granted with
+    /// `POST /sim/credits` {"openid", "template_id", "count"}, taken by each
+    /// accepted notice; a notice with none left is answered 43101.
+    #[arg(long)]
+    pub credits: bool,
 }
 
 #[derive(Debug, clap::Args)]
