@@ -104,7 +104,8 @@ pub enum DlqCommand {
 #[derive(Debug, clap::Args)]
 pub struct DlqFilter {
     /// Only this reason: invalid_event, wechat_rejected, function_failed, no_openid,
-    /// retries_exhausted, expired, delivery_limit.
+    /// retries_exhausted, expired, delivery_limit, and with the grant ledger
+    /// no_subscription, hold_full, no_ledger.
     #[arg(long)]
     pub reason: Option<String>,
     /// Only this event id.
@@ -141,6 +142,11 @@ pub struct SimArgs {
         default_value = "quickstartFunctions"
     )]
     pub function: String,
+    /// Model subscription credits: a count per (openid, template), granted with
+    /// `POST /sim/credits` {"openid", "template_id", "count"}, taken by each
+    /// accepted notice; a notice with none left is answered 43101.
+    #[arg(long)]
+    pub credits: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,4 +1,5 @@
-//! Raw message bytes -> a validated `AssignmentEvent` (contract section 1).
+//! Raw message bytes -> a validated `AssignmentEvent` (contract section 1), or
+//! with `parse_any` also a `SubscriptionEvent` (section 8.1, in `subscription`).
 //! Pure, no I/O: raw JSON stops here, and everything further in takes the
 //! validated type. An `InvalidEvent` carries the one sentence that goes into the
 //! dead letter's `x-notifier-detail` header, naming the field at fault.
@@ -8,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 mod borrowed;
+pub mod subscription;
+
+pub use subscription::{SubscriptionEvent, SubscriptionStatus};
 
 /// Bodies above this many bytes are invalid (64 KiB).
 pub const MAX_BODY_BYTES: usize = 65_536;
@@ -74,6 +78,14 @@ pub struct AssignmentEvent {
     pub customer: Customer,
     pub assigned_by: Option<Person>,
     pub batch: Option<Batch>,
+}
+
+/// Any event the work queue carries: an assignment, or with the grant ledger
+/// a user's answer to the subscription dialog.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Assigned(AssignmentEvent),
+    Subscription(SubscriptionEvent),
 }
 
 /// Why a message is not a valid event: kind for the metric label, detail for people.
@@ -160,6 +172,45 @@ pub fn parse(body: &[u8]) -> Result<AssignmentEvent, InvalidEvent> {
         Some(event) => Ok(event),
         None => parse_value(text),
     }
+}
+
+/// Validates one message body as either event the work queue carries
+/// (`customer.assigned`, or `subscription.changed` of contract section 8.1).
+///
+/// An assignment costs what it costs in `parse`: the fast path is tried
+/// first, and a body it declines is read once into a `Value`, where
+/// `event_type` chooses the rules. A body that is neither gets the assignment
+/// rules' first broken one; when that is `event_type`, the sentence names both
+/// accepted types.
+///
+/// # Errors
+/// An `InvalidEvent` naming the first rule broken; such a message is never retried.
+pub fn parse_any(body: &[u8]) -> Result<Event, InvalidEvent> {
+    let text = body_text(body)?;
+    if let Some(event) = borrowed::parse(text) {
+        return Ok(Event::Assigned(event));
+    }
+    let obj = json_object(text)?;
+    if let Some(Value::String(t)) = get(&obj, "event_type") {
+        if t == subscription::EVENT_TYPE {
+            return subscription::from_object(&obj).map(Event::Subscription);
+        }
+    }
+    assignment_from(&obj).map(Event::Assigned).map_err(|e| {
+        if e == event_type_error() {
+            field_error(
+                "event_type",
+                "exactly \"customer.assigned\" or \"subscription.changed\"",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// The rejection of an assignment's `event_type`.
+fn event_type_error() -> InvalidEvent {
+    field_error("event_type", "exactly \"customer.assigned\"")
 }
 
 /// The body's size and encoding, checked before any JSON is read.
@@ -269,6 +320,11 @@ fn person(
 /// `parse` accepts and the exact sentence of every rejection; `parse` runs it
 /// only for bodies the fast path declined.
 fn parse_value(text: &str) -> Result<AssignmentEvent, InvalidEvent> {
+    assignment_from(&json_object(text)?)
+}
+
+/// The body as a JSON object, or why it is not one.
+fn json_object(text: &str) -> Result<Map<String, Value>, InvalidEvent> {
     let value: Value = serde_json::from_str(text).map_err(|e| InvalidEvent {
         kind: InvalidKind::NotJson,
         detail: format!("body is not valid JSON: {e}"),
@@ -279,24 +335,28 @@ fn parse_value(text: &str) -> Result<AssignmentEvent, InvalidEvent> {
             detail: "body is JSON but not an object".into(),
         });
     };
+    Ok(obj)
+}
 
-    let event_id = string_field(&obj, "event_id", "event_id", EVENT_ID_MAX_CHARS)?;
-    match get(&obj, "event_type") {
+/// Every rule of contract section 1 over the body's top-level object.
+fn assignment_from(obj: &Map<String, Value>) -> Result<AssignmentEvent, InvalidEvent> {
+    let event_id = string_field(obj, "event_id", "event_id", EVENT_ID_MAX_CHARS)?;
+    match get(obj, "event_type") {
         Some(Value::String(t)) if t == EVENT_TYPE => {}
-        _ => return Err(field_error("event_type", "exactly \"customer.assigned\"")),
+        _ => return Err(event_type_error()),
     }
-    let occurred_at = match get(&obj, "occurred_at") {
+    let occurred_at = match get(obj, "occurred_at") {
         Some(Value::String(s)) => timestamp(s),
         _ => None,
     }
     .ok_or_else(|| field_error("occurred_at", "an RFC 3339 timestamp with offset"))?;
-    let source = get(&obj, "source")
+    let source = get(obj, "source")
         .and_then(Value::as_str)
         .and_then(source_named)
         .ok_or_else(|| field_error("source", "one of miniprogram, web, batch, public_pool"))?;
-    let assignee_obj = object(&obj, "assignee", true)?.expect("required");
+    let assignee_obj = object(obj, "assignee", true)?.expect("required");
     let assignee = person(assignee_obj, "assignee", true)?;
-    let customer_obj = object(&obj, "customer", true)?.expect("required");
+    let customer_obj = object(obj, "customer", true)?.expect("required");
     let customer = Customer {
         id: id_field(customer_obj, "id", "customer.id")?,
         name: string_field(
@@ -306,11 +366,11 @@ fn parse_value(text: &str) -> Result<AssignmentEvent, InvalidEvent> {
             CUSTOMER_NAME_MAX_CHARS,
         )?,
     };
-    let assigned_by = match object(&obj, "assigned_by", false)? {
+    let assigned_by = match object(obj, "assigned_by", false)? {
         Some(o) => Some(person(o, "assigned_by", false)?),
         None => None,
     };
-    let batch = match object(&obj, "batch", false)? {
+    let batch = match object(obj, "batch", false)? {
         Some(o) => {
             let id = string_field(o, "id", "batch.id", BATCH_ID_MAX_CHARS)?;
             let size = match get(o, "size") {
@@ -742,76 +802,5 @@ mod tests {
             None,
             "assigned_by has no openid"
         );
-    }
-}
-
-// TEMPORARY (replaced by the subscription event's own module when merged).
-pub mod subscription_tmp {
-    use super::*;
-
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum SubscriptionStatus {
-        Accept,
-        Reject,
-        Off,
-    }
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct SubscriptionEvent {
-        pub event_id: String,
-        pub occurred_at: DateTime<FixedOffset>,
-        pub user_id: String,
-        pub openid: Option<String>,
-        pub template_id: String,
-        pub status: SubscriptionStatus,
-    }
-
-    pub enum Event {
-        Assigned(AssignmentEvent),
-        Subscription(SubscriptionEvent),
-    }
-
-    fn bad(detail: &str) -> InvalidEvent {
-        InvalidEvent {
-            kind: InvalidKind::Field,
-            detail: detail.into(),
-        }
-    }
-
-    pub fn parse_any(body: &[u8]) -> Result<Event, InvalidEvent> {
-        match parse(body) {
-            Ok(e) => return Ok(Event::Assigned(e)),
-            Err(e) if !e.detail.contains("event_type") => return Err(e),
-            Err(_) => {}
-        }
-        let v: Value = serde_json::from_slice(body).map_err(|_| bad("not JSON"))?;
-        if v.get("event_type").and_then(Value::as_str) != Some("subscription.changed") {
-            return parse(body).map(Event::Assigned);
-        }
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let user = v.get("user").ok_or_else(|| bad("user is required"))?;
-        let user_id = match user.get("user_id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(bad("user.user_id is required")),
-        };
-        Ok(Event::Subscription(SubscriptionEvent {
-            event_id: s("event_id").ok_or_else(|| bad("event_id is required"))?,
-            occurred_at: s("occurred_at")
-                .and_then(|t| timestamp(&t))
-                .ok_or_else(|| bad("occurred_at"))?,
-            user_id,
-            openid: user
-                .get("openid")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            template_id: s("template_id").ok_or_else(|| bad("template_id is required"))?,
-            status: match s("status").as_deref() {
-                Some("accept") => SubscriptionStatus::Accept,
-                Some("reject") => SubscriptionStatus::Reject,
-                Some("off") => SubscriptionStatus::Off,
-                _ => return Err(bad("status")),
-            },
-        }))
     }
 }

@@ -20,15 +20,18 @@ pub enum Reason {
     RetriesExhausted,
     /// The event was older than `NOTIFIER_MAX_AGE` when it would be sent.
     Expired,
-    /// Held by the grant ledger longer than `NOTIFIER_HOLD_FOR` with no accept.
-    NoSubscription,
-    /// The user's held events passed `NOTIFIER_HOLD_MAX_EVENTS`: the oldest go.
-    HoldFull,
-    /// A subscription event reached a replica with the ledger off.
-    NoLedger,
     /// The broker dead-lettered it itself (the work queue's delivery limit);
     /// such a message carries no `x-notifier-*` header.
     DeliveryLimit,
+    /// Grant ledger: the event was held longer than `NOTIFIER_HOLD_FOR` waiting
+    /// for an accept (a credit, or for the direct mode an openid).
+    NoSubscription,
+    /// Grant ledger: the user already held `NOTIFIER_HOLD_MAX_EVENTS` events;
+    /// the oldest leave this way.
+    HoldFull,
+    /// A `subscription.changed` event reached a replica with the ledger off
+    /// (a binding left by an earlier run); replay it once the ledger is on.
+    NoLedger,
 }
 
 impl Reason {
@@ -40,10 +43,10 @@ impl Reason {
         Reason::NoOpenid,
         Reason::RetriesExhausted,
         Reason::Expired,
+        Reason::DeliveryLimit,
         Reason::NoSubscription,
         Reason::HoldFull,
         Reason::NoLedger,
-        Reason::DeliveryLimit,
     ];
 
     /// The machine word (header value, filter value, metric label).
@@ -55,10 +58,10 @@ impl Reason {
             Reason::NoOpenid => "no_openid",
             Reason::RetriesExhausted => "retries_exhausted",
             Reason::Expired => "expired",
+            Reason::DeliveryLimit => "delivery_limit",
             Reason::NoSubscription => "no_subscription",
             Reason::HoldFull => "hold_full",
             Reason::NoLedger => "no_ledger",
-            Reason::DeliveryLimit => "delivery_limit",
         }
     }
 
@@ -132,5 +135,19 @@ mod tests {
         assert_eq!(Reason::of_header(None), Some(Reason::DeliveryLimit));
         assert_eq!(Reason::of_header(Some("expired")), Some(Reason::Expired));
         assert_eq!(Reason::of_header(Some("something_new")), None);
+    }
+
+    #[test]
+    fn the_ledger_s_reasons_are_words_of_the_vocabulary() {
+        // Contract section 2: the header words the grant ledger adds.
+        for (word, reason) in [
+            ("no_subscription", Reason::NoSubscription),
+            ("hold_full", Reason::HoldFull),
+            ("no_ledger", Reason::NoLedger),
+        ] {
+            assert_eq!(Reason::of_header(Some(word)), Some(reason));
+            assert!(Reason::ALL.contains(&reason));
+            assert!(Reason::list().contains(word));
+        }
     }
 }

@@ -466,14 +466,14 @@ impl Service {
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
         let pending = Pending::new(delivery, acks);
-        let parsed = match event::subscription_tmp::parse_any(&pending.body) {
-            Ok(event::subscription_tmp::Event::Assigned(e)) => Ok(e),
-            Ok(event::subscription_tmp::Event::Subscription(sub)) => {
+        let parsed = match event::parse_any(&pending.body) {
+            Ok(event::Event::Assigned(e)) => Ok(e),
+            Ok(event::Event::Subscription(sub)) => {
                 // In its user's lane, after the user's earlier notices; an
                 // accept for our template takes the user's open window along.
                 let window = match &self.dispatcher.ledger() {
                     Some(l)
-                        if sub.status == event::subscription_tmp::SubscriptionStatus::Accept
+                        if sub.status == event::SubscriptionStatus::Accept
                             && sub.template_id == l.template_id() =>
                     {
                         coalescer.take(&sub.user_id)

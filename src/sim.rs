@@ -4,6 +4,11 @@
 //! call with its time, and answering with scripted faults (errcodes, HTTP
 //! status, delays, token expiry). Tests drive it in-process; the `sim`
 //! subcommand and docker-compose drive it over `/sim/*`.
+//!
+//! With `credits` on it also models one-time subscriptions (contract section
+//! 8): a count per (openid, template), granted through `/sim/credits` or
+//! `Sim::grant` as a user's "allow" would, taken by each accepted notice, and
+//! `43101` once it is 0, as WeChat answers when no credit is left.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +36,9 @@ pub struct SimConfig {
     pub cloud_function: String,
     /// Seconds a token lives.
     pub token_ttl: u64,
+    /// Model subscription credits: a notice for a recipient and template with
+    /// none left is answered 43101 (the `sim --credits` flag).
+    pub credits: bool,
 }
 
 impl Default for SimConfig {
@@ -41,6 +49,7 @@ impl Default for SimConfig {
             cloud_env: "sim-env".into(),
             cloud_function: "quickstartFunctions".into(),
             token_ttl: 7200,
+            credits: false,
         }
     }
 }
@@ -116,6 +125,9 @@ struct Inner {
     overlaps: usize,
     /// Events covered by accepted cloud-function notices (cheap to poll).
     delivered_events: usize,
+    /// Subscription credits left per (recipient, template id), with `credits`
+    /// on; a key never granted holds 0.
+    credits: HashMap<(String, String), i64>,
 }
 
 /// The simulator's shared state.
@@ -236,6 +248,19 @@ impl Sim {
             .collect()
     }
 
+    /// Adds `n` credits (a negative `n` takes some away, never below 0) for
+    /// the recipient (an openid, or the user id of a notice without one) and
+    /// the template, as `n` taps of "allow" would.
+    pub fn grant(&self, openid_or_user: &str, template_id: &str, n: i64) {
+        self.state.grant(openid_or_user, template_id, n);
+    }
+
+    /// The credits left for the recipient and template (0 if never granted).
+    pub fn credits(&self, openid_or_user: &str, template_id: &str) -> i64 {
+        let key = (openid_or_user.to_string(), template_id.to_string());
+        self.state.lock().credits.get(&key).copied().unwrap_or(0)
+    }
+
     /// Notice calls (accepted or not), excluding probes.
     pub fn notice_calls(&self) -> Vec<Call> {
         self.calls()
@@ -290,6 +315,32 @@ impl SimState {
             http_status,
             errcode,
         });
+    }
+
+    fn grant(&self, recipient: &str, template_id: &str, n: i64) {
+        let mut inner = self.lock();
+        let count = inner
+            .credits
+            .entry((recipient.to_string(), template_id.to_string()))
+            .or_insert(0);
+        *count = count.saturating_add(n).max(0);
+    }
+
+    /// With credits on, takes one credit for `key`: 0 when it had one, else
+    /// 43101. Checked and taken under one lock, so two calls racing for the
+    /// last credit cannot both have it.
+    fn take_credit(&self, key: (String, String)) -> i64 {
+        if !self.config.credits {
+            return 0;
+        }
+        let mut inner = self.lock();
+        match inner.credits.get_mut(&key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                0
+            }
+            _ => 43101,
+        }
     }
 
     fn new_token(&self, inner: &mut Inner) -> String {
@@ -556,10 +607,36 @@ async fn invoke(
         (false, None) if body.get("type").and_then(Value::as_str) != Some(NOTICE_TYPE) => -1,
         (false, None) => 0,
     };
+    let function_code = match (probe, function_code) {
+        (false, 0) => s.take_credit(credit_key(Api::InvokeCloudFunction, &body)),
+        _ => function_code,
+    };
     s.record(at, Api::InvokeCloudFunction, body, 200, function_code);
     let resp_data = json!({ "errcode": function_code, "errmsg": if function_code == 0 { "ok" } else { "simulated" } });
     Json(json!({ "errcode": 0, "errmsg": "ok", "resp_data": resp_data.to_string() }))
         .into_response()
+}
+
+/// Whose credit a notice call spends: (recipient, template id). The recipient
+/// is the openid (the cloud-function notice's `assignee.openid`, the direct
+/// mode's `touser`), else the notice's `assignee.user_id`; the template is the
+/// direct mode's `template_id`, or the cloud-function notice's (`""` without).
+fn credit_key(api: Api, body: &Value) -> (String, String) {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+    match api {
+        Api::SubscribeSend => (text(body.get("touser")), text(body.get("template_id"))),
+        _ => {
+            let notice = body.get("notice").unwrap_or(&Value::Null);
+            let recipient = notice
+                .pointer("/assignee/openid")
+                .and_then(Value::as_str)
+                .or_else(|| notice.pointer("/assignee/user_id").and_then(Value::as_str));
+            (
+                recipient.unwrap_or("").to_string(),
+                text(notice.get("template_id")),
+            )
+        }
+    }
 }
 
 /// WeChat's body rules for subscribe/send: 47003 for a bad value, 40003 for a bad openid.
@@ -628,7 +705,10 @@ async fn subscribe_send(
         s.record(at, Api::SubscribeSend, body, status, code);
         return resp;
     }
-    let code = check_subscribe_body(&body);
+    let code = match check_subscribe_body(&body) {
+        0 => s.take_credit(credit_key(Api::SubscribeSend, &body)),
+        refused => refused,
+    };
     s.record(at, Api::SubscribeSend, body, 200, code);
     wechat_error(code, if code == 0 { "ok" } else { "argument invalid" })
 }
@@ -655,6 +735,52 @@ async fn control_expire(State(s): State<Arc<SimState>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// `POST /sim/credits`: `{"openid": "o…", "template_id": "…", "count": N}`
+/// (or `user_id` instead of `openid`, for a notice without one).
+#[derive(Deserialize)]
+struct Grant {
+    openid: Option<String>,
+    user_id: Option<String>,
+    #[serde(default)]
+    template_id: String,
+    count: i64,
+}
+
+/// One line of `GET /sim/credits`.
+#[derive(Serialize)]
+struct CreditLine {
+    /// The openid, or the user id of notices that carry none.
+    recipient: String,
+    template_id: String,
+    count: i64,
+}
+
+async fn control_grant(
+    State(s): State<Arc<SimState>>,
+    Json(g): Json<Grant>,
+) -> Result<StatusCode, (StatusCode, &'static str)> {
+    let Some(recipient) = g.openid.or(g.user_id).filter(|r| !r.is_empty()) else {
+        return Err((StatusCode::BAD_REQUEST, "openid or user_id is required\n"));
+    };
+    s.grant(&recipient, &g.template_id, g.count);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn control_credits(State(s): State<Arc<SimState>>) -> Json<Vec<CreditLine>> {
+    let mut lines: Vec<CreditLine> = s
+        .lock()
+        .credits
+        .iter()
+        .map(|((recipient, template_id), count)| CreditLine {
+            recipient: recipient.clone(),
+            template_id: template_id.clone(),
+            count: *count,
+        })
+        .collect();
+    lines.sort_by(|a, b| (&a.recipient, &a.template_id).cmp(&(&b.recipient, &b.template_id)));
+    Json(lines)
+}
+
 fn router(state: Arc<SimState>) -> Router {
     Router::new()
         .route("/cgi-bin/stable_token", post(stable_token))
@@ -664,6 +790,7 @@ fn router(state: Arc<SimState>) -> Router {
         .route("/sim/faults", post(control_faults).delete(control_clear))
         .route("/sim/calls", get(control_calls))
         .route("/sim/expire-tokens", post(control_expire))
+        .route("/sim/credits", post(control_grant).get(control_credits))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
 }

@@ -59,11 +59,23 @@ pub fn effective(s: &Settings) -> String {
     };
     let ladder: Vec<String> = s.retry_delays.iter().map(|d| format_duration(*d)).collect();
     let brokers: Vec<String> = s.amqp_urls.iter().map(|u| redact_url(u)).collect();
+    let ledger = match &s.ledger {
+        None => "ledger off".to_string(),
+        Some(l) => format!(
+            "ledger {} schema {} (pool {}, template {}, hold for {} up to {} events)",
+            l.redacted_url(),
+            l.schema,
+            l.pool,
+            l.template_id,
+            format_duration(l.hold_for),
+            l.hold_max_events
+        ),
+    };
     format!(
         "broker {}, appid {}, delivery {mode}, token {token}, \
          exchange {}, queue {}, dead-letter queue {}, retry queues {}.<{}>, \
          rate {}/s burst {}, window {} (max wait {}, max {} events), prefetch {}, \
-         max attempts {}, max age {}, call timeout {}",
+         max attempts {}, max age {}, call timeout {}, {ledger}",
         brokers.join(","),
         s.appid,
         s.exchange,
@@ -114,5 +126,27 @@ mod tests {
         }
         assert!(!line.contains("amqp-pass-123") && !line.contains("appsecret-xyz"));
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn the_startup_line_names_the_ledger_without_its_password() {
+        let s = Settings::from_pairs([
+            ("WECHAT_APPID", "wx123"),
+            ("WECHAT_APPSECRET", "appsecret-xyz"),
+            ("WECHAT_CLOUD_ENV", "env-1"),
+            ("WECHAT_TEMPLATE_ID", "tpl-9"),
+            (
+                "NOTIFIER_LEDGER_URL",
+                "postgres://notifier:pg-pass-123@db.example:5432/crm",
+            ),
+        ])
+        .unwrap();
+        let line = startup_line(&s);
+        assert!(line.contains("ledger postgres://db.example:5432/crm schema wechat_notifier"));
+        assert!(line.contains("template tpl-9"), "{line}");
+        assert!(
+            !line.contains("pg-pass-123") && !line.contains("notifier:"),
+            "{line}"
+        );
     }
 }

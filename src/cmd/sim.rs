@@ -14,6 +14,7 @@ pub async fn main(args: SimArgs) -> ExitCode {
         secret: args.secret,
         cloud_env: args.cloud_env,
         cloud_function: args.function,
+        credits: args.credits,
         ..SimConfig::default()
     };
     match Sim::start(config, args.listen).await {
