@@ -2,7 +2,8 @@
 //! settings name, and WeChat answers the same probe the service makes before
 //! consuming. Read-only: passive declares only, so a mistyped queue name is
 //! reported missing, never created. Exit 0, or 1 with one line naming every
-//! problem (the report on stdout has the details).
+//! problem (the report on stdout has the details). With the grant ledger on,
+//! it also reaches PostgreSQL and finds the ledger's tables (it never migrates).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -88,6 +89,23 @@ pub async fn run(settings: &Settings) -> (String, Vec<String>) {
                 },
             }
             let _ = conn.close(200, "check done".into()).await;
+        }
+    }
+    // The ledger: reached, and migrated (never migrated here: `check`
+    // changes nothing).
+    if let Some(l) = &settings.ledger {
+        let reached = match crate::ledger::Store::connect(l, None) {
+            Ok(store) => store.ping().await,
+            Err(e) => Err(e),
+        };
+        match reached {
+            Ok(()) => report.push_str(&format!("ledger              ok (schema {})\n", l.schema)),
+            Err(e) => {
+                report.push_str(&format!("ledger              {e}\n"));
+                problems.push(format!(
+                    "ledger: {e} (a replica migrates the schema at start; `check` never does)"
+                ));
+            }
         }
     }
     // The very probe a replica makes before consuming: a token, and in
