@@ -47,7 +47,8 @@ pub enum Command {
     Run,
     /// Run a WeChat API simulator with fault injection (tests, demos, docker-compose).
     Sim(SimArgs),
-    /// Publish sample customer.assigned events as the CRM would.
+    /// Publish sample customer.assigned events as the CRM would (or, with --accept, a
+    /// subscription.changed answer).
     Publish(PublishArgs),
     /// Run the simulator, the service and a bulk assignment in one process; print what WeChat received.
     Demo(DemoArgs),
@@ -163,6 +164,25 @@ pub struct PublishArgs {
     /// Publish independent assignments instead of one CRM batch.
     #[arg(long)]
     pub no_batch: bool,
+    /// Instead of assignments, publish one subscription.changed event for this user, as
+    /// the CRM does when the user taps "allow" in the mini program's subscribe dialog
+    /// (routing key subscription.changed; a service with the grant ledger counts it).
+    #[arg(
+        long,
+        value_name = "USER_ID",
+        conflicts_with_all = ["customers", "assignees", "rate", "no_batch"]
+    )]
+    pub accept: Option<String>,
+    /// With --accept: the user's openid (the ledger remembers it for the user).
+    #[arg(long, requires = "accept")]
+    pub openid: Option<String>,
+    /// With --accept: the template answered for [default: WECHAT_TEMPLATE_ID].
+    #[arg(long, requires = "accept")]
+    pub template_id: Option<String>,
+    /// With --accept: the answer, accept (one more credit), reject (no change) or off
+    /// (switched off in the settings: no credit left).
+    #[arg(long, requires = "accept", default_value = "accept", value_parser = ["accept", "reject", "off"])]
+    pub status: String,
 }
 
 #[derive(Debug, clap::Args)]
