@@ -60,6 +60,37 @@ pub enum Command {
     /// List, export, replay or purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// The grant ledger, read-only: users with held events, or one user's credits and held
+    /// events (needs NOTIFIER_LEDGER_URL).
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// Both read the ledger and change nothing; neither needs a WeChat setting.
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Users with held events: how many, since when (the oldest), and why (no_credit: no
+    /// subscription credit left; no_openid: direct mode, no openid known yet).
+    Held {
+        /// At most this many users, those waiting longest first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One user: the credits per template (exact, or a lower bound), the openid the
+    /// ledger knows, and the held events (customer ids; names only with --names).
+    Show {
+        /// The user (assignee.user_id of the CRM's events).
+        user_id: String,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also print customer names (personal data: off by default).
+        #[arg(long)]
+        names: bool,
+    },
 }
 
 /// Every `dlq` action looks at most at the messages in the dead-letter queue

@@ -212,3 +212,33 @@ async fn a_bad_ledger_url_exits_2_naming_it_and_never_its_password() {
         }
     }
 }
+
+#[test]
+fn the_ledger_commands_say_when_no_ledger_is_configured() {
+    for args in [
+        &["ledger", "held"][..],
+        &["ledger", "held", "--limit", "5", "--json"][..],
+        &["ledger", "show", "1024", "--json", "--names"][..],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "wechat-notifier: the ledger is not configured (NOTIFIER_LEDGER_URL)\n"
+        );
+    }
+    // A bad ledger setting is still exit 2 naming it; no WeChat setting is needed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
+        .args(["ledger", "held"])
+        .env_clear()
+        .env("NOTIFIER_LEDGER_URL", LEDGER_URL)
+        .env("NOTIFIER_LEDGER_POOL", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOTIFIER_LEDGER_POOL"));
+}
