@@ -47,7 +47,8 @@ pub enum Command {
     Run,
     /// Run a WeChat API simulator with fault injection (tests, demos, docker-compose).
     Sim(SimArgs),
-    /// Publish sample customer.assigned events as the CRM would.
+    /// Publish sample customer.assigned events as the CRM would (or, with --accept, a
+    /// subscription.changed answer).
     Publish(PublishArgs),
     /// Run the simulator, the service and a bulk assignment in one process; print what WeChat received.
     Demo(DemoArgs),
@@ -59,6 +60,37 @@ pub enum Command {
     /// List, export, replay or purge the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// The grant ledger, read-only: users with held events, or one user's credits and held
+    /// events (needs NOTIFIER_LEDGER_URL).
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+/// Both read the ledger and change nothing; neither needs a WeChat setting.
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Users with held events: how many, since when (the oldest), and why (no_credit: no
+    /// subscription credit left; no_openid: direct mode, no openid known yet).
+    Held {
+        /// At most this many users, those waiting longest first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One user: the credits per template (exact, or a lower bound), the openid the
+    /// ledger knows, and the held events (customer ids; names only with --names).
+    Show {
+        /// The user (assignee.user_id of the CRM's events).
+        user_id: String,
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also print customer names (personal data: off by default).
+        #[arg(long)]
+        names: bool,
+    },
 }
 
 /// Every `dlq` action looks at most at the messages in the dead-letter queue
@@ -163,6 +195,25 @@ pub struct PublishArgs {
     /// Publish independent assignments instead of one CRM batch.
     #[arg(long)]
     pub no_batch: bool,
+    /// Instead of assignments, publish one subscription.changed event for this user, as
+    /// the CRM does when the user taps "allow" in the mini program's subscribe dialog
+    /// (routing key subscription.changed; a service with the grant ledger counts it).
+    #[arg(
+        long,
+        value_name = "USER_ID",
+        conflicts_with_all = ["customers", "assignees", "rate", "no_batch"]
+    )]
+    pub accept: Option<String>,
+    /// With --accept: the user's openid (the ledger remembers it for the user).
+    #[arg(long, requires = "accept")]
+    pub openid: Option<String>,
+    /// With --accept: the template answered for [default: WECHAT_TEMPLATE_ID].
+    #[arg(long, requires = "accept")]
+    pub template_id: Option<String>,
+    /// With --accept: the answer, accept (one more credit), reject (no change) or off
+    /// (switched off in the settings: no credit left).
+    #[arg(long, requires = "accept", default_value = "accept", value_parser = ["accept", "reject", "off"])]
+    pub status: String,
 }
 
 #[derive(Debug, clap::Args)]

@@ -29,6 +29,10 @@ pub use publisher::Publisher;
 /// The CRM's routing key for one assigned customer.
 pub const ROUTING_KEY: &str = "customer.assigned";
 
+/// The CRM's routing key for one answer of the subscription dialog (contract
+/// section 8.1); the work queue is bound to it only with the grant ledger on.
+pub const SUBSCRIPTION_ROUTING_KEY: &str = "subscription.changed";
+
 /// The work queue's poison-message guard: after this many deliveries without an
 /// ack the broker dead-letters the message itself (reason `delivery_limit`).
 pub const DELIVERY_LIMIT: i64 = 20;
@@ -280,7 +284,14 @@ fn durable() -> QueueDeclareOptions {
 }
 
 /// Declares the exchange, the work queue, the dead-letter queue and one retry
-/// queue per ladder step. Idempotent; needs no WeChat.
+/// queue per ladder step; with the grant ledger on, the work queue is also
+/// bound to `subscription.changed`. Idempotent; needs no WeChat.
+///
+/// With the ledger off the `subscription.changed` binding is left as it is,
+/// never removed: a binding left by an earlier run with the ledger on keeps
+/// bringing those events, which a replica without a ledger dead-letters
+/// `no_ledger` so they can be replayed once it is back (contract 8.1), where
+/// an unbind would have the broker drop them unseen.
 ///
 /// # Errors
 /// The broker's refusal, e.g. a queue that exists with other arguments.
@@ -326,7 +337,7 @@ pub async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<
             .queue_bind(
                 settings.queue.as_str().into(),
                 settings.exchange.as_str().into(),
-                "subscription.changed".into(),
+                SUBSCRIPTION_ROUTING_KEY.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

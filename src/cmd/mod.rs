@@ -8,6 +8,7 @@
 pub mod check;
 pub mod demo;
 pub mod dlq;
+pub mod ledger;
 pub mod publish;
 pub mod run;
 pub mod sim;
@@ -28,6 +29,7 @@ pub async fn dispatch(cli: Cli) -> ExitCode {
         Command::Check => check::main().await,
         Command::Status => status::main().await,
         Command::Dlq(cmd) => dlq::main(cmd).await,
+        Command::Ledger(cmd) => ledger::main(cmd).await,
     }
 }
 

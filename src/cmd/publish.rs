@@ -1,7 +1,9 @@
 //! The `publish` subcommand: sample `customer.assigned` events published as the
 //! CRM would (persistent, JSON, `message_id`, with publisher confirms) — one
 //! event, or a bulk assignment of N customers over M assignees sharing one
-//! `batch.id`. Used by the demo, the tests and load runs. It reads only the
+//! `batch.id`. Used by the demo, the tests and load runs. With `--accept
+//! USER_ID` it publishes one `subscription.changed` answer instead (contract
+//! section 8.1), as the CRM does when the user taps "allow". It reads only the
 //! broker's settings: a publisher host needs no WeChat secret.
 
 use std::process::ExitCode;
@@ -12,10 +14,11 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 
-use crate::broker::{self, BrokerError, ROUTING_KEY};
+use crate::broker::{self, BrokerError, ROUTING_KEY, SUBSCRIPTION_ROUTING_KEY};
 use crate::cli::PublishArgs;
+use crate::event::{self, Event, SubscriptionEvent, SubscriptionStatus};
 use crate::progress::Progress;
-use crate::settings::Needs;
+use crate::settings::{self, Needs, Settings, Source};
 use crate::telemetry;
 
 /// The `publish` subcommand.
@@ -30,6 +33,9 @@ pub async fn main(args: PublishArgs) -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(settings.log_format, "warn");
+    if let Some(user_id) = &args.accept {
+        return accept(&settings, &args, user_id).await;
+    }
     let mut bulk = Bulk::new(args.customers, args.assignees);
     if args.no_batch {
         bulk.batch_id = None;
@@ -66,6 +72,105 @@ pub async fn main(args: PublishArgs) -> ExitCode {
         }
         Err(e) => super::fail(e),
     }
+}
+
+/// `publish --accept USER_ID`: one `subscription.changed` event, checked by
+/// the service's own parser before it leaves, published as the CRM would.
+async fn accept(settings: &Settings, args: &PublishArgs, user_id: &str) -> ExitCode {
+    // The template: the flag, else the service's own setting (the ledger's key).
+    let template_id = args.template_id.clone().or_else(|| {
+        Source::from_env()
+            .ok()
+            .and_then(|src| settings::template_id(&src))
+    });
+    let Some(template_id) = template_id else {
+        return super::bad_usage(
+            "--template-id: the template the user answered for, or WECHAT_TEMPLATE_ID, but neither is set",
+        );
+    };
+    let status = SubscriptionStatus::named(&args.status).expect("clap checks the word");
+    let event = match subscription_event(user_id, args.openid.as_deref(), &template_id, status) {
+        Ok(e) => e,
+        Err(why) => return super::bad_usage(why),
+    };
+    let result = async {
+        let conn = broker::connect(&settings.amqp_urls, "wechat-notifier-publish").await?;
+        let channel = broker::confirm_channel(&conn).await?;
+        // The exchange, so the CRM side may start first. The subscription
+        // binding is the service's to make (only with its ledger on): a
+        // publish nobody is bound for is returned, and said so, below.
+        broker::declare_topology(&channel, settings).await?;
+        publish_subscription(&channel, &settings.exchange, &event).await?;
+        let _ = conn.close(200, "published".into()).await;
+        Ok::<_, BrokerError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            println!(
+                "published {} {} for user {} (template {}, event {}) to {}",
+                event::subscription::EVENT_TYPE,
+                status.as_str(),
+                event.user_id,
+                event.template_id,
+                event.event_id,
+                settings.exchange
+            );
+            ExitCode::SUCCESS
+        }
+        Err(BrokerError::Unroutable(_)) => super::fail(format!(
+            "nothing is bound to routing key {SUBSCRIPTION_ROUTING_KEY} on {}: the service binds its \
+             work queue to it when it runs with the grant ledger (NOTIFIER_LEDGER_URL); the event was not kept",
+            settings.exchange
+        )),
+        Err(e) => super::fail(e),
+    }
+}
+
+/// A `subscription.changed` event with a fresh id, occurring now, checked by
+/// the parser the service uses (so a bad `--openid` is refused here, not
+/// dead-lettered there).
+///
+/// # Errors
+/// The one line naming the bad value.
+pub fn subscription_event(
+    user_id: &str,
+    openid: Option<&str>,
+    template_id: &str,
+    status: SubscriptionStatus,
+) -> Result<SubscriptionEvent, String> {
+    let draft = SubscriptionEvent {
+        event_id: event_id(),
+        occurred_at: chrono::Local::now().fixed_offset(),
+        user_id: user_id.to_string(),
+        openid: openid.map(str::to_string),
+        template_id: template_id.to_string(),
+        status,
+    };
+    let body = serde_json::to_vec(&draft.to_json()).expect("a JSON value serialises");
+    match event::parse_any(&body) {
+        Ok(Event::Subscription(e)) => Ok(e),
+        Ok(Event::Assigned(_)) => unreachable!("the event_type is subscription.changed"),
+        Err(e) => Err(format!("--accept: {e}")),
+    }
+}
+
+/// Publishes one subscription event as the CRM would: persistent, JSON,
+/// `message_id` = the event id, routing key `subscription.changed`, mandatory,
+/// confirmed.
+///
+/// # Errors
+/// `Unroutable` when no queue is bound for it; any failure to be confirmed.
+pub async fn publish_subscription(
+    channel: &Channel,
+    exchange: &str,
+    event: &SubscriptionEvent,
+) -> Result<(), BrokerError> {
+    let body = serde_json::to_vec(&event.to_json()).expect("a JSON value serialises");
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(event.event_id.as_str().into());
+    broker::publish_confirmed(channel, exchange, SUBSCRIPTION_ROUTING_KEY, &body, props).await
 }
 
 /// `--rate` must be a positive, finite number of events per second (a zero
