@@ -219,6 +219,17 @@ impl Store {
         Ok(())
     }
 
+    /// Drops the schema and everything in it (the demo's own, at its end).
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn drop_schema(&self) -> Result<()> {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Reaches the ledger and checks its tables exist, changing nothing
     /// (`check`, and readiness after an outage).
     ///
@@ -343,7 +354,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
              FROM held WHERE user_id = $1 AND template_id = $2
-             ORDER BY held_at, event_id FOR UPDATE",
+             ORDER BY held_at, seq FOR UPDATE",
         )
         .bind(user_id)
         .bind(template_id)
@@ -501,8 +512,9 @@ impl Store {
              i AS (
                 INSERT INTO held (event_id, user_id, template_id, body, reason, errcode, traceparent, attempts)
                 SELECT e, $1, $2, b, $5, $6, tp, a
-                FROM unnest($8::text[], $9::bytea[], $10::text[], $11::int4[]) AS x(e, b, tp, a)
-                WHERE EXISTS (SELECT 1 FROM ok)
+                FROM unnest($8::text[], $9::bytea[], $10::text[], $11::int4[])
+                     WITH ORDINALITY AS x(e, b, tp, a, n)
+                WHERE EXISTS (SELECT 1 FROM ok) ORDER BY n
                 ON CONFLICT (event_id) DO NOTHING RETURNING event_id),
              sp AS (
                 INSERT INTO spells (user_id, template_id, reason)
@@ -672,7 +684,7 @@ impl Store {
         let started = Instant::now();
         let rows = sqlx::query(
             "SELECT template_id, event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
-             FROM held WHERE user_id = $1 AND reason <> 'window' ORDER BY held_at, event_id",
+             FROM held WHERE user_id = $1 AND reason <> 'window' ORDER BY held_at, seq",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
@@ -767,7 +779,7 @@ impl Store {
              WHERE h.claimed_by IS NULL AND h.reason <> 'window'
                AND h.held_at < now() - make_interval(secs => $1)
                AND (h.reason = 'no_openid' OR (coalesce(c.exact, false) AND coalesce(c.count, 0) = 0))
-             ORDER BY h.held_at LIMIT $2",
+             ORDER BY h.held_at, h.seq LIMIT $2",
         )
         .bind(hold_for.as_secs_f64())
         .bind(limit)
@@ -777,9 +789,9 @@ impl Store {
             "SELECT template_id, user_id, event_id, body, reason, errcode, held_at, claimed_by,
                     traceparent, attempts
              FROM (SELECT h.*, row_number() OVER (PARTITION BY user_id, template_id
-                                                   ORDER BY held_at DESC, event_id DESC) AS n
+                                                   ORDER BY held_at DESC, seq DESC) AS n
                    FROM held h WHERE reason <> 'window') x
-             WHERE n > $1 AND claimed_by IS NULL ORDER BY held_at LIMIT $2",
+             WHERE n > $1 AND claimed_by IS NULL ORDER BY held_at, seq LIMIT $2",
         )
         .bind(i64::from(max))
         .bind(limit)
@@ -951,7 +963,9 @@ async fn insert_held(
     sqlx::query(
         "INSERT INTO held (event_id, user_id, template_id, body, reason, errcode, claimed_by, traceparent, attempts)
          SELECT e, $1, $2, b, $3, $4, $5, tp, a
-         FROM unnest($6::text[], $7::bytea[], $8::text[], $9::int4[]) AS x(e, b, tp, a)
+         FROM unnest($6::text[], $7::bytea[], $8::text[], $9::int4[])
+              WITH ORDINALITY AS x(e, b, tp, a, n)
+         ORDER BY n
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(user_id)

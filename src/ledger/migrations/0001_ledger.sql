@@ -38,9 +38,11 @@ CREATE TABLE IF NOT EXISTS held (
     held_at     timestamptz NOT NULL DEFAULT now(),
     claimed_by  text,
     traceparent text,
-    attempts    integer     NOT NULL DEFAULT 0
+    attempts    integer     NOT NULL DEFAULT 0,
+    -- Arrival order within one hold (a notice's events share one held_at).
+    seq         bigint      GENERATED ALWAYS AS IDENTITY
 );
-CREATE INDEX IF NOT EXISTS held_user ON held (user_id, template_id, held_at);
+CREATE INDEX IF NOT EXISTS held_user ON held (user_id, template_id, held_at, seq);
 CREATE INDEX IF NOT EXISTS held_age ON held (held_at) WHERE claimed_by IS NULL;
 
 -- Events that left the ledger (released, expired) and subscription events
