@@ -137,6 +137,30 @@ async fn a_43101_holds_the_notice_an_exact_zero_saves_the_call_and_an_accept_rel
         1.0
     );
 
+    // Operators see it: `ledger held` and `ledger show` (names only when asked).
+    let out = env.command(&["ledger", "held", "--json"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let held: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(held[0]["user_id"], "u-hold");
+    assert_eq!(held[0]["held_events"], 2);
+    assert_eq!(held[0]["reason"], "no_credit");
+    let out = env.command(&["ledger", "show", "u-hold"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("h-1") && text.contains("h-2"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("客户c1"),
+        "no customer name without --names: {text}"
+    );
+    let out = env.command(&["ledger", "show", "u-hold", "--names"], &[]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("客户c1"));
+
     // The accept releases one notice with both events, oldest first.
     publish_subscription(&env, &subscription("s-1", "u-hold", TEMPLATE, "accept")).await;
     assert!(

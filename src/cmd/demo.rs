@@ -19,12 +19,12 @@ use serde_json::Value;
 
 use crate::broker;
 use crate::cli::DemoArgs;
+use crate::event::SubscriptionStatus;
+use crate::ledger::Store;
 use crate::progress::Progress;
 use crate::publish::{self, Bulk};
 use crate::service::Service;
 use crate::settings::{Needs, Settings};
-use crate::event::SubscriptionStatus;
-use crate::ledger::Store;
 use crate::sim::{Sim, SimConfig};
 use crate::{shutdown, telemetry};
 
@@ -143,7 +143,13 @@ pub async fn run(
             .filter(|e| e["assignee"]["user_id"] == held_user.as_str())
             .count();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while store.held_of(&held_user).await.map(|h| h.len()).unwrap_or(0) < of_held {
+        while store
+            .held_of(&held_user)
+            .await
+            .map(|h| h.len())
+            .unwrap_or(0)
+            < of_held
+        {
             if tokio::time::Instant::now() > deadline {
                 anyhow::bail!("{held_user}'s notice was not held within 60 s");
             }
@@ -162,7 +168,9 @@ pub async fn run(
         )
         .map_err(anyhow::Error::msg)?;
         publish::publish_subscription(&channel, &settings.exchange, &accept).await?;
-        eprintln!("grant ledger: {held_user} accepted a new subscription (as `publish --accept` does)");
+        eprintln!(
+            "grant ledger: {held_user} accepted a new subscription (as `publish --accept` does)"
+        );
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let delivered = loop {
@@ -234,7 +242,10 @@ async fn demo_ledger(url: &str, schema: &str) -> Option<Store> {
     let store = Store::connect(&ledger, None).ok()?;
     match tokio::time::timeout(Duration::from_secs(5), store.migrate()).await {
         Ok(Ok(())) => {
-            eprintln!("grant ledger: on ({}, schema {schema})", ledger.redacted_url());
+            eprintln!(
+                "grant ledger: on ({}, schema {schema})",
+                ledger.redacted_url()
+            );
             Some(store)
         }
         _ => {

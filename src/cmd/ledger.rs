@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::cli::LedgerCommand;
 use crate::event;
+use crate::ledger::Store;
 use crate::settings::{LedgerSettings, Needs};
 use crate::telemetry;
 
@@ -34,17 +35,79 @@ pub async fn main(cmd: LedgerCommand) -> ExitCode {
     read(ledger, cmd).await
 }
 
-/// Reads the ledger for `cmd` and prints the answer.
-///
-/// The store (src/ledger/) is wired here: open it with `ledger`, fetch the
-/// views and print them with `render_held` / `render_show`. Until it is, a
-/// configured ledger is reported as unreadable rather than shown as empty.
+/// Reads the ledger for `cmd` and prints the answer (read-only: the
+/// schema is not migrated here; a ledger no replica has created yet is
+/// reported, not created).
 async fn read(ledger: &LedgerSettings, cmd: LedgerCommand) -> ExitCode {
-    let _ = cmd;
-    super::fail(format!(
-        "cannot read the ledger at {}: this build has no ledger store",
-        ledger.redacted_url()
-    ))
+    let unreadable = |e: crate::ledger::LedgerError| {
+        super::fail(format!(
+            "cannot read the ledger at {} (schema {}): {e}",
+            ledger.redacted_url(),
+            ledger.schema
+        ))
+    };
+    let store = match Store::connect(ledger, None) {
+        Ok(s) => s,
+        Err(e) => return unreadable(e),
+    };
+    let now = Utc::now();
+    match cmd {
+        LedgerCommand::Held { limit, json } => {
+            let users = match store.held_users(limit as i64).await {
+                Ok(u) => u,
+                Err(e) => return unreadable(e),
+            };
+            let users: Vec<HeldUser> = users
+                .into_iter()
+                .map(|u| HeldUser {
+                    reason: HoldReason::named(&u.reason),
+                    user_id: u.user_id,
+                    template_id: u.template_id,
+                    held_events: u.held,
+                    oldest_held_at: u.oldest,
+                })
+                .collect();
+            print!("{}", render_held(&users, json, now));
+        }
+        LedgerCommand::Show {
+            user_id,
+            json,
+            names,
+        } => {
+            let (credits, openid) = match store.credits_of(&user_id).await {
+                Ok(c) => c,
+                Err(e) => return unreadable(e),
+            };
+            let held = match store.held_of(&user_id).await {
+                Ok(h) => h,
+                Err(e) => return unreadable(e),
+            };
+            let view = UserView {
+                user_id,
+                openid,
+                credits: credits
+                    .into_iter()
+                    .map(|(template_id, c)| CreditView {
+                        template_id,
+                        credits: c.count.max(0) as u32,
+                        exact: c.exact,
+                    })
+                    .collect(),
+                held: held
+                    .into_iter()
+                    .map(|(_, r)| HeldEventView {
+                        event_id: r.event_id,
+                        held_at: r.held_at,
+                        reason: HoldReason::named(&r.reason),
+                        claimed_by: r.claimed_by,
+                        body: r.body,
+                    })
+                    .collect(),
+            };
+            print!("{}", render_show(&view, json, names, now));
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Why a user's events wait (the `reason` the ledger records with a hold).
@@ -58,6 +121,15 @@ pub enum HoldReason {
 }
 
 impl HoldReason {
+    /// The reason as the ledger records it (anything but `no_openid` is a credit).
+    pub fn named(word: &str) -> HoldReason {
+        if word == "no_openid" {
+            HoldReason::NoOpenid
+        } else {
+            HoldReason::NoCredit
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HoldReason::NoCredit => "no_credit",

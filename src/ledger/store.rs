@@ -224,9 +224,12 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn drop_schema(&self) -> Result<()> {
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.schema))
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
