@@ -43,6 +43,19 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
 fi
 as_root_allowed() { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }
 
+# Runs a command that may leave a daemon behind with every descriptor above
+# stderr closed. A daemon inherits what its starter had open: started under
+# `flock /tmp/some.lock scripts/services.sh`, PostgreSQL would keep that lock
+# held for as long as it runs.
+no_inherited_fds() (
+  local fd
+  for fd in /proc/"$BASHPID"/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+  "$@"
+)
+
 # --- RabbitMQ -----------------------------------------------------------------
 # broker.sh writes its diagnostics to stderr, but apt's progress goes to
 # stdout: keep stdout for the URL alone.
@@ -64,7 +77,8 @@ if ! server_installed || ! command -v psql >/dev/null 2>&1; then
   fi
   say "installing postgresql with apt"
   $sudo apt-get update >&2
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >&2
+  # The package's install script may start the server: no descriptor of ours goes with it.
+  no_inherited_fds $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql >&2
 fi
 
 # --- PostgreSQL: running --------------------------------------------------------
@@ -101,11 +115,11 @@ if ! answers; then
     if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
       $sudo systemctl start "postgresql@$version-main" >&2 || true
     fi
-    answers || $sudo pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 || true
+    answers || no_inherited_fds $sudo pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 || true
   elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     $sudo systemctl start postgresql >&2 || true
   elif command -v service >/dev/null 2>&1; then
-    $sudo service postgresql start >&2 || true
+    no_inherited_fds $sudo service postgresql start >&2 || true
   fi
   for _ in $(seq 60); do answers && break; sleep 1; done
   if ! answers; then

@@ -472,7 +472,10 @@ async fn the_kubernetes_manifests_agree_with_the_service() {
         "the secret is a file"
     );
     // Both URLs hold a password: each comes from the Secret.
-    for (var, key) in [("AMQP_URL", "amqp-url"), ("NOTIFIER_LEDGER_URL", "ledger-url")] {
+    for (var, key) in [
+        ("AMQP_URL", "amqp-url"),
+        ("NOTIFIER_LEDGER_URL", "ledger-url"),
+    ] {
         let entry = container["env"]
             .as_vec()
             .unwrap()
