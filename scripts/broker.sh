@@ -21,6 +21,19 @@ if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
 fi
 ctl() { $sudo rabbitmqctl "$@"; }
 
+# Runs a command that may leave a daemon behind with every descriptor above
+# stderr closed. A daemon inherits what its starter had open: started under
+# `flock /tmp/some.lock scripts/broker.sh`, the broker would keep that lock
+# held for as long as it runs.
+no_inherited_fds() (
+  local fd
+  for fd in /proc/"$BASHPID"/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+  "$@"
+)
+
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   if ! command -v apt-get >/dev/null 2>&1; then
     say "rabbitmq-server is not installed and there is no apt-get; start one with: docker compose up -d rabbitmq"
@@ -32,14 +45,15 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   fi
   say "installing rabbitmq-server with apt"
   $sudo apt-get update
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server
+  # The package's install script may start the broker: no descriptor of ours goes with it.
+  no_inherited_fds $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y rabbitmq-server
 fi
 
 if ! ctl -q ping >/dev/null 2>&1; then
   say "starting rabbitmq-server"
   # A package install may have started it under its service manager already;
   # -detached is for machines without one (containers, CI).
-  $sudo rabbitmq-server -detached >/dev/null 2>&1 || true
+  no_inherited_fds $sudo rabbitmq-server -detached >/dev/null 2>&1 || true
   for _ in $(seq 90); do ctl -q ping >/dev/null 2>&1 && break; sleep 1; done
 fi
 ctl await_startup --timeout 120 >/dev/null

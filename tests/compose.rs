@@ -70,6 +70,7 @@ fn the_compose_file_has_every_service_with_valid_settings() {
     let names: BTreeSet<String> = services.keys().map(str_of).collect();
     let want: BTreeSet<String> = [
         "rabbitmq",
+        "postgres",
         "wechat-sim",
         "notifier-1",
         "notifier-2",
@@ -92,6 +93,38 @@ fn the_compose_file_has_every_service_with_valid_settings() {
         .map(str_of)
         .collect();
     assert!(ports.iter().any(|p| p.ends_with(":15672")), "{ports:?}");
+
+    // PostgreSQL for the grant ledger: ready means it takes the ledger's own
+    // user and database, and its data lives in a named volume.
+    let postgres = &doc["services"]["postgres"];
+    let pg_env = environment(postgres);
+    let pg_health = postgres["healthcheck"]["test"]
+        .as_vec()
+        .expect("postgres: healthcheck")
+        .iter()
+        .map(str_of)
+        .collect::<Vec<_>>();
+    assert!(pg_health.iter().any(|a| a == "pg_isready"), "{pg_health:?}");
+    let pg_user = var(&pg_env, "POSTGRES_USER");
+    let pg_db = var(&pg_env, "POSTGRES_DB");
+    for (flag, value) in [("-U", &pg_user), ("-d", &pg_db)] {
+        let at = pg_health.iter().position(|a| a == flag);
+        assert_eq!(
+            at.map(|i| &pg_health[i + 1]),
+            Some(value),
+            "postgres: pg_isready {flag}"
+        );
+    }
+    let data = mount_source(postgres, "/var/lib/postgresql/data");
+    assert!(
+        doc["volumes"][data.as_str()].as_hash().is_some(),
+        "postgres: the data volume {data} is a named volume"
+    );
+    let pg_port = str_of(&postgres["ports"][0])
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
 
     // The simulator the replicas talk to.
     let sim = &doc["services"]["wechat-sim"];
@@ -119,7 +152,26 @@ fn the_compose_file_has_every_service_with_valid_settings() {
             svc["healthcheck"]["test"].as_vec().is_some(),
             "{name}: healthcheck"
         );
-        assert!(svc["depends_on"]["rabbitmq"]["condition"].as_str() == Some("service_healthy"));
+        for dependency in ["rabbitmq", "postgres", "wechat-sim"] {
+            assert_eq!(
+                svc["depends_on"][dependency]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} waits for {dependency}"
+            );
+        }
+        // The ledger: the postgres service's user, password and database, and
+        // the template id that keys it.
+        let replica_env = environment(svc);
+        let ledger = var(&replica_env, "NOTIFIER_LEDGER_URL");
+        assert_eq!(
+            ledger,
+            format!(
+                "postgres://{pg_user}:{}@postgres:{pg_port}/{pg_db}",
+                var(&pg_env, "POSTGRES_PASSWORD")
+            ),
+            "{name}: NOTIFIER_LEDGER_URL"
+        );
+        assert!(!var(&replica_env, "WECHAT_TEMPLATE_ID").is_empty());
         // The replica's settings, as the service reads them (the secret at its mounted path).
         let env: Vec<(String, String)> = environment(svc)
             .into_iter()

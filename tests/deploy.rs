@@ -231,9 +231,47 @@ async fn real_metrics() -> BTreeSet<String> {
     names
 }
 
+/// The grant ledger's sample names (README, "The grant ledger"). The run in
+/// `real_metrics` has no ledger, so the dashboard's ledger row and the ledger
+/// alerts are checked against this list: it holds the exact names the ledger
+/// exports (a counter's `_total`, a histogram's `_bucket`), so a misspelt
+/// query still fails. A run with the ledger on that provokes a hold, a
+/// release, an expiry and a signal can replace the list.
+const LEDGER_METRICS: [&str; 12] = [
+    "wechat_notifier_ledger_held_events",
+    "wechat_notifier_ledger_held_users",
+    "wechat_notifier_ledger_held_users_over_a_day",
+    "wechat_notifier_ledger_holds_total",
+    "wechat_notifier_ledger_releases_total",
+    "wechat_notifier_ledger_calls_saved_total",
+    "wechat_notifier_ledger_expiries_total",
+    "wechat_notifier_ledger_errors_total",
+    "wechat_notifier_ledger_statement_duration_seconds_bucket",
+    "wechat_notifier_ledger_statement_duration_seconds_sum",
+    "wechat_notifier_ledger_statement_duration_seconds_count",
+    "wechat_notifier_signals_total",
+];
+
+#[test]
+fn the_readme_lists_every_ledger_metric() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for name in LEDGER_METRICS {
+        let short = name
+            .trim_start_matches("wechat_notifier_")
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            readme.contains(&format!("`{short}")),
+            "the README's metrics list names {short}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_dashboard_and_the_alert_rules_query_only_exported_metrics() {
-    let exported = real_metrics().await;
+    let mut exported = real_metrics().await;
+    exported.extend(LEDGER_METRICS.map(String::from));
     assert!(
         exported.contains("wechat_notifier_events_received_total")
             && exported.contains("wechat_notifier_events_per_notice_bucket"),
@@ -266,6 +304,9 @@ async fn the_dashboard_and_the_alert_rules_query_only_exported_metrics() {
         "unacked_deliveries",
         "dead_letters_total",
         "consuming",
+        "ledger_held_events",
+        "ledger_held_users",
+        "ledger_held_users_over_a_day",
     ] {
         let name = format!("wechat_notifier_{want}");
         assert!(used.contains(&name), "the dashboard shows {name}");
@@ -273,6 +314,7 @@ async fn the_dashboard_and_the_alert_rules_query_only_exported_metrics() {
 
     let rules = &load_all("deploy/prometheus/alerts.yml")[0];
     let mut alerts = 0;
+    let mut alerted = BTreeSet::new();
     for group in rules["groups"].as_vec().unwrap() {
         for rule in group["rules"].as_vec().unwrap() {
             let name = str_of(&rule["alert"]);
@@ -283,11 +325,19 @@ async fn the_dashboard_and_the_alert_rules_query_only_exported_metrics() {
                     exported.contains(&metric),
                     "alert {name} queries {metric}, which /metrics does not export"
                 );
+                alerted.insert(metric);
             }
             alerts += 1;
         }
     }
     assert!(alerts >= 6, "{alerts} alert rules");
+    // Users held for more than a day, and a failing ledger, page someone.
+    for want in [
+        "wechat_notifier_ledger_held_users_over_a_day",
+        "wechat_notifier_ledger_errors_total",
+    ] {
+        assert!(alerted.contains(want), "an alert rule queries {want}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -402,7 +452,7 @@ async fn the_kubernetes_manifests_agree_with_the_service() {
         let key = str_of(k);
         // Anyone who can read the namespace reads a ConfigMap.
         assert!(
-            !key.contains("SECRET") && key != "AMQP_URL",
+            !key.contains("SECRET") && key != "AMQP_URL" && key != "NOTIFIER_LEDGER_URL",
             "{key} belongs in the Secret"
         );
         env.insert(key, str_of(v));
@@ -420,6 +470,28 @@ async fn the_kubernetes_manifests_agree_with_the_service() {
     assert!(
         !env.contains_key("WECHAT_APPSECRET"),
         "the secret is a file"
+    );
+    // Both URLs hold a password: each comes from the Secret.
+    for (var, key) in [
+        ("AMQP_URL", "amqp-url"),
+        ("NOTIFIER_LEDGER_URL", "ledger-url"),
+    ] {
+        let entry = container["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| str_of(&e["name"]) == var)
+            .unwrap_or_else(|| panic!("the container sets {var}"));
+        assert_eq!(
+            str_of(&entry["valueFrom"]["secretKeyRef"]["key"]),
+            key,
+            "{var} from the Secret"
+        );
+    }
+    assert!(env["NOTIFIER_LEDGER_URL"].starts_with("postgres://"));
+    assert!(
+        !env["WECHAT_TEMPLATE_ID"].is_empty(),
+        "with the ledger on, WECHAT_TEMPLATE_ID is required"
     );
 
     // WECHAT_APPSECRET_FILE is the Secret's key, mounted where it points.

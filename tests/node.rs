@@ -249,3 +249,125 @@ fn the_nestjs_publisher_example_refuses_to_lose_an_unroutable_event() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unroutable"), "{stderr}");
 }
+
+/// The CRM's handler for the mini program's dialog answers, as its example
+/// publishes them: one `subscription.changed` per answer in the shape of the
+/// grant ledger's event (persistent JSON, `message_id` = `event_id`, the
+/// openid the CRM holds), and a report sent again (same answer id) is the same
+/// event, so the ledger counts it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nestjs_subscription_handler_publishes_one_event_per_answer() {
+    let dir = root().join("examples/crm-publisher");
+    tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || build_example(&dir)
+    })
+    .await
+    .unwrap();
+
+    let env = TestEnv::new("nestjs-sub").await;
+    env.declare().await;
+    let tap = format!("{}.subscriptions", env.prefix);
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongInt(120_000));
+    env.channel
+        .queue_declare(tap.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    env.channel
+        .queue_bind(
+            tap.as_str().into(),
+            env.exchange().as_str().into(),
+            "subscription.changed".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let user = format!("{}-u1", env.prefix);
+    let answers: [(&str, &str); 3] = [("a-1", "accept"), ("a-1", "accept"), ("a-2", "off")];
+    let mut printed = Vec::new();
+    for (answer_id, status) in answers {
+        let out = tokio::task::spawn_blocking({
+            let (dir, url, exchange, user) = (
+                dir.clone(),
+                common::amqp_url(),
+                env.exchange(),
+                user.clone(),
+            );
+            move || {
+                run(
+                    &dir,
+                    "node",
+                    &[
+                        "dist/accept.js",
+                        "--user-id",
+                        &user,
+                        "--openid",
+                        "oCrmBound1",
+                        "--template",
+                        "tpl-assigned",
+                        "--status",
+                        status,
+                        "--answer-id",
+                        answer_id,
+                    ],
+                    &[("AMQP_URL", &url), ("CRM_EXCHANGE", &exchange)],
+                )
+            }
+        })
+        .await
+        .unwrap();
+        let event: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+        printed.push(event);
+    }
+
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let m = env
+            .channel
+            .basic_get(tap.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("one message per answer");
+        let props = &m.delivery.properties;
+        let event: Value = serde_json::from_slice(&m.delivery.data).unwrap();
+        assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str()),
+            event["event_id"].as_str()
+        );
+        received.push(event);
+    }
+    for (event, (_, status)) in received.iter().zip(answers) {
+        assert_eq!(event["event_type"], "subscription.changed");
+        assert_eq!(event["user"]["user_id"], user.as_str());
+        assert_eq!(event["user"]["openid"], "oCrmBound1");
+        assert_eq!(event["template_id"], "tpl-assigned");
+        assert_eq!(event["status"], status);
+        let id = event["event_id"].as_str().unwrap();
+        assert!((1..=128).contains(&id.chars().count()), "{id}");
+        let at = event["occurred_at"].as_str().unwrap();
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(at).is_ok(),
+            "RFC 3339 with an offset: {at}"
+        );
+    }
+    assert_eq!(received, printed, "what the broker got is what was printed");
+    assert_eq!(
+        received[0]["event_id"], received[1]["event_id"],
+        "a report sent again is the same event"
+    );
+    assert_ne!(received[0]["event_id"], received[2]["event_id"]);
+
+    let _ = env
+        .channel
+        .queue_delete(tap.as_str().into(), Default::default())
+        .await;
+    env.cleanup().await;
+}

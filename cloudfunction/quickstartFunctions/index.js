@@ -8,12 +8,17 @@
 //
 // - A notice already sent (same notice_id in the `notifications` collection) is
 //   not sent again: the service delivers at least once.
-// - An HTTP-triggered function has no caller openid: the openid comes from the
-//   notice, or from the `users` collection (user_id -> openid, stored when the
-//   user subscribed in the mini program).
-// - Settings are the function's environment variables: TEMPLATE_ID (required),
-//   TEMPLATE_PAGE, MINIPROGRAM_STATE (formal), LANG_CODE (zh_CN) and TEMPLATE_DATA
-//   (the keyword mapping as JSON; defaults to the contract's example).
+// - An HTTP-triggered function has no caller openid: the message goes to
+//   `notice.assignee.openid`, which the CRM puts on its events (bound at the
+//   mini program's login) and which, with the grant ledger on, the service
+//   fills from the ledger when the events lack it. A notice without one is
+//   answered 40003; the function keeps no user -> openid table of its own.
+// - With the grant ledger on, the notice carries `template_id`: the template
+//   the ledger counted the user's credits for, so it is the one sent.
+// - Settings are the function's environment variables: TEMPLATE_ID (required
+//   unless every notice carries template_id), TEMPLATE_PAGE, MINIPROGRAM_STATE
+//   (formal), LANG_CODE (zh_CN) and TEMPLATE_DATA (the keyword mapping as JSON;
+//   defaults to the contract's example).
 'use strict';
 
 const cloud = require('wx-server-sdk');
@@ -22,7 +27,6 @@ const { buildData, render, DEFAULT_DATA } = require('./template');
 cloud.init({ env: cloud.DYNAMIC_CURRENT_ENV });
 
 const NOTIFICATIONS = 'notifications';
-const USERS = 'users';
 
 // Errcodes this function answers itself (WeChat's own meanings).
 const INVALID_OPENID = 40003; // no openid for the assignee: rejected, dead-lettered by the service
@@ -44,11 +48,13 @@ const PROBE_NOTICE = {
   event_ids: ['probe'],
 };
 
-function settings(env) {
+// `templateId`: the notice's own template (the grant ledger's key), which wins
+// over TEMPLATE_ID.
+function settings(env, templateId) {
   let data = DEFAULT_DATA;
   if (env.TEMPLATE_DATA) data = JSON.parse(env.TEMPLATE_DATA); // throws on bad JSON: see configFault
   return {
-    templateId: env.TEMPLATE_ID || '',
+    templateId: templateId || env.TEMPLATE_ID || '',
     page: env.TEMPLATE_PAGE || '',
     miniprogramState: env.MINIPROGRAM_STATE || 'formal',
     lang: env.LANG_CODE || 'zh_CN',
@@ -63,18 +69,21 @@ function reply(errcode, errmsg) {
 // What is wrong with this function's own settings, as the errcode a send would
 // get, or null. A bad setting is a configuration fault, never the notice's
 // fault: the service holds its messages instead of dead-lettering them.
-function configFault(env, permissions) {
+// `templateId` is the one the notice (or the probe) names, if any.
+function configFault(env, permissions, templateId) {
   const granted = (permissions && permissions.openapi) || [];
   if (!granted.includes('subscribeMessage.send')) {
     return reply(NO_PERMISSION, 'config.json does not grant openapi subscribeMessage.send');
   }
   let conf;
   try {
-    conf = settings(env);
+    conf = settings(env, templateId);
   } catch (err) {
     return reply(CONFIG_FAULT, `TEMPLATE_DATA is not valid JSON: ${err.message}`);
   }
-  if (!conf.templateId) return reply(CONFIG_FAULT, 'TEMPLATE_ID is not set for this function');
+  if (!conf.templateId) {
+    return reply(CONFIG_FAULT, 'TEMPLATE_ID is not set for this function, and the notice names no template_id');
+  }
   try {
     buildData(conf.data, PROBE_NOTICE);
   } catch (err) {
@@ -100,18 +109,10 @@ function checkNotice(notice) {
   if (!Number.isInteger(notice.customer_count) || notice.customer_count < 1) {
     return 'notice.customer_count must be a positive integer';
   }
+  if (notice.template_id != null && (typeof notice.template_id !== 'string' || notice.template_id === '')) {
+    return 'notice.template_id, when present, must be a non-empty string';
+  }
   return null;
-}
-
-async function findOpenid(db, assignee) {
-  if (assignee.openid) return assignee.openid;
-  const found = await db
-    .collection(USERS)
-    .where({ user_id: String(assignee.user_id) })
-    .limit(1)
-    .get();
-  const user = found.data && found.data[0];
-  return user && user.openid ? user.openid : null;
 }
 
 async function alreadySent(db, noticeId) {
@@ -130,20 +131,21 @@ async function sendCustomerAssignNotification(event) {
   const problem = checkNotice(notice);
   if (problem) return reply(INVALID_ARGUMENT, problem);
 
-  const fault = configFault(process.env, permissions());
+  const fault = configFault(process.env, permissions(), notice.template_id);
   if (fault) return fault;
-  const conf = settings(process.env);
+  const conf = settings(process.env, notice.template_id);
 
   const db = cloud.database();
   if (await alreadySent(db, notice.notice_id)) {
     return reply(0, `ok: notice ${notice.notice_id} was already sent, not sent again`);
   }
 
-  const openid = await findOpenid(db, notice.assignee);
-  if (!openid) {
+  const openid = notice.assignee.openid;
+  if (typeof openid !== 'string' || openid === '') {
     return reply(
       INVALID_OPENID,
-      `no openid for user_id ${notice.assignee.user_id}: the user has not subscribed (no entry in ${USERS})`,
+      `no openid for user_id ${notice.assignee.user_id}: the CRM's events carry no assignee.openid ` +
+        '(the user has not opened the mini program since the login binding) and the grant ledger knows none',
     );
   }
 
@@ -190,7 +192,8 @@ exports.main = async (event) => {
     case 'wechatNotifierProbe':
       // The service's start-up check: the errcode a send would get for this
       // function's own settings, without sending anything.
-      return configFault(process.env, permissions()) || reply(0, 'ok');
+      // It may name the template (`template_id`, the service's WECHAT_TEMPLATE_ID).
+      return configFault(process.env, permissions(), event.template_id) || reply(0, 'ok');
     default:
       return reply(INVALID_ARGUMENT, `unknown type ${JSON.stringify(event && event.type)}`);
   }

@@ -8,6 +8,7 @@ const path = require('node:path');
 const config = require('../config');
 const { fakeWx, tap } = require('./fake-wx');
 const { TOKEN_KEY } = require('../utils/crm');
+const { PENDING_KEY } = require('../utils/report');
 
 const T = config.templateId;
 const PAGE = path.join(__dirname, '../pages/customer/list.js');
@@ -55,8 +56,70 @@ test('a tap asks for the configured template; an accept is reported to the CRM',
   assert.deepEqual(wx.called('requestSubscribeMessage')[0].tmplIds, [T]);
   assert.equal(page.data.subscription, 'accepted');
   assert.equal(wx.called('showToast')[0].title, '下次分配会通知你');
-  const report = wx.called('request').find((r) => r.url.endsWith('/wechat/subscriptions'));
-  assert.deepEqual(report.data, { template_id: T, result: 'accepted' });
+  // What the CRM's handler needs to publish subscription.changed: the
+  // template, the ledger's status, and an id that makes a resent report
+  // count once. The openid is the CRM session's, not posted.
+  const reports = wx.called('request').filter((r) => r.url.endsWith('/wechat/subscriptions'));
+  assert.equal(reports.length, 1);
+  const { answer_id: answerId, ...rest } = reports[0].data;
+  assert.deepEqual(rest, { template_id: T, status: 'accept', result: 'accepted' });
+  assert.match(answerId, /^[A-Za-z0-9-]{8,64}$/);
+  assert.deepEqual(wx.getStorageSync(PENDING_KEY), [], 'nothing left to send');
+});
+
+test('a report the CRM did not take is sent again, with the same answer id, on the next show', async () => {
+  const { wx, page } = open({
+    answers: { [T]: 'accept' },
+    crm: { ...customers, 'POST /wechat/subscriptions': { statusCode: 503, data: '' } },
+  });
+  assert.equal(await tap(wx, () => page.onAskNotices()), 'accepted');
+  const first = wx.called('request').filter((r) => r.url.endsWith('/wechat/subscriptions'));
+  assert.equal(first.length, 1);
+  assert.equal(wx.getStorageSync(PENDING_KEY).length, 1, 'kept');
+
+  wx.__state.crm['POST /wechat/subscriptions'] = { statusCode: 204, data: '' };
+  await page.onShow();
+  const all = wx.called('request').filter((r) => r.url.endsWith('/wechat/subscriptions'));
+  assert.equal(all.length, 2);
+  assert.deepEqual(all[1].data, first[0].data, 'the same report, the same answer id');
+  assert.deepEqual(wx.getStorageSync(PENDING_KEY), []);
+  await page.onShow();
+  assert.equal(
+    wx.called('request').filter((r) => r.url.endsWith('/wechat/subscriptions')).length,
+    2,
+    'sent once it was taken, never again',
+  );
+});
+
+test('"always reject" and a switched-off main switch are reported as off', async () => {
+  for (const subscriptions of [
+    { mainSwitch: true, itemSettings: { [T]: 'reject' } },
+    { mainSwitch: false, itemSettings: {} },
+  ]) {
+    const { wx, page } = open({
+      subscriptions,
+      modalConfirms: false,
+      crm: { 'POST /wechat/subscriptions': { statusCode: 204, data: '' } },
+    });
+    await tap(wx, () => page.onAskNotices());
+    const report = wx.called('request').find((r) => r.url.endsWith('/wechat/subscriptions'));
+    assert.equal(report.data.status, 'off', JSON.stringify(subscriptions));
+  }
+});
+
+test('a dialog that failed is no answer: nothing is reported', async () => {
+  const { wx, page } = open({ answers: {} });
+  // Outside a tap WeChat refuses to show the dialog at all.
+  assert.equal(await page.onAskNotices(), 'error');
+  assert.equal(wx.called('request').filter((r) => r.url.endsWith('/wechat/subscriptions')).length, 0);
+});
+
+test('the page says how many assignments wait for an accept', async () => {
+  const { page } = open({
+    crm: { 'GET /customers/assigned': { statusCode: 200, data: { customers: [], notices_waiting: 3 } } },
+  });
+  await page.onLoad({});
+  assert.equal(page.data.waiting, 3);
 });
 
 test('a plain rejection says so and stays askable', async () => {

@@ -6,7 +6,8 @@
 //   the CRM back end calls code2Session with its AppSecret, stores the openid
 //   with the CRM user, and never sends the session_key back.
 //
-// Events then carry `assignee.openid`, which both delivery modes use.
+// Events then carry `assignee.openid`, which both delivery modes use, and the
+// CRM puts it on the subscription events it publishes for the grant ledger.
 'use strict';
 
 const config = require('../config');

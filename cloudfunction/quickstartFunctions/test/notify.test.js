@@ -22,7 +22,7 @@ test('the fake sdk is the one loaded (run with NODE_PATH=test/fake_modules)', ()
 function notice(overrides = {}) {
   return {
     notice_id: '9f2c0000000000000000000000000000000000000000000000000000000000aa',
-    assignee: { user_id: '1024', name: '张三' },
+    assignee: { user_id: '1024', name: '张三', openid: 'oUser1024' },
     customer_count: 12,
     customers: [
       { id: '88231', name: '上海某某贸易有限公司' },
@@ -42,10 +42,9 @@ const call = (n) => main({ type: 'sendCustomerAssignNotification', notice: n });
 
 test.beforeEach(() => {
   cloud.__reset();
-  cloud.__insert('users', { _id: 'u1', user_id: '1024', openid: 'oUser1024' });
 });
 
-test('a notice is sent once to the openid stored for its user_id, and recorded', async () => {
+test('a notice is sent once to the assignee\'s openid, and recorded', async () => {
   const answer = await call(notice());
   assert.deepEqual(answer, { errcode: 0, errmsg: 'ok' });
   assert.equal(cloud.__state.sent.length, 1);
@@ -65,10 +64,31 @@ test('a notice is sent once to the openid stored for its user_id, and recorded',
   assert.equal(record.user_id, '1024');
 });
 
-test('the openid in the notice wins over the users collection', async () => {
-  const n = notice({ assignee: { user_id: '1024', openid: 'oGiven' } });
-  assert.equal((await call(n)).errcode, 0);
-  assert.equal(cloud.__state.sent[0].touser, 'oGiven');
+test('with the grant ledger on, the notice\'s template_id and the ledger\'s openid are what is sent', async () => {
+  // The events lacked an openid; the service put the ledger's on the notice,
+  // and the template the ledger counted the user's credits for.
+  const n = notice({ template_id: 'tpl-ledger', assignee: { user_id: '1024', name: '张三', openid: 'oFromLedger' } });
+  assert.deepEqual(await call(n), { errcode: 0, errmsg: 'ok' });
+  assert.equal(cloud.__state.sent.length, 1);
+  assert.equal(cloud.__state.sent[0].touser, 'oFromLedger');
+  assert.equal(cloud.__state.sent[0].templateId, 'tpl-ledger', 'the notice\'s template wins over TEMPLATE_ID');
+});
+
+test('a notice that names its template needs no TEMPLATE_ID, and one that names none still does', async () => {
+  const saved = process.env.TEMPLATE_ID;
+  delete process.env.TEMPLATE_ID;
+  try {
+    assert.equal((await main({ type: 'wechatNotifierProbe', template_id: 'tpl-ledger' })).errcode, 0);
+    assert.equal((await call(notice({ template_id: 'tpl-ledger' }))).errcode, 0);
+    assert.equal(cloud.__state.sent[0].templateId, 'tpl-ledger');
+    const without = await call(notice({ notice_id: 'another-notice' }));
+    assert.equal(without.errcode, 85088);
+    assert.match(without.errmsg, /TEMPLATE_ID/);
+  } finally {
+    process.env.TEMPLATE_ID = saved;
+  }
+  assert.equal((await call(notice({ notice_id: 'bad-template', template_id: '' }))).errcode, 47003);
+  assert.equal(cloud.__state.sent.length, 1);
 });
 
 test('a duplicate notice_id sends nothing and answers ok', async () => {
@@ -79,8 +99,11 @@ test('a duplicate notice_id sends nothing and answers ok', async () => {
   assert.equal(cloud.__state.sent.length, 1, 'one message for two deliveries');
 });
 
-test('a user with no stored openid gets 40003 with a clear reason, and nothing is sent', async () => {
-  const answer = await call(notice({ assignee: { user_id: '9999' } }));
+test('a notice without an openid gets 40003 with a clear reason, and nothing is sent', async () => {
+  // Whatever a database holds: the function reads no user table (nothing in
+  // the repository writes one); the openid travels on the notice.
+  cloud.__insert('users', { _id: 'u9', user_id: '9999', openid: 'oStale9999' });
+  const answer = await call(notice({ assignee: { user_id: '9999', name: '王五' } }));
   assert.equal(answer.errcode, 40003);
   assert.match(answer.errmsg, /no openid for user_id 9999/);
   assert.equal(cloud.__state.sent.length, 0);

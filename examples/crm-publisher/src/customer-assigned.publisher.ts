@@ -8,9 +8,9 @@
 // Call it after the assignment is committed to the database. It resolves once
 // the broker has confirmed every event; if it throws, publish the SAME events
 // again (same event ids): the notifier counts a repeated event id once.
-import { Injectable, Logger, OnModuleDestroy, OnModuleInit } from '@nestjs/common';
-import * as amqp from 'amqplib';
+import { Injectable, OnModuleDestroy, OnModuleInit } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
+import { ChannelOptions, CrmEventsChannel } from './crm-events.channel';
 
 export const ROUTING_KEY = 'customer.assigned';
 
@@ -46,12 +46,7 @@ export interface CustomerAssignedEvent {
   batch?: { id: string; size: number };
 }
 
-export interface PublisherOptions {
-  /** e.g. amqp://crm:secret@rabbitmq:5672/%2f */
-  url: string;
-  /** `crm.events` unless the notifier's NOTIFIER_EXCHANGE says otherwise. */
-  exchange?: string;
-}
+export type PublisherOptions = ChannelOptions;
 
 /** RFC 3339 with the local offset, e.g. 2026-11-25T14:03:27+08:00. */
 export function rfc3339(date: Date): string {
@@ -67,24 +62,18 @@ export function rfc3339(date: Date): string {
 
 @Injectable()
 export class CustomerAssignedPublisher implements OnModuleInit, OnModuleDestroy {
-  private readonly logger = new Logger(CustomerAssignedPublisher.name);
-  private readonly exchange: string;
-  private connection?: amqp.ChannelModel;
-  private channel?: amqp.ConfirmChannel;
-  /** message ids the broker returned as unroutable since they were published. */
-  private readonly returned = new Set<string>();
+  private readonly channel: CrmEventsChannel;
 
-  constructor(private readonly options: PublisherOptions) {
-    this.exchange = options.exchange ?? 'crm.events';
+  constructor(options: PublisherOptions) {
+    this.channel = new CrmEventsChannel(options);
   }
 
   async onModuleInit(): Promise<void> {
-    await this.open();
+    await this.channel.open();
   }
 
   async onModuleDestroy(): Promise<void> {
-    await this.channel?.close().catch(() => undefined);
-    await this.connection?.close().catch(() => undefined);
+    await this.channel.close();
   }
 
   /**
@@ -120,63 +109,6 @@ export class CustomerAssignedPublisher implements OnModuleInit, OnModuleDestroy 
    * the same events again.
    */
   async publish(events: CustomerAssignedEvent[]): Promise<void> {
-    const channel = await this.open();
-    const confirms = events.map(async (event) => {
-      const confirmed = new Promise<void>((resolve, reject) => {
-        const written = channel.publish(
-          this.exchange,
-          ROUTING_KEY,
-          Buffer.from(JSON.stringify(event), 'utf8'),
-          {
-            persistent: true,
-            mandatory: true,
-            contentType: 'application/json',
-            contentEncoding: 'utf-8',
-            messageId: event.event_id,
-            timestamp: Math.floor(Date.now() / 1000),
-            appId: 'crm',
-          },
-          (err) => (err ? reject(new Error(`event ${event.event_id} was not confirmed: ${err}`)) : resolve()),
-        );
-        if (!written) {
-          // The socket buffer is full: the confirm still comes; nothing to redo.
-          this.logger.debug('publish buffer full, waiting for the broker');
-        }
-      });
-      await confirmed;
-      // A return arrives before its confirm, so by now it has been seen.
-      if (this.returned.delete(event.event_id)) {
-        throw new Error(`event ${event.event_id} was unroutable: is wechat-notifier's queue declared and bound?`);
-      }
-    });
-    const results = await Promise.allSettled(confirms);
-    const failed = results.filter((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed.length > 0) {
-      throw new Error(`${failed.length} of ${events.length} events not published: ${failed[0].reason}`);
-    }
-  }
-
-  /** The confirm channel, (re)opened when needed; declares the exchange so either side may start first. */
-  private async open(): Promise<amqp.ConfirmChannel> {
-    if (this.channel) return this.channel;
-    const connection = await amqp.connect(this.options.url);
-    connection.on('error', (err) => this.logger.warn(`RabbitMQ connection error: ${err.message}`));
-    connection.on('close', () => {
-      this.connection = undefined;
-      this.channel = undefined;
-    });
-    const channel = await connection.createConfirmChannel();
-    channel.on('error', (err) => this.logger.warn(`RabbitMQ channel error: ${err.message}`));
-    channel.on('close', () => {
-      this.channel = undefined;
-    });
-    channel.on('return', (msg: amqp.Message) => {
-      const id = msg.properties.messageId;
-      if (typeof id === 'string') this.returned.add(id);
-    });
-    await channel.assertExchange(this.exchange, 'topic', { durable: true });
-    this.connection = connection;
-    this.channel = channel;
-    return channel;
+    await this.channel.publish(ROUTING_KEY, events);
   }
 }

@@ -7,11 +7,15 @@
 const config = require('../../config');
 const crm = require('../../utils/crm');
 const { askForNotices, guideToSettings, subscriptionState } = require('../../utils/subscribe');
+const { reportAnswer, flushReports } = require('../../utils/report');
 
 Page({
   data: {
     notice: '',
     customers: [],
+    // Assignments wechat-notifier holds for want of an accept, as the CRM
+    // last heard from its notifier.notice_held signal (0: none).
+    waiting: 0,
     loading: true,
     error: '',
     // ask | always_accepted | accepted | rejected | always_rejected | switched_off | banned | filtered | error
@@ -23,16 +27,22 @@ Page({
     return this.loadCustomers();
   },
 
-  // Also runs on the way back from the settings page.
+  // Also runs on the way back from the settings page. Answers the CRM did
+  // not take last time are sent again here.
   onShow() {
-    return this.refreshSubscription();
+    return Promise.all([this.refreshSubscription(), flushReports(wx)]);
   },
 
   async loadCustomers() {
     const query = this.data.notice ? `?notice=${encodeURIComponent(this.data.notice)}` : '';
     try {
       const body = await crm.request(wx, { path: `/customers/assigned${query}` });
-      this.setData({ customers: body.customers || [], loading: false, error: '' });
+      this.setData({
+        customers: body.customers || [],
+        waiting: body.notices_waiting || 0,
+        loading: false,
+        error: '',
+      });
     } catch (err) {
       this.setData({ loading: false, error: err.message });
     }
@@ -57,18 +67,10 @@ Page({
     } else if (result.state === 'always_rejected' || result.state === 'switched_off') {
       await guideToSettings(wx);
     }
-    if (result.state !== 'error') {
-      // The CRM keeps each salesperson's last answer, so a manager can see
-      // who switched the notices off. Advisory: WeChat holds the real
-      // authorisations, so a failed report is not the user's problem.
-      await crm
-        .request(wx, {
-          path: '/wechat/subscriptions',
-          method: 'POST',
-          data: { template_id: config.templateId, result: result.state },
-        })
-        .catch(() => {});
-    }
+    // Every answer goes to the CRM, which publishes it to wechat-notifier's
+    // grant ledger: an accept releases the notices held for want of one. A
+    // report that fails is kept and sent again (utils/report.js).
+    await reportAnswer(wx, config.templateId, result.state);
     return result.state;
   },
 

@@ -1,6 +1,6 @@
 // A hand-made fake of the part of wx-server-sdk that quickstartFunctions uses:
 // init, DYNAMIC_CURRENT_ENV, database() (collection().doc().get/set,
-// collection().where().limit().get, serverDate) and
+// serverDate) and
 // openapi.subscribeMessage.send. It behaves as the real one does where the
 // function depends on it: a missing document makes `doc().get()` throw, and a
 // refused send throws an error carrying `errCode` and `errMsg`.
@@ -18,10 +18,6 @@ const state = {
 function collection(name) {
   if (!state.collections.has(name)) state.collections.set(name, new Map());
   return state.collections.get(name);
-}
-
-function matches(doc, query) {
-  return Object.entries(query).every(([k, v]) => doc[k] === v);
 }
 
 const db = {
@@ -45,20 +41,6 @@ const db = {
             return { _id: id, errMsg: 'document.set:ok' };
           },
         };
-      },
-      where(query) {
-        let max = 100;
-        const chain = {
-          limit(n) {
-            max = n;
-            return chain;
-          },
-          async get() {
-            const data = [...docs.values()].filter((d) => matches(d, query)).slice(0, max);
-            return { data, errMsg: 'collection.get:ok' };
-          },
-        };
-        return chain;
       },
     };
   },
