@@ -404,16 +404,6 @@ impl Dispatcher {
                 answered,
                 "attempt judged"
             );
-            // With the grant ledger, a `43101` (or no openid in the direct
-            // mode) holds the notice until the user's next accept.
-            if let Some(ctx) = ledger.as_deref_mut() {
-                match self.hold_on(ctx, closed, &notice, &result).await {
-                    OnHold::NotAHold => {}
-                    OnHold::Held => return Ended::Held,
-                    OnHold::SendAgain => continue,
-                    OnHold::Parked => return Ended::Parked,
-                }
-            }
             let prior = closed
                 .deliveries
                 .iter()
@@ -429,6 +419,17 @@ impl Dispatcher {
                 self.budget.release();
                 *self.held_notice.lock().expect("not poisoned") = None;
                 *probe = None;
+            }
+            // With the grant ledger, a `43101` (or no openid in the direct
+            // mode) holds the notice until the user's next accept. Judged
+            // after the fault check above: a 43101 proves the settings.
+            if let Some(ctx) = ledger.as_deref_mut() {
+                match self.hold_on(ctx, closed, &notice, &result).await {
+                    OnHold::NotAHold => {}
+                    OnHold::Held => return Ended::Held,
+                    OnHold::SendAgain => continue,
+                    OnHold::Parked => return Ended::Parked,
+                }
             }
             match step {
                 Step::Ack => {
