@@ -592,7 +592,19 @@ impl Dispatcher {
                 return;
             }
         };
-        ledger.forget(&event.user_id);
+        if event.template_id == ledger.template_id() {
+            // What the statement answered is the user's state now: the
+            // notices that follow need no read of their own.
+            ledger.put(
+                &event.user_id,
+                crate::ledger::UserState {
+                    credit: counted.credit,
+                    openid: counted.openid.clone(),
+                    held: counted.held,
+                    probed_at: std::time::Instant::now(),
+                },
+            );
+        }
         info!(
             event_id = %event.event_id,
             user = %event.user_id,

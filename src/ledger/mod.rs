@@ -157,6 +157,14 @@ impl Ledger {
         }
     }
 
+    /// Replaces a user's cached state with what a statement just answered.
+    pub fn put(&self, user_id: &str, state: UserState) {
+        self.cache
+            .lock()
+            .expect("not poisoned")
+            .insert(user_id.to_string(), state);
+    }
+
     /// Forgets a user's cached state (a write whose effect is unknown).
     pub fn forget(&self, user_id: &str) {
         self.cache.lock().expect("not poisoned").remove(user_id);
