@@ -88,7 +88,7 @@ fn main() {
 }
 
 /// The table's order.
-const ORDER: [&str; 12] = [
+const ORDER: [&str; 14] = [
     "ceiling",
     "drain",
     "cpu",
@@ -101,6 +101,8 @@ const ORDER: [&str; 12] = [
     "quota_bound",
     "handover",
     "start",
+    "hold",
+    "release",
 ];
 
 /// Runs the wanted rows. The rows most sensitive to other load on the
@@ -131,6 +133,12 @@ async fn run_rows() -> Vec<Row> {
     }
     if wanted("naive") {
         rows.push(naive().await);
+    }
+    if wanted("hold") {
+        rows.push(hold().await);
+    }
+    if wanted("release") {
+        rows.push(release().await);
     }
     if wanted("ceiling") || wanted("drain") || wanted("cpu") {
         let n: usize = env_num("BENCH_EVENTS", 100_000);
@@ -1344,6 +1352,193 @@ async fn start() -> Row {
         details: json!({
             "to_consuming_ms": spread(&to_consuming),
             "to_ready_ms": spread(&to_ready),
+        }),
+    }
+}
+
+
+/// The template the ledger rows count credits of.
+const BENCH_TEMPLATE: &str = "bench-template";
+
+/// A test environment with the grant ledger on, in a schema of its own
+/// (`NOTIFIER_TEST_LEDGER_URL`, else the local PostgreSQL).
+async fn ledger_env(tag: &str) -> TestEnv {
+    let mut env = TestEnv::new(tag).await;
+    let url = std::env::var("NOTIFIER_TEST_LEDGER_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    env.set("NOTIFIER_LEDGER_URL", &url);
+    env.set(
+        "NOTIFIER_LEDGER_SCHEMA",
+        &format!("bench_{}_{:08x}", tag.replace('-', "_"), fastrand::u32(..)),
+    );
+    env.set("WECHAT_TEMPLATE_ID", BENCH_TEMPLATE);
+    env
+}
+
+/// Publishes one `subscription.changed` event per user (confirmed).
+async fn publish_subscriptions(env: &TestEnv, users: &[String], status: &str) {
+    let channel = broker::confirm_channel(&env.conn).await.unwrap();
+    for u in users {
+        let body = json!({
+            "event_id": publish::event_id(),
+            "event_type": "subscription.changed",
+            "occurred_at": chrono::Utc::now().to_rfc3339(),
+            "user": {"user_id": u},
+            "template_id": BENCH_TEMPLATE,
+            "status": status,
+        });
+        broker::publish_confirmed(
+            &channel,
+            &env.exchange(),
+            "subscription.changed",
+            &serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// The replica has nothing waiting and holds nothing unacked.
+async fn idle(env: &TestEnv, http: &str) -> bool {
+    env.ready(&env.queue()).await == 0 && common::unacked(http).await == Some(0)
+}
+
+/// `hold`: 10,000 events over 1,000 assignees, each known to the ledger at an
+/// exact 0 (an `off` first): every notice is held without a call. From the
+/// first publish to the last ack, less the quiet period; and the ledger
+/// statements per held notice, counted by the replica's own histogram.
+async fn hold() -> Row {
+    const USERS: usize = 1000;
+    const PER: usize = 10;
+    const QUIET_MS: f64 = 50.0;
+    let mut env = ledger_env("bench-hold").await;
+    env.set("NOTIFIER_RATE_PER_SEC", "1000000");
+    env.set("NOTIFIER_RATE_BURST", "10000");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", &QUIET_MS.to_string());
+    env.set("NOTIFIER_BATCH_MAX", "50");
+    env.set("NOTIFIER_PREFETCH", "5000");
+    env.declare().await;
+    let replica = env.spawn_process();
+    wait_ready(std::slice::from_ref(&replica)).await;
+    let prefix = format!("hold{:04x}-", fastrand::u16(..));
+    let users: Vec<String> = (0..USERS).map(|i| format!("{prefix}{i}")).collect();
+    publish_subscriptions(&env, &users, "off").await;
+    assert!(
+        eventually(Duration::from_secs(120), || idle(&env, &replica.http)).await,
+        "the off events were counted"
+    );
+    let statement = "wechat_notifier_ledger_statement_duration_seconds_count";
+    let before = metric(&replica.http, statement, "").await;
+    let bodies = grouped_bodies(USERS * PER, PER, &prefix);
+    let t0 = Instant::now();
+    env.publish_bodies(&bodies).await;
+    let mut done = false;
+    for _ in 0..6000 {
+        if idle(&env, &replica.http).await {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64() - QUIET_MS / 1000.0;
+    let statements = metric(&replica.http, statement, "").await - before;
+    let held_notices = metric(
+        &replica.http,
+        "wechat_notifier_ledger_holds_total",
+        "reason=\"no_credit\"",
+    )
+    .await;
+    let calls = notice_calls(&env.sim.calls()).len();
+    drop(replica);
+    env.cleanup().await;
+    let rate = if done { bodies.len() as f64 / secs } else { 0.0 };
+    let per_notice = statements / held_notices.max(1.0);
+    Row {
+        row: "hold",
+        what: "10,000 events held at an exact 0, no call".into(),
+        figure: rate,
+        unit: "events/s",
+        target: ">= 5000, <= 1 statement per notice".into(),
+        pass: Some(done && rate >= 5000.0 && per_notice <= 1.0 && calls == 0),
+        details: json!({
+            "events": bodies.len(),
+            "secs": secs,
+            "held_notices": held_notices,
+            "ledger_statements": statements,
+            "statements_per_notice": per_notice,
+            "wechat_calls": calls,
+        }),
+    }
+}
+
+/// `release`: a user held at an exact 0 accepts; from the accept's publish to
+/// the release's call at the simulator, with an idle rate budget (50 users,
+/// one after another).
+async fn release() -> Row {
+    const USERS: usize = 50;
+    let env = ledger_env("bench-release").await;
+    env.sim.push_fault(wechat_notifier::sim::Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: wechat_notifier::sim::FaultAction::NoticeFunctionErrcode(43101),
+        times: Some(USERS as u32),
+    });
+    env.declare().await;
+    let replica = env.spawn_process();
+    wait_ready(std::slice::from_ref(&replica)).await;
+    let prefix = format!("rel{:04x}-", fastrand::u16(..));
+    let bodies = grouped_bodies(USERS, 1, &prefix);
+    env.publish_bodies(&bodies).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            metric(
+                &replica.http,
+                "wechat_notifier_ledger_holds_total",
+                "reason=\"no_credit\"",
+            )
+            .await
+                >= USERS as f64
+                && idle(&env, &replica.http).await
+        })
+        .await,
+        "every user held"
+    );
+    let mut latencies = Vec::new();
+    for i in 0..USERS {
+        let user = format!("{prefix}{i}");
+        let calls_before = env.sim.calls().len();
+        let t0 = Instant::now();
+        publish_subscriptions(&env, std::slice::from_ref(&user), "accept").await;
+        let got = wait_until(Duration::from_secs(10), || {
+            env.sim.calls()[calls_before..]
+                .iter()
+                .any(|c| c.body["notice"]["assignee"]["user_id"] == user.as_str())
+        })
+        .await;
+        if got {
+            latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    drop(replica);
+    env.cleanup().await;
+    latencies.sort_by(f64::total_cmp);
+    let p99 = percentile(&latencies, 99.0);
+    Row {
+        row: "release",
+        what: "accept published -> the release call, p99".into(),
+        figure: p99,
+        unit: "ms",
+        target: "<= 50".into(),
+        pass: Some(latencies.len() == USERS && p99 <= 50.0),
+        details: json!({
+            "users": USERS,
+            "released": latencies.len(),
+            "p50_ms": percentile(&latencies, 50.0),
+            "p99_ms": p99,
+            "max_ms": latencies.last(),
         }),
     }
 }
