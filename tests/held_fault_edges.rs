@@ -246,7 +246,11 @@ async fn a_replica_started_during_the_re_send_does_not_send_the_held_events_agai
         counts.values().all(|n| *n == 1),
         "each event accepted once: {counts:?}"
     );
-    assert_eq!(env.sim.overlapping_calls(), 0, "one call at a time per assignee");
+    assert_eq!(
+        env.sim.overlapping_calls(),
+        0,
+        "one call at a time per assignee"
+    );
     first.stop().await;
     second.stop().await;
     env.cleanup().await;
@@ -354,7 +358,11 @@ async fn a_blind_start_up_probe_does_not_release_a_fault_found_on_a_send() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after: Vec<Call> = env.sim.notice_calls().split_off(before);
-    assert!(after.len() >= 2, "the fault is still retried: {}", after.len());
+    assert!(
+        after.len() >= 2,
+        "the fault is still retried: {}",
+        after.len()
+    );
     assert!(!seen_ready, "/readyz never 200 while the fault is held");
     let gap = shortest_gap(&after);
     assert!(
