@@ -573,3 +573,72 @@ impl Dispatcher {
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + fastrand::f64() * 0.5)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmd::publish::{sample_events, Bulk};
+
+    fn dispatcher() -> Dispatcher {
+        let settings = Settings::from_pairs([
+            ("WECHAT_APPID", "wx0000000000000000"),
+            ("WECHAT_APPSECRET", "not-a-secret"),
+            ("WECHAT_CLOUD_ENV", "env-1"),
+            ("NOTIFIER_MAX_AGE", "1h"),
+        ])
+        .expect("valid settings");
+        Dispatcher::new(
+            Arc::new(settings),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::default()),
+            "unit",
+        )
+    }
+
+    /// Events for one assignee, the first `old` of them two hours old.
+    fn events(n: usize, old: usize) -> Vec<AssignmentEvent> {
+        let mut bodies = sample_events(&Bulk::new(n, 1));
+        let two_hours_ago = chrono::Local::now().fixed_offset() - chrono::Duration::hours(2);
+        for b in bodies.iter_mut().take(old) {
+            b["occurred_at"] = serde_json::json!(two_hours_ago.to_rfc3339());
+        }
+        bodies
+            .iter()
+            .map(|b| crate::event::parse(b.to_string().as_bytes()).expect("a valid event"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_re_sent_notice_leaves_out_events_past_the_max_age() {
+        let d = dispatcher();
+        let held = events(3, 1);
+        *d.held_events.lock().unwrap() = Some(held.clone());
+        let notice = d.held_notice_now().expect("two events are fresh");
+        assert_eq!(
+            notice.event_ids,
+            [held[1].event_id.clone(), held[2].event_id.clone()]
+        );
+        assert_eq!(notice.customer_count, 2);
+        assert_eq!(
+            notice.notice_id,
+            crate::notice::notice_id(&notice.event_ids)
+        );
+
+        *d.held_events.lock().unwrap() = Some(events(2, 2));
+        assert!(d.held_notice_now().is_none(), "nothing fresh to re-send");
+        assert!(!d.holds_notice(), "an all-expired notice is no longer held");
+    }
+
+    #[tokio::test]
+    async fn every_delivery_of_a_re_sent_event_is_acked_not_only_the_first() {
+        let d = dispatcher();
+        d.remember_resent(&["e1".to_string(), "e2".to_string()]);
+        assert!(d.already_delivered("e1"));
+        assert!(
+            d.already_delivered("e1"),
+            "a second delivery (a re-publish) too"
+        );
+        assert!(d.already_delivered("e2"));
+        assert!(!d.already_delivered("e3"));
+    }
+}
