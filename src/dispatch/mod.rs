@@ -127,7 +127,7 @@ impl Dispatcher {
     /// until a probe passes; while it is held this returns `Err` and the
     /// caller does not consume. A fault found on a real send is one the probe
     /// cannot see: a passing probe never ends it (only a real notice's retry
-    /// does, see [`Dispatcher::retry_held`]).
+    /// does: the held notice's re-send, or a window's retry).
     ///
     /// # Errors
     /// The classified failure; the caller decides which outcomes matter.
