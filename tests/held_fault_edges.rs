@@ -95,7 +95,9 @@ fn aged(mut events: Vec<Value>, ms: i64) -> Vec<Value> {
 /// the event expires in the first session.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_notice_re_sent_after_a_reconnect_never_carries_an_expired_event() {
-    const MAX_AGE_MS: i64 = 8000;
+    // Room for a slow `rabbitmqctl` close (5 s seen under load) before the
+    // event would expire in the first session.
+    const MAX_AGE_MS: i64 = 12_000;
     const AGE_MS: i64 = 2500;
     let mut env = TestEnv::new("edge-max-age").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
@@ -132,7 +134,12 @@ async fn a_held_notice_re_sent_after_a_reconnect_never_carries_an_expired_event(
         .iter()
         .filter_map(|(_, p)| header_str(p, headers::REASON))
         .collect();
-    assert_eq!(reasons, ["expired"]);
+    // At least once: a copy confirmed just as a connection closed may be
+    // made again, but every dead letter of it says `expired`.
+    assert!(
+        !reasons.is_empty() && reasons.iter().all(|r| r == "expired"),
+        "dead-lettered expired: {reasons:?}"
+    );
     svc.stop().await;
     env.cleanup().await;
 }

@@ -186,6 +186,10 @@ impl Dispatcher {
                 self.not_the_active_one();
                 return Ok(());
             }
+            // Nothing to re-send: consuming sends nothing beside another
+            // replica (a window waits for the fault held, or this replica
+            // is a standby and gets none).
+            QueueOwner::Unknown if !self.holds_notice() => return Ok(()),
             // Re-sending could send the events beside the replica that has
             // them: the notice stays held, asked again after the retry delay.
             QueueOwner::Unknown => {
@@ -209,11 +213,21 @@ impl Dispatcher {
         // A replica that took the queue during the call has the events and
         // sends them itself: the re-send's effect is dropped (nothing acked
         // for it here, no fault released or held by its answer).
-        if owner().await == QueueOwner::Others {
-            self.not_the_active_one();
-            return Ok(());
+        match owner().await {
+            QueueOwner::Others => {
+                self.not_the_active_one();
+                Ok(())
+            }
+            // Deleted during the call: its answer still tells about the
+            // settings, but the notice is not sent again for messages that
+            // went with the queue.
+            QueueOwner::Recreated => {
+                let settled = self.settle_resend(&notice, sent);
+                self.forget_held_notice("the work queue was deleted, and its messages with it");
+                settled
+            }
+            QueueOwner::Nobody | QueueOwner::Unknown => self.settle_resend(&notice, sent),
         }
-        self.settle_resend(&notice, sent)
     }
 
     /// Carries out the re-send's answer. Only an answer that proves the
