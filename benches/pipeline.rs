@@ -1356,7 +1356,6 @@ async fn start() -> Row {
     }
 }
 
-
 /// The template the ledger rows count credits of.
 const BENCH_TEMPLATE: &str = "bench-template";
 
@@ -1454,7 +1453,11 @@ async fn hold() -> Row {
     let calls = notice_calls(&env.sim.calls()).len();
     drop(replica);
     env.cleanup().await;
-    let rate = if done { bodies.len() as f64 / secs } else { 0.0 };
+    let rate = if done {
+        bodies.len() as f64 / secs
+    } else {
+        0.0
+    };
     let per_notice = statements / held_notices.max(1.0);
     Row {
         row: "hold",

@@ -9,16 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::broker::inspect::Presence;
 use crate::broker::{self, Acks, BrokerError, FailureKind, Pending};
 use crate::coalescer::{Closed, Coalescer, WindowRules};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, QueueOwner};
 use crate::event;
 use crate::http::{self, Health};
 use crate::ledger::Ledger;
@@ -214,6 +218,15 @@ impl Service {
             }
         }
 
+        // While this replica re-sends a held notice it marks the queue as
+        // taken, so a replica that starts meanwhile does not consume (and
+        // send the same events beside the re-send) until it is done.
+        let marker = marker_name(&s.queue);
+        let owns_marker = self.dispatcher.holds_notice() && take_marker(&conn, &marker).await;
+        // Set when the work queue, found gone during the check, cannot be
+        // declared again: the session ends with the broker's reason.
+        let redeclare_failed: std::sync::Mutex<Option<BrokerError>> = std::sync::Mutex::new(None);
+
         // A configuration fault found before consuming keeps this replica
         // from consuming: nothing is held, nothing churns.
         loop {
@@ -222,16 +235,15 @@ impl Service {
                     close(&conn).await;
                     return Ok(());
                 }
-                checked = self.dispatcher.check_before_consuming(async {
-                    // The held notice's events belong to whichever replica
-                    // consumes the queue (any consumer: the active one gets
-                    // them). No answer means unknown, not "nobody".
-                    match tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(&conn, &s.queue)).await {
-                        Ok(Ok(broker::inspect::Presence::Present { consumers, .. })) => Some(consumers > 0),
-                        _ => None,
-                    }
+                checked = self.dispatcher.check_before_consuming(|| {
+                    queue_owner(&conn, s, &redeclare_failed)
                 }) => checked,
             };
+            let failed = redeclare_failed.lock().expect("not poisoned").take();
+            if let Some(e) = failed {
+                close(&conn).await;
+                return Err(anyhow::Error::new(e).context("declaring the deleted work queue again"));
+            }
             match checked {
                 Ok(()) => break,
                 // A held fault (found now, or on an earlier send and not
@@ -260,6 +272,15 @@ impl Service {
         consume
             .basic_qos(s.prefetch, BasicQosOptions::default())
             .await?;
+        if !owns_marker {
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    close(&conn).await;
+                    return Ok(());
+                }
+                waited = wait_for_marker(&conn, &marker, s.config_retry) => waited?,
+            }
+        }
         let mut consumer = consume
             .basic_consume(
                 s.queue.as_str().into(),
@@ -271,6 +292,10 @@ impl Service {
         self.health.set_consuming(true);
         self.metrics.consuming.set(1);
         info!(queue = %s.queue, consumer_tag = %self.consumer_tag, "consumer registered (active or standby)");
+        if owns_marker {
+            // Registered: a replica that starts from now on is a standby.
+            drop_marker(&conn, &marker).await;
+        }
 
         let mut coalescer: Coalescer<Pending> = Coalescer::new(WindowRules {
             quiet: s.batch_window,
@@ -532,6 +557,123 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The queue a replica holds, exclusively, while it re-sends a held notice
+/// (section "Configuration faults" of the README).
+fn marker_name(queue: &str) -> String {
+    format!("{queue}.held")
+}
+
+/// Declares the marker as an exclusive queue of this connection: the broker
+/// deletes it when the connection goes, so a replica that dies while it
+/// re-sends blocks nobody. `false` when it cannot (another replica holds it,
+/// or the user may not declare it): the re-send then goes without it.
+async fn take_marker(conn: &Connection, marker: &str) -> bool {
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        ch.queue_declare(
+            marker.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+        let _ = ch.close(200, "marked".into()).await;
+        Ok::<(), lapin::Error>(())
+    };
+    match tokio::time::timeout(CLOSE_LIMIT, declared).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            warn!(queue = %marker, error = %BrokerError::Amqp(e), "cannot mark the queue as taken; re-sending the held notice without the mark");
+            false
+        }
+        Err(_) => {
+            warn!(queue = %marker, "the broker did not answer the mark in time; re-sending the held notice without it");
+            false
+        }
+    }
+}
+
+async fn drop_marker(conn: &Connection, marker: &str) {
+    let deleted = async {
+        let ch = conn.create_channel().await?;
+        ch.queue_delete(marker.into(), QueueDeleteOptions::default())
+            .await?;
+        let _ = ch.close(200, "unmarked".into()).await;
+        Ok::<(), lapin::Error>(())
+    };
+    if !matches!(tokio::time::timeout(CLOSE_LIMIT, deleted).await, Ok(Ok(()))) {
+        warn!(queue = %marker, "the mark was not deleted; it goes with this connection");
+    }
+}
+
+/// Waits while another replica holds the marker (it re-sends a held notice
+/// whose events are in the queue). A broker that does not answer is left to
+/// the consume that follows.
+///
+/// # Errors
+/// The connection closed while waiting.
+async fn wait_for_marker(conn: &Connection, marker: &str, retry: Duration) -> anyhow::Result<()> {
+    let mut said = false;
+    loop {
+        match tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(conn, marker)).await {
+            Ok(Ok(Presence::Present { .. } | Presence::Mismatched(_))) => {}
+            _ => return Ok(()),
+        }
+        if !said {
+            info!(queue = %marker, "another replica is re-sending a held notice; consuming once it is done");
+            said = true;
+        }
+        tokio::time::sleep(retry).await;
+        if !conn.status().connected() {
+            anyhow::bail!(
+                "the broker connection closed while another replica re-sent a held notice"
+            );
+        }
+    }
+}
+
+/// Who has the work queue (see [`QueueOwner`]). A queue found gone is
+/// declared again as the settings say; if that fails the broker's reason is
+/// left in `failed` for the session to end with.
+async fn queue_owner(
+    conn: &Connection,
+    s: &Settings,
+    failed: &std::sync::Mutex<Option<BrokerError>>,
+) -> QueueOwner {
+    match tokio::time::timeout(CLOSE_LIMIT, broker::inspect::queue(conn, &s.queue)).await {
+        Ok(Ok(Presence::Present { consumers, .. })) if consumers > 0 => QueueOwner::Others,
+        Ok(Ok(Presence::Present { .. })) => QueueOwner::Nobody,
+        Ok(Ok(Presence::Missing | Presence::Mismatched(_))) => {
+            let declared = async {
+                let ch = conn.create_channel().await?;
+                broker::declare_topology(&ch, s).await?;
+                let _ = ch.close(200, "declared".into()).await;
+                Ok::<(), BrokerError>(())
+            };
+            match tokio::time::timeout(CLOSE_LIMIT, declared).await {
+                Ok(Ok(())) => {
+                    warn!(queue = %s.queue, "the work queue was gone; declared it again");
+                    QueueOwner::Recreated
+                }
+                Ok(Err(e)) => {
+                    *failed.lock().expect("not poisoned") = Some(e);
+                    QueueOwner::Unknown
+                }
+                Err(_) => QueueOwner::Unknown,
+            }
+        }
+        _ => QueueOwner::Unknown,
     }
 }
 

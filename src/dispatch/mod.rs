@@ -16,14 +16,18 @@ pub mod lanes;
 pub mod policy;
 pub mod settle;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Pending, Publisher};
 use crate::coalescer::Closed;
+use crate::event::AssignmentEvent;
 use crate::http::Health;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -35,7 +39,7 @@ pub use budget::quota;
 use budget::{Budget, ProbeTurn, QuotaKind, Turn};
 use held::{LedgerCtx, OnHold};
 use lanes::{Lanes, Ticket};
-use policy::{Step, Tries};
+use policy::{is_expired, Step, Tries};
 use settle::{Expiry, Settler};
 
 /// Shared by every window this replica sends; outlives broker sessions so the
@@ -46,16 +50,21 @@ pub struct Dispatcher {
     budget: Budget,
     lanes: Lanes,
     settle: Settler,
-    /// The notice whose real send found the configuration fault being held.
-    /// The start-up probe cannot see such a fault, so a new session sends this
-    /// notice again before it consumes (and does not consume while that
-    /// fails: the messages rest in the queue, nothing churns). Its
-    /// `notice_id` lets WeChat's side drop a duplicate.
-    held_notice: Mutex<Option<Notice>>,
-    /// The events a re-sent held notice delivered: when they come back from
-    /// the queue they are acked without another notice (so an accepted
-    /// re-send settles exactly the events it carried).
-    resent: Mutex<HashSet<String>>,
+    /// The events of the notice whose real send found the configuration
+    /// fault being held. The start-up probe cannot see such a fault, so a new
+    /// session sends their notice again before it consumes (and does not
+    /// consume while that fails: the messages rest in the queue, nothing
+    /// churns). Kept as events, not as a notice, so the re-send leaves out
+    /// those past `NOTIFIER_MAX_AGE` when it is made.
+    held_events: Mutex<Option<Vec<AssignmentEvent>>>,
+    /// The held fault was found on a real send (not by the start-up probe):
+    /// only a real notice's retry ends it, never a probe, which cannot see it.
+    fault_from_send: AtomicBool,
+    /// The events a re-sent held notice delivered, each until `NOTIFIER_MAX_AGE`
+    /// after the re-send: every delivery of them that comes back from the
+    /// queue (the CRM may have published one twice) is acked without another
+    /// notice, so an accepted re-send settles exactly the events it carried.
+    resent: Mutex<HashMap<String, Instant>>,
     /// The grant ledger (contract section 8), when `NOTIFIER_LEDGER_URL` is set.
     ledger: Option<Arc<Ledger>>,
     metrics: Arc<Metrics>,
@@ -95,6 +104,21 @@ enum Attempt {
     Done,
 }
 
+/// Who has the work queue, as the broker answers right before (and again
+/// right after) a held notice's re-send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOwner {
+    /// Another replica consumes it: the broker gave it the held notice's events.
+    Others,
+    /// Nobody consumes it: the held events wait in it for this replica.
+    Nobody,
+    /// It was gone (deleted) and is declared again: the held notice's
+    /// messages went with it.
+    Recreated,
+    /// The broker did not answer: not "nobody".
+    Unknown,
+}
+
 impl Dispatcher {
     /// `name` names the publishing connection (copies to retry and dead-letter queues).
     pub fn new(
@@ -115,8 +139,9 @@ impl Dispatcher {
             ),
             lanes: Lanes::default(),
             settle: Settler::new(publisher, settings.clone(), metrics.clone()),
-            held_notice: Mutex::new(None),
-            resent: Mutex::new(HashSet::new()),
+            held_events: Mutex::new(None),
+            fault_from_send: AtomicBool::new(false),
+            resent: Mutex::new(HashMap::new()),
             ledger,
             metrics,
             me: me.clone(),
@@ -139,25 +164,24 @@ impl Dispatcher {
     }
 
     /// Before consuming: reaches WeChat without a notice (within the rate
-    /// budget) to find configuration faults, and if a fault found on a real
-    /// send is held, sends that notice again, since only a real send shows
-    /// such a fault. A fault is held (not ready, with the reason) until an
-    /// answer proves the settings right; while it is held this returns `Err`
-    /// and the caller does not consume.
+    /// budget) to find configuration faults. A fault the probe finds is held
+    /// until a probe passes; while it is held this returns `Err` and the
+    /// caller does not consume. A fault found on a real send is one the probe
+    /// cannot see: a passing probe never ends it (only a real notice's retry
+    /// does: the held notice's re-send, or a window's retry).
     ///
     /// # Errors
     /// The classified failure; the caller decides which outcomes matter.
-    /// `others_consume` tells whether another replica consumes the queue now
-    /// (awaited only right before a re-send, after its rate slot): that
-    /// replica then has the held notice's events, so this one forgets the
-    /// notice; `None` (unknown) keeps it held and returns `Err`.
-    pub async fn check_before_consuming(
-        &self,
-        others_consume: impl std::future::Future<Output = Option<bool>>,
-    ) -> Result<(), CallResult> {
+    /// `owner` asks the broker who has the work queue now (see [`QueueOwner`]);
+    /// it is awaited only while a fault found on a send is held.
+    pub async fn check_before_consuming<F, Fut>(&self, owner: F) -> Result<(), CallResult>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = QueueOwner>,
+    {
         // The token before the rate slot (no slot held during a fetch).
         let token = self.wechat.token().await;
-        let mut result = match &token {
+        let result = match &token {
             Ok(token) => {
                 self.budget.take_unheld().await;
                 match self.token_after_wait(token).await {
@@ -167,41 +191,9 @@ impl Dispatcher {
             }
             Err(e) => Err(e.clone()),
         };
-        let held = self.held_notice.lock().expect("not poisoned").clone();
-        if let (Ok(()), Ok(token), Some(notice)) = (&result, &token, held) {
-            self.budget.take_unheld().await;
-            let sent = match others_consume.await {
-                Some(true) => {
-                    self.forget_held_notice();
-                    Ok(())
-                }
-                // Unknown (the broker did not answer): re-sending could send
-                // the events beside the replica that has them; the notice
-                // stays held and is tried again after the retry delay.
-                None => {
-                    let unknown = "whether another replica consumes the queue is unknown; \
-                                   the held notice waits";
-                    return Err(CallResult::transient(unknown));
-                }
-                Some(false) => match self.token_after_wait(token).await {
-                    Ok(token) => self.resend(&notice, &token).await,
-                    Err(e) => Err(e),
-                },
-            };
-            match sent {
-                Err(e) if e.outcome != Outcome::ConfigFault => {
-                    self.pause_on_quota(e.outcome);
-                    // No proof either way (a 5xx, a timeout, a quota, the
-                    // function throwing on this notice): the fault stays held,
-                    // but this notice no longer keeps the replica from
-                    // consuming. One of the session's windows becomes the
-                    // notice retried, with the ladder (so a notice failing for
-                    // its own reasons is parked, not retried here forever).
-                    warn!(detail = %e.detail, "the held notice's retry proved nothing; consuming with the fault held");
-                    *self.held_notice.lock().expect("not poisoned") = None;
-                    return Ok(());
-                }
-                sent => result = sent,
+        if let (Ok(()), Ok(token)) = (&result, &token) {
+            if self.fault_from_send.load(Ordering::SeqCst) {
+                return self.retry_held(token, &owner).await;
             }
         }
         match &result {
@@ -210,6 +202,141 @@ impl Dispatcher {
             Err(e) => self.pause_on_quota(e.outcome),
         }
         result
+    }
+
+    /// A fault found on a real send is held and the probe passed: the held
+    /// notice is sent again (what is left of it: expiry is judged now, when
+    /// it would be sent), only while no other replica has its events. `Ok`
+    /// lets the session consume: the fault was proved gone, or this replica
+    /// is not the one that has the events, or there is nothing left to
+    /// re-send (then the fault stays held, and one of the session's windows
+    /// becomes the notice retried: calls resume only when a real notice's
+    /// retry is accepted).
+    async fn retry_held<F, Fut>(&self, token: &Secret, owner: &F) -> Result<(), CallResult>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = QueueOwner>,
+    {
+        // The re-send's rate slot first (it may wait out a pause): who has
+        // the queue is asked after it, right before the call.
+        if self.holds_notice() {
+            self.budget.take_unheld().await;
+        }
+        match owner().await {
+            QueueOwner::Others => {
+                self.not_the_active_one();
+                return Ok(());
+            }
+            // Nothing to re-send: consuming sends nothing beside another
+            // replica (a window waits for the fault held, or this replica
+            // is a standby and gets none).
+            QueueOwner::Unknown if !self.holds_notice() => return Ok(()),
+            // Re-sending could send the events beside the replica that has
+            // them: the notice stays held, asked again after the retry delay.
+            QueueOwner::Unknown => {
+                let unknown = "whether another replica consumes the queue is unknown; \
+                               the held notice waits";
+                return Err(CallResult::transient(unknown));
+            }
+            QueueOwner::Recreated => {
+                self.forget_held_notice("the work queue was deleted, and its messages with it");
+                return Ok(());
+            }
+            QueueOwner::Nobody => {}
+        }
+        let Some(notice) = self.held_notice_now() else {
+            return Ok(());
+        };
+        let sent = match self.token_after_wait(token).await {
+            Ok(token) => self.resend(&notice, &token).await,
+            Err(e) => e,
+        };
+        // A replica that took the queue during the call has the events and
+        // sends them itself: the re-send's effect is dropped (nothing acked
+        // for it here, no fault released or held by its answer).
+        match owner().await {
+            QueueOwner::Others => {
+                self.not_the_active_one();
+                Ok(())
+            }
+            // Deleted during the call: its answer still tells about the
+            // settings, but the notice is not sent again for messages that
+            // went with the queue.
+            QueueOwner::Recreated => {
+                let settled = self.settle_resend(&notice, sent);
+                self.forget_held_notice("the work queue was deleted, and its messages with it");
+                settled
+            }
+            QueueOwner::Nobody | QueueOwner::Unknown => self.settle_resend(&notice, sent),
+        }
+    }
+
+    /// Carries out the re-send's answer. Only an answer that proves the
+    /// settings ends the fault; the fault again keeps it held (`Err`); any
+    /// other answer (a 5xx, a timeout, a quota, the function throwing on this
+    /// notice) proves nothing: the fault stays held, but this notice no
+    /// longer keeps the replica from consuming. One of the session's windows
+    /// becomes the notice retried, with the ladder (so a notice failing for
+    /// its own reasons is parked, not retried here forever).
+    fn settle_resend(&self, notice: &Notice, sent: CallResult) -> Result<(), CallResult> {
+        if sent.outcome == Outcome::ConfigFault {
+            drop(self.budget.hold(&sent.detail));
+            return Err(sent);
+        }
+        if !sent.outcome.proves_settings() {
+            self.pause_on_quota(sent.outcome);
+            warn!(detail = %sent.detail, "the held notice's retry proved nothing; consuming with the fault held");
+            *self.held_events.lock().expect("not poisoned") = None;
+            return Ok(());
+        }
+        if sent.outcome == Outcome::Delivered {
+            info!(
+                notice_id = %notice.notice_id,
+                event_ids = %notice.event_ids.join(","),
+                "held notice delivered on its retry; its messages are acked when they come back"
+            );
+            self.metrics
+                .notice_sent(notice.summary, notice.customer_count);
+            self.remember_resent(&notice.event_ids);
+        }
+        *self.held_events.lock().expect("not poisoned") = None;
+        self.fault_from_send.store(false, Ordering::SeqCst);
+        self.budget.release();
+        Ok(())
+    }
+
+    /// The held notice as it would be sent now: its events older than
+    /// `NOTIFIER_MAX_AGE` left out (they are dead-lettered `expired` when they
+    /// come back from the queue, like any event that waited too long), `None`
+    /// when nothing is left.
+    fn held_notice_now(&self) -> Option<Notice> {
+        let mut held = self.held_events.lock().expect("not poisoned");
+        let events = held.as_mut()?;
+        let now = chrono::Utc::now();
+        let before = events.len();
+        events.retain(|e| !is_expired(e.occurred_at, now, self.settings.max_age));
+        if events.len() < before {
+            info!(
+                expired = before - events.len(),
+                "held events passed NOTIFIER_MAX_AGE: not re-sent, dead-lettered when they come back"
+            );
+        }
+        if events.is_empty() {
+            *held = None;
+            return None;
+        }
+        let refs: Vec<&AssignmentEvent> = events.iter().collect();
+        Some(Notice::from_events(&refs))
+    }
+
+    /// Remembers an accepted re-send's events for `NOTIFIER_MAX_AGE` (older
+    /// events are dead-lettered anyway); ids whose time is up go.
+    fn remember_resent(&self, ids: &[String]) {
+        let now = Instant::now();
+        let until = now + self.settings.max_age;
+        let mut resent = self.resent.lock().expect("not poisoned");
+        resent.retain(|_, t| *t > now);
+        resent.extend(ids.iter().map(|id| (id.clone(), until)));
     }
 
     /// The token for one call outside a notice's loop (the start-up probe,
@@ -246,45 +373,43 @@ impl Dispatcher {
         self.budget.pause(d, QuotaKind::Daily);
     }
 
-    /// Sends the held notice again (its rate slot taken). Only an answer that proves the settings
-    /// ends the fault (`Ok`); anything else (the fault again, a 5xx, a
-    /// timeout, a quota) leaves it held (`Err` with that answer). An accepted notice's events
-    /// are remembered so their deliveries are acked when they come back.
-    async fn resend(&self, notice: &Notice, token: &Secret) -> Result<(), CallResult> {
-        let prepared = match self.wechat.prepare(notice) {
-            Ok(p) => p,
-            // Cannot happen for a notice that reached WeChat; keep holding.
-            Err(local) => return Err(local),
-        };
-        let sent = self.wechat.call(&prepared, token).await;
-        if !sent.outcome.proves_settings() {
-            return Err(sent);
+    /// Sends the held notice again (its rate slot taken): WeChat's answer.
+    async fn resend(&self, notice: &Notice, token: &Secret) -> CallResult {
+        match self.wechat.prepare(notice) {
+            Ok(prepared) => self.wechat.call(&prepared, token).await,
+            // Cannot happen for a notice that reached WeChat; keeps holding.
+            Err(local) => local,
         }
-        if sent.outcome == Outcome::Delivered {
-            info!(
-                notice_id = %notice.notice_id,
-                event_ids = %notice.event_ids.join(","),
-                "held notice delivered on its retry; its messages are acked when they come back"
-            );
-            self.resent
-                .lock()
-                .expect("not poisoned")
-                .extend(notice.event_ids.iter().cloned());
+    }
+
+    /// Forgets the held notice (not the fault): its events are not this
+    /// replica's to send any more.
+    fn forget_held_notice(&self, why: &str) {
+        if let Some(events) = self.held_events.lock().expect("not poisoned").take() {
+            info!(events = events.len(), why, "not re-sending the held notice");
         }
-        *self.held_notice.lock().expect("not poisoned") = None;
-        Ok(())
     }
 
     /// Another replica consumes the queue now (the broker gave it the queue
     /// when this replica's session ended): it has the held notice's events
-    /// and sends them itself, so this replica must not re-send them.
-    pub fn forget_held_notice(&self) {
-        if let Some(n) = self.held_notice.lock().expect("not poisoned").take() {
-            info!(
-                notice_id = %n.notice_id,
-                "another replica consumes the queue: it has the held notice's events, not re-sending them"
-            );
+    /// and sends them itself, and it finds the fault itself if the fault is
+    /// still there. This replica forgets the notice and the fault, so its
+    /// `/readyz` and fault gauge do not report a fault of a queue it does not
+    /// serve; it makes no call until it becomes the active consumer.
+    pub fn not_the_active_one(&self) {
+        self.forget_held_notice(
+            "another replica consumes the queue: it has the held notice's events",
+        );
+        if self.fault_from_send.swap(false, Ordering::SeqCst) {
+            info!("another replica consumes the queue: this one no longer reports the fault found on its send");
         }
+        self.budget.release();
+    }
+
+    /// Whether a notice held for a fault found on its send waits to be sent
+    /// again (the session then marks the queue as taken while it does).
+    pub fn holds_notice(&self) -> bool {
+        self.held_events.lock().expect("not poisoned").is_some()
     }
 
     /// Whether a configuration fault is held (the session does not consume
@@ -294,10 +419,14 @@ impl Dispatcher {
     }
 
     /// Whether `event_id` was delivered by a re-sent held notice (its
-    /// delivery is acked without another notice). Each id answers once.
+    /// delivery is acked without another notice). Every delivery of it
+    /// answers so, not only the first: the CRM may have published it twice.
     pub fn already_delivered(&self, event_id: &str) -> bool {
-        let mut resent = self.resent.lock().expect("not poisoned");
-        !resent.is_empty() && resent.remove(event_id)
+        let resent = self.resent.lock().expect("not poisoned");
+        !resent.is_empty()
+            && resent
+                .get(event_id)
+                .is_some_and(|until| *until > Instant::now())
     }
 
     /// This replica became the active consumer (its first delivery of a
@@ -374,7 +503,7 @@ impl Dispatcher {
         // The retried notice left the fault another way (expired, parked,
         // dead-lettered): a later session must not send it again.
         if probe.is_some() {
-            *self.held_notice.lock().expect("not poisoned") = None;
+            *self.held_events.lock().expect("not poisoned") = None;
         }
         ended
     }
@@ -416,8 +545,9 @@ impl Dispatcher {
                     .decide(result.outcome, prior, &mut tries, SystemTime::now());
             // Only WeChat's answer that proves the settings work ends a held fault.
             if probe.is_some() && answered && result.outcome.proves_settings() {
+                self.fault_from_send.store(false, Ordering::SeqCst);
                 self.budget.release();
-                *self.held_notice.lock().expect("not poisoned") = None;
+                *self.held_events.lock().expect("not poisoned") = None;
                 *probe = None;
             }
             // With the grant ledger, a `43101` (or no openid in the direct
@@ -457,7 +587,8 @@ impl Dispatcher {
                 }
                 Step::Hold => {
                     let turn = self.budget.hold(&result.detail);
-                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
+                    self.fault_from_send.store(true, Ordering::SeqCst);
+                    *self.held_events.lock().expect("not poisoned") = Some(closed.events.clone());
                     // Without the turn, another notice is the one retried: the
                     // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {
@@ -515,7 +646,7 @@ impl Dispatcher {
                 *notice = closed.notice();
                 if probe.is_some() {
                     // A later session re-sends only what is still held.
-                    *self.held_notice.lock().expect("not poisoned") = Some(notice.clone());
+                    *self.held_events.lock().expect("not poisoned") = Some(closed.events.clone());
                 }
                 return Attempt::Again;
             }
@@ -536,4 +667,74 @@ impl Dispatcher {
 /// ±25% jitter so replicas that failed together do not retry together.
 fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmd::publish::{sample_events, Bulk};
+
+    fn dispatcher() -> Arc<Dispatcher> {
+        let settings = Settings::from_pairs([
+            ("WECHAT_APPID", "wx0000000000000000"),
+            ("WECHAT_APPSECRET", "not-a-secret"),
+            ("WECHAT_CLOUD_ENV", "env-1"),
+            ("NOTIFIER_MAX_AGE", "1h"),
+        ])
+        .expect("valid settings");
+        Dispatcher::new(
+            Arc::new(settings),
+            Arc::new(Metrics::new()),
+            Arc::new(Health::default()),
+            None,
+            "unit",
+        )
+    }
+
+    /// Events for one assignee, the first `old` of them two hours old.
+    fn events(n: usize, old: usize) -> Vec<AssignmentEvent> {
+        let mut bodies = sample_events(&Bulk::new(n, 1));
+        let two_hours_ago = chrono::Local::now().fixed_offset() - chrono::Duration::hours(2);
+        for b in bodies.iter_mut().take(old) {
+            b["occurred_at"] = serde_json::json!(two_hours_ago.to_rfc3339());
+        }
+        bodies
+            .iter()
+            .map(|b| crate::event::parse(b.to_string().as_bytes()).expect("a valid event"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_re_sent_notice_leaves_out_events_past_the_max_age() {
+        let d = dispatcher();
+        let held = events(3, 1);
+        *d.held_events.lock().unwrap() = Some(held.clone());
+        let notice = d.held_notice_now().expect("two events are fresh");
+        assert_eq!(
+            notice.event_ids,
+            [held[1].event_id.clone(), held[2].event_id.clone()]
+        );
+        assert_eq!(notice.customer_count, 2);
+        assert_eq!(
+            notice.notice_id,
+            crate::notice::notice_id(&notice.event_ids)
+        );
+
+        *d.held_events.lock().unwrap() = Some(events(2, 2));
+        assert!(d.held_notice_now().is_none(), "nothing fresh to re-send");
+        assert!(!d.holds_notice(), "an all-expired notice is no longer held");
+    }
+
+    #[tokio::test]
+    async fn every_delivery_of_a_re_sent_event_is_acked_not_only_the_first() {
+        let d = dispatcher();
+        d.remember_resent(&["e1".to_string(), "e2".to_string()]);
+        assert!(d.already_delivered("e1"));
+        assert!(
+            d.already_delivered("e1"),
+            "a second delivery (a re-publish) too"
+        );
+        assert!(d.already_delivered("e2"));
+        assert!(!d.already_delivered("e3"));
+    }
 }
