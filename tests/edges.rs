@@ -1,0 +1,142 @@
+//! The last edges of the held fault, the token cache and the publisher, each
+//! checked where a user would see it: the copies the broker confirmed or
+//! failed, the token fetches counted against those WeChat answered, and the
+//! times and tokens of the calls WeChat received.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{eventually, ids, wait_until, TestEnv};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use wechat_notifier::broker::publisher::MAX_QUEUED;
+use wechat_notifier::broker::Publisher;
+use wechat_notifier::event::parse;
+use wechat_notifier::metrics::Metrics;
+use wechat_notifier::notice::Notice;
+use wechat_notifier::settings::Settings;
+use wechat_notifier::sim::{Api, Call, Fault, FaultAction, Sim, SimConfig};
+use wechat_notifier::wechat::{Outcome, WeChat};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A TCP proxy in front of the broker whose forwarding stops while the
+/// returned flag is `true` (a blocked connection: bytes are neither lost nor
+/// delivered until it is `false` again). Returns the proxy's AMQP URL.
+async fn stalling_proxy() -> (String, watch::Sender<bool>) {
+    let url = common::amqp_url();
+    let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP_URL parses");
+    let target = format!("{}:{}", uri.authority.host, uri.authority.port);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stall, stalled) = watch::channel(false);
+    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                mut to: tokio::net::tcp::OwnedWriteHalf,
+                mut stalled: watch::Receiver<bool>| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if stalled.wait_for(|s| !*s).await.is_err() {
+                break;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let via = url.replacen(&target, &addr.to_string(), 1);
+    assert_ne!(via, url, "the proxy stands in for the broker's address");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, stalled.clone()));
+            tokio::spawn(pipe(sr, cw, stalled.clone()));
+        }
+    });
+    (via, stall)
+}
+
+/// Issue 24 item 6: a flood of copies (thousands of invalid events
+/// dead-lettered at once), and the publisher's connection blocked for a
+/// moment in the middle. The copy in flight is not confirmed in time and
+/// fails; the copies queued behind it at that moment fail with it, and no
+/// others: each failure sends one original back to the queue (one more
+/// delivery towards its limit), so at most the queue bound + 1 originals are
+/// redelivered, not the rest of the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_mid_flood_fails_only_the_copies_queued_behind_it() {
+    const COPIES: usize = 600;
+    let env = TestEnv::new("flood").await;
+    let queue = format!("{}.copies", env.prefix);
+    env.channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (url, stall) = stalling_proxy().await;
+    let publisher = Arc::new(Publisher::new(vec![url], "edges-flood-publish".into()));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for i in 0..COPIES {
+        let (publisher, tx, queue) = (publisher.clone(), tx.clone(), queue.clone());
+        tokio::spawn(async move {
+            let body = format!("{{\"copy\":{i}}}");
+            let sent = publisher
+                .publish("", &queue, body.as_bytes(), BasicProperties::default())
+                .await;
+            let _ = tx.send(sent.map_err(|e| e.to_string()));
+        });
+    }
+    drop(tx);
+    let (mut confirmed, mut failed) = (0usize, Vec::new());
+    while let Some(sent) = rx.recv().await {
+        match sent {
+            Ok(()) => confirmed += 1,
+            Err(e) => failed.push(e),
+        }
+        // A hundred copies in, the connection blocks; it unblocks as soon as
+        // a copy failed (well before a new connection would give up).
+        if confirmed == 100 && failed.is_empty() {
+            stall.send_replace(true);
+        }
+        if !failed.is_empty() {
+            stall.send_replace(false);
+        }
+    }
+    assert_eq!(confirmed + failed.len(), COPIES);
+    assert!(!failed.is_empty(), "the blocked connection failed a copy");
+    assert!(
+        failed.len() <= MAX_QUEUED + 1,
+        "{} copies failed (so many originals redelivered), at most {} may: {:?}",
+        failed.len(),
+        MAX_QUEUED + 1,
+        &failed[..3.min(failed.len())]
+    );
+    // Every confirmed copy is in the queue (a failed one may be there too:
+    // the broker can take a copy whose confirm never came back in time).
+    let ready = env.ready(&queue).await as usize;
+    assert!(ready >= confirmed, "{ready} ready, {confirmed} confirmed");
+    let _ = env
+        .channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    publisher.close().await;
+    env.cleanup().await;
+}
