@@ -140,3 +140,97 @@ async fn a_copy_that_fails_mid_flood_fails_only_the_copies_queued_behind_it() {
     publisher.close().await;
     env.cleanup().await;
 }
+
+/// Settings for a WeChat client of its own that points at `sim`.
+fn client_settings(sim: &Sim) -> Settings {
+    Settings::from_pairs(vec![
+        ("WECHAT_API_BASE".to_string(), sim.url()),
+        ("WECHAT_APPID".to_string(), sim.config().appid.clone()),
+        ("WECHAT_APPSECRET".to_string(), sim.config().secret.clone()),
+        (
+            "WECHAT_CLOUD_ENV".to_string(),
+            sim.config().cloud_env.clone(),
+        ),
+    ])
+    .expect("test settings are valid")
+}
+
+/// A one-event notice for `user`.
+fn notice(user: &str) -> Notice {
+    let event = parse(
+        json!({
+            "event_id": format!("ev-{user}"),
+            "event_type": "customer.assigned",
+            "occurred_at": "2026-11-25T14:03:27+08:00",
+            "source": "web",
+            "assignee": { "user_id": user, "name": "张三" },
+            "customer": { "id": "88231", "name": "上海某某贸易有限公司" },
+            "assigned_by": { "user_id": "7", "name": "李经理" }
+        })
+        .to_string()
+        .as_bytes(),
+    )
+    .expect("a valid event");
+    Notice::from_events(&[&event])
+}
+
+/// Token fetches counted in `metrics` (every mode and outcome).
+fn token_fetches_counted(metrics: &Metrics) -> f64 {
+    metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("wechat_notifier_token_fetches_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 24 item 7 (its first half): a refresh ahead of expiry whose answer
+/// is discarded (the token it set out to refresh was rejected and replaced
+/// by another caller's fetch meanwhile) was still a fetch WeChat answered,
+/// and is counted as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discarded_refresh_is_counted_as_a_token_fetch() {
+    // A token that lives 6 s: refreshed at half its life.
+    let sim = Sim::start_local(SimConfig {
+        token_ttl: 6,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("simulator starts");
+    let metrics = Arc::new(Metrics::new());
+    let wechat = Arc::new(WeChat::new(&client_settings(&sim), metrics.clone()));
+    assert_eq!(wechat.send(&notice("u0")).await.outcome, Outcome::Delivered);
+    // The refresh takes 2 s at the simulator.
+    sim.push_fault(Fault {
+        api: Some(Api::StableToken),
+        user_id: None,
+        action: FaultAction::DelayMs(2000),
+        times: Some(1),
+    });
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let refreshing = {
+        let wechat = wechat.clone();
+        tokio::spawn(async move { wechat.send(&notice("u1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile WeChat rejects the token, and the next call fetches a new one.
+    sim.expire_tokens();
+    assert_eq!(
+        wechat.send(&notice("u2")).await.outcome,
+        Outcome::TokenInvalid
+    );
+    assert_eq!(wechat.send(&notice("u3")).await.outcome, Outcome::Delivered);
+    // The refresh answers after that: its answer is not kept.
+    assert_eq!(refreshing.await.unwrap().outcome, Outcome::Delivered);
+    let answered = sim
+        .calls()
+        .iter()
+        .filter(|c| c.api == Api::StableToken)
+        .count();
+    assert_eq!(answered, 3, "the first fetch, the refresh, the forced one");
+    assert_eq!(
+        token_fetches_counted(&metrics),
+        answered as f64,
+        "every fetch WeChat answered is counted"
+    );
+}

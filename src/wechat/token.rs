@@ -181,15 +181,17 @@ impl TokenProvider {
                 if same && (!stale || fresh) {
                     return self.keep(&mut state, now, false, result);
                 }
+                // The refresh's answer is discarded, but it was a fetch: it
+                // is counted like any other.
+                let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
+                self.metrics.token_fetch(self.mode_label(), outcome);
                 if let Some(c) = state.cached.as_ref().filter(|c| {
                     !same && c.usable_at(Instant::now()) && !self.was_rejected(&c.token)
                 }) {
                     return Ok(c.token.clone());
                 }
                 // No usable token: this caller waits for a fetch of its own,
-                // as the others do. The refresh's answer is still counted.
-                let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
-                self.metrics.token_fetch(self.mode_label(), outcome);
+                // as the others do.
                 if let Some(c) = state.cached.as_mut() {
                     c.stale |= self.was_rejected(&c.token);
                 }
