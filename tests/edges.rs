@@ -234,3 +234,111 @@ async fn a_discarded_refresh_is_counted_as_a_token_fetch() {
         "every fetch WeChat answered is counted"
     );
 }
+
+/// The notice calls WeChat received, in arrival order.
+fn notice_calls_in_order(sim: &Sim) -> Vec<Call> {
+    let mut calls = sim.notice_calls();
+    calls.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
+    calls
+}
+
+/// A backlog of 20 assignees' notices, sent 4 a second (a call every
+/// 250 ms), and a fault (`action`, once) on the notice of the ninth
+/// assignee: its answer comes right after its slot, so the next notice
+/// already waits for the following slot when it lands. Returns the
+/// environment once every event was delivered, and that answer's call.
+async fn a_backlog_meets(
+    tag: &str,
+    action: FaultAction,
+    extra: &[(&str, &str)],
+) -> (TestEnv, Call) {
+    let mut env = TestEnv::new(tag).await;
+    env.set("NOTIFIER_RATE_PER_SEC", "4");
+    env.set("NOTIFIER_RATE_BURST", "1");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "100");
+    for (k, v) in extra {
+        env.set(k, v);
+    }
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { common::readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    let events = env.bulk(20, 20, false);
+    let faulted = events[8]["assignee"]["user_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.sim
+        .push_fault(common::fault_for(&events[8], action.clone(), Some(1)));
+    env.publish(&events).await;
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "every event delivered in the end"
+    );
+    svc.stop().await;
+    let answer = notice_calls_in_order(&env.sim)
+        .into_iter()
+        .find(|c| {
+            c.errcode != 0 && c.body["notice"]["assignee"]["user_id"].as_str() == Some(&faulted)
+        })
+        .unwrap_or_else(|| panic!("{action:?} was answered"));
+    (env, answer)
+}
+
+/// No notice call reached WeChat after `answer` was sent back and before
+/// `quiet_ms` later, though notices were waiting for their slots.
+fn no_call_after(env: &TestEnv, answer: &Call, quiet_ms: f64) {
+    let calls = notice_calls_in_order(&env.sim);
+    let after: Vec<f64> = calls
+        .iter()
+        .filter(|c| c.at_ms > answer.answered_ms)
+        .map(|c| c.at_ms - answer.answered_ms)
+        .collect();
+    assert!(
+        after.len() >= 5,
+        "notices were waiting for their slots when the answer came: {after:?}"
+    );
+    assert!(
+        after[0] >= quiet_ms,
+        "a call {:.0} ms after the answer (errcode {}) that stopped every call",
+        after[0],
+        answer.errcode
+    );
+}
+
+/// Issue 24 item 10, a quota pause: a call that already waits for its rate
+/// slot when another call's 45009 comes back does not go out at that slot;
+/// it waits for the pause (the first retry step, 2 s) like every other call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_goes_out_after_the_daily_quota_answer_that_paused_them_all() {
+    let (env, answer) = a_backlog_meets(
+        "edge-daily",
+        FaultAction::FunctionErrcode(45009),
+        &[("NOTIFIER_RETRY_DELAYS", "2s")],
+    )
+    .await;
+    assert_eq!(answer.errcode, 45009);
+    no_call_after(&env, &answer, 1800.0);
+    env.cleanup().await;
+}
+
+/// Issue 24 item 10, a held configuration fault: a call that already waits
+/// for its rate slot when another call's 40164 (IP not whitelisted) comes
+/// back does not go out at that slot; only the failed notice is retried,
+/// after `NOTIFIER_CONFIG_RETRY` (here 2 s), and the calls resume when that
+/// retry succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_goes_out_after_the_answer_that_began_a_held_fault() {
+    let (env, answer) = a_backlog_meets(
+        "edge-held",
+        FaultAction::Errcode(40164),
+        &[("NOTIFIER_CONFIG_RETRY", "2s")],
+    )
+    .await;
+    assert_eq!(answer.errcode, 40164);
+    no_call_after(&env, &answer, 1800.0);
+    env.cleanup().await;
+}

@@ -141,6 +141,10 @@ impl Budget {
                 continue; // held while this call waited for its turn
             }
             return match self.take_in_turn(turn, Some(entered)).await {
+                // Held while this call waited for its rate slot (another
+                // call's answer): the slot goes unused, and this call waits
+                // for the fault like the others.
+                Ok(()) if self.fault.borrow().is_some() => continue,
                 Ok(()) => Turn::Go,
                 Err((left, errcode)) => Turn::Paused { left, errcode },
             };
@@ -191,6 +195,11 @@ impl Budget {
     /// caller, which holds deliveries, started to wait), a pause that would
     /// make its wait longer than `PAUSE_HOLD_LIMIT` in all is not waited out:
     /// `Err` with the time left and the quota's errcode.
+    ///
+    /// A pause that began while the call waited for its slot (another call's
+    /// 45011 or 45009 came back meanwhile) stops it too: the slot goes
+    /// unused and the pause is waited for (or handed back) as if it had
+    /// begun before; no call leaves after the answer that paused them all.
     async fn take_in_turn(
         &self,
         _turn: tokio::sync::MutexGuard<'_, ()>,
@@ -198,30 +207,35 @@ impl Budget {
     ) -> Result<(), (Duration, i64)> {
         let started = Instant::now();
         loop {
-            let until = *self.pause_until.lock().expect("not poisoned");
-            match until {
-                Some((t, kind)) if t > Instant::now() => {
-                    let left = t - Instant::now();
-                    if entered.is_some_and(|e| e.elapsed() + left > PAUSE_HOLD_LIMIT) {
-                        return Err((left, kind.errcode()));
-                    }
-                    tokio::time::sleep_until(t).await;
+            while let Some((t, kind)) = self.paused_until() {
+                let left = t.saturating_duration_since(Instant::now());
+                if entered.is_some_and(|e| e.elapsed() + left > PAUSE_HOLD_LIMIT) {
+                    return Err((left, kind.errcode()));
                 }
-                _ => break,
+                tokio::time::sleep_until(t).await;
             }
-        }
-        while let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(self.clock.now());
-            if wait > BUDGET_SPIN {
-                tokio::time::sleep(wait - BUDGET_SPIN).await;
-            } else {
-                tokio::task::yield_now().await;
+            while let Err(not_until) = self.limiter.check() {
+                let wait = not_until.wait_time_from(self.clock.now());
+                if wait > BUDGET_SPIN {
+                    tokio::time::sleep(wait - BUDGET_SPIN).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            if self.paused_until().is_none() {
+                break;
             }
         }
         self.metrics
             .rate_limiter_wait
             .observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// The end of the pause running now, and its quota, if one runs.
+    fn paused_until(&self) -> Option<(Instant, QuotaKind)> {
+        let until = *self.pause_until.lock().expect("not poisoned");
+        until.filter(|(t, _)| *t > Instant::now())
     }
 
     /// Pauses every call of this replica for `d` (a later end wins).
