@@ -342,3 +342,77 @@ async fn no_call_goes_out_after_the_answer_that_began_a_held_fault() {
     no_call_after(&env, &answer, 1800.0);
     env.cleanup().await;
 }
+
+/// Issue 24 item 11: a backlog of notices took token #0 before their rate
+/// slots; WeChat rejects #0, the refresh (slow) brings #1, WeChat rejects #1
+/// too, and the next refresh is slow again. A notice still holding #0 when
+/// its slot comes during that second refresh must not send it: no call
+/// carries a token after WeChat rejected it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_wechat_rejected_is_never_sent_again_after_two_refreshes() {
+    let mut env = TestEnv::new("edge-tokens").await;
+    env.set("NOTIFIER_RATE_PER_SEC", "10");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "100");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { common::readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    let events = env.bulk(60, 60, false);
+    env.publish(&events).await;
+    // Every window closed and took the token (#0) before its slot.
+    assert!(wait_until(WAIT, || env.sim.delivered().len() >= 5).await);
+    // The next two token fetches take a second each.
+    env.sim.push_fault(Fault {
+        api: Some(Api::StableToken),
+        user_id: None,
+        action: FaultAction::DelayMs(1000),
+        times: Some(2),
+    });
+    env.sim.expire_tokens();
+    assert!(
+        wait_until(WAIT, || env.sim.issued_tokens().len() >= 2).await,
+        "a new token after the first rejection"
+    );
+    env.sim.expire_tokens();
+    let want = ids(&events);
+    assert!(
+        wait_until(WAIT, || want.is_subset(&env.notified_ids())).await,
+        "every event delivered in the end"
+    );
+    svc.stop().await;
+
+    let calls = notice_calls_in_order(&env.sim);
+    // When WeChat first answered that each token is no longer valid.
+    let mut rejected: BTreeMap<String, f64> = BTreeMap::new();
+    for c in &calls {
+        if matches!(c.errcode, 40001 | 42001) {
+            let t = c.token.clone().expect("a notice call carries a token");
+            let at = rejected.entry(t).or_insert(c.answered_ms);
+            *at = at.min(c.answered_ms);
+        }
+    }
+    // Tokens named by their serial only ("SIMTOKEN0002"), not in full.
+    let short = |t: &str| t.chars().take(12).collect::<String>();
+    let named: Vec<(String, f64)> = rejected.iter().map(|(t, at)| (short(t), *at)).collect();
+    assert!(rejected.len() >= 2, "two tokens rejected: {named:?}");
+    // A call may be on its way while the answer is: 20 ms of slack (the
+    // calls are 100 ms apart).
+    let late: Vec<Value> = calls
+        .iter()
+        .filter(|c| {
+            let t = c.token.as_deref().unwrap_or_default();
+            rejected.get(t).is_some_and(|r| c.at_ms > r + 20.0)
+        })
+        .map(|c| {
+            let token = short(c.token.as_deref().unwrap_or_default());
+            json!({ "at_ms": c.at_ms, "token": token, "errcode": c.errcode })
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "calls with a token WeChat had rejected (rejections: {named:?}): {late:?}"
+    );
+    env.cleanup().await;
+}
