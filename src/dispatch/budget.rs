@@ -372,6 +372,61 @@ mod tests {
         assert!(b.is_held());
     }
 
+    /// Real time here: governor's clock is the real one, and a paused tokio
+    /// clock would run ahead of it (and past the pause) while the call spins
+    /// for its slot. The first poll leaves the call waiting for its slot, past
+    /// its check for a pause; only then does another call's 45011 come back.
+    #[tokio::test]
+    async fn a_pause_that_begins_while_a_call_waits_for_its_slot_stops_that_call() {
+        let b = Budget::new(
+            10.0,
+            1,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        let mut call = Box::pin(b.take());
+        assert!(
+            futures_util::poll!(&mut call).is_pending(),
+            "waiting for its slot (the bucket starts empty)"
+        );
+        b.pause(PAUSE_HOLD_LIMIT * 6, QuotaKind::Minute);
+        match call.await {
+            Turn::Paused { errcode, .. } => assert_eq!(errcode, 45011),
+            _ => panic!("the call went out (or probed) after the pause began"),
+        }
+    }
+
+    /// As above, with a configuration fault held while the call waits for its
+    /// slot: it waits for the fault like every other call, and goes once the
+    /// fault is released.
+    #[tokio::test]
+    async fn a_fault_held_while_a_call_waits_for_its_slot_stops_that_call() {
+        let b = Budget::new(
+            10.0,
+            1,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        let mut call = Box::pin(b.take());
+        assert!(futures_util::poll!(&mut call).is_pending());
+        let turn = b
+            .hold("WeChat answered errcode 40164")
+            .expect("the probe turn");
+        // Three slots' time: the call would have gone at the first.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut call)
+                .await
+                .is_err(),
+            "the call went out after the fault was held"
+        );
+        b.release();
+        drop(turn);
+        assert!(
+            matches!(call.await, Turn::Go),
+            "a normal call once released"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_new_replica_starts_with_an_empty_bucket() {
         let b = Budget::new(
