@@ -104,6 +104,11 @@ pub struct Call {
     pub body: Value,
     pub http_status: u16,
     pub errcode: i64,
+    /// Since the simulator started, when the answer was sent (after any delay).
+    pub answered_ms: f64,
+    /// The access token a notice call carried (`None` for token requests):
+    /// tests check that no token is sent after WeChat rejected it.
+    pub token: Option<String>,
 }
 
 struct Token {
@@ -298,7 +303,21 @@ impl SimState {
     }
 
     fn record(&self, at: Instant, api: Api, body: Value, http_status: u16, errcode: i64) {
+        self.record_call(at, api, body, http_status, errcode, None);
+    }
+
+    /// As `record`, for a call that carried `token`.
+    fn record_call(
+        &self,
+        at: Instant,
+        api: Api,
+        body: Value,
+        http_status: u16,
+        errcode: i64,
+        token: Option<&str>,
+    ) {
         let at_ms = self.elapsed_ms(at);
+        let answered_ms = self.elapsed_ms(Instant::now());
         let events = match (api, http_status, errcode) {
             (Api::InvokeCloudFunction, 200, 0) => body
                 .pointer("/notice/event_ids")
@@ -314,6 +333,8 @@ impl SimState {
             body,
             http_status,
             errcode,
+            answered_ms,
+            token: token.map(str::to_string),
         });
     }
 
@@ -575,17 +596,18 @@ async fn invoke(
         .pointer("/notice/assignee/user_id")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let token_code = s.check_token(q.get("access_token").map(String::as_str));
+    let token = q.get("access_token").map(String::as_str);
+    let token_code = s.check_token(token);
     if token_code != 0 {
-        s.record(at, Api::InvokeCloudFunction, body, 200, token_code);
+        s.record_call(at, Api::InvokeCloudFunction, body, 200, token_code, token);
         return wechat_error(token_code, "access_token invalid");
     }
     if q.get("env") != Some(&s.config.cloud_env) {
-        s.record(at, Api::InvokeCloudFunction, body, 200, -501005);
+        s.record_call(at, Api::InvokeCloudFunction, body, 200, -501005, token);
         return wechat_error(-501005, "env not found");
     }
     if q.get("name") != Some(&s.config.cloud_function) {
-        s.record(at, Api::InvokeCloudFunction, body, 200, -501000);
+        s.record_call(at, Api::InvokeCloudFunction, body, 200, -501000, token);
         return wechat_error(-501000, "function not found");
     }
     let fault = s.take_fault(Api::InvokeCloudFunction, user_id.as_deref(), probe);
@@ -596,7 +618,7 @@ async fn invoke(
     let function_code = match applied {
         Ok(code) => code,
         Err((status, code, resp)) => {
-            s.record(at, Api::InvokeCloudFunction, body, status, code);
+            s.record_call(at, Api::InvokeCloudFunction, body, status, code, token);
             return resp;
         }
     };
@@ -611,7 +633,14 @@ async fn invoke(
         (false, 0) => s.take_credit(credit_key(Api::InvokeCloudFunction, &body)),
         _ => function_code,
     };
-    s.record(at, Api::InvokeCloudFunction, body, 200, function_code);
+    s.record_call(
+        at,
+        Api::InvokeCloudFunction,
+        body,
+        200,
+        function_code,
+        token,
+    );
     let resp_data = json!({ "errcode": function_code, "errmsg": if function_code == 0 { "ok" } else { "simulated" } });
     Json(json!({ "errcode": 0, "errmsg": "ok", "resp_data": resp_data.to_string() }))
         .into_response()
@@ -687,9 +716,10 @@ async fn subscribe_send(
 ) -> Response {
     let at = Instant::now();
     let body = body.map(|Json(v)| v).unwrap_or(Value::Null);
-    let token_code = s.check_token(q.get("access_token").map(String::as_str));
+    let token = q.get("access_token").map(String::as_str);
+    let token_code = s.check_token(token);
     if token_code != 0 {
-        s.record(at, Api::SubscribeSend, body, 200, token_code);
+        s.record_call(at, Api::SubscribeSend, body, 200, token_code, token);
         return wechat_error(token_code, "access_token invalid");
     }
     let openid = body
@@ -702,14 +732,14 @@ async fn subscribe_send(
     )
     .await
     {
-        s.record(at, Api::SubscribeSend, body, status, code);
+        s.record_call(at, Api::SubscribeSend, body, status, code, token);
         return resp;
     }
     let code = match check_subscribe_body(&body) {
         0 => s.take_credit(credit_key(Api::SubscribeSend, &body)),
         refused => refused,
     };
-    s.record(at, Api::SubscribeSend, body, 200, code);
+    s.record_call(at, Api::SubscribeSend, body, 200, code, token);
     wechat_error(code, if code == 0 { "ok" } else { "argument invalid" })
 }
 

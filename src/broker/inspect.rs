@@ -425,4 +425,32 @@ mod tests {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
     }
+
+    /// Only the broker's "inequivalent arg" answer means a queue or exchange
+    /// exists with other arguments (an operator must act, retried slowly);
+    /// any other 406, such as the one a stray double ack earns, closes a
+    /// channel and a reconnect is enough.
+    #[test]
+    fn only_an_inequivalent_arg_406_reads_as_a_mismatch() {
+        use super::super::FailureKind;
+        let exchange = amqp(
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'x' in vhost '/': \
+             received 'direct' but current is 'topic'",
+        );
+        assert_eq!(exchange.kind(), FailureKind::Mismatch);
+        for text in [
+            "PRECONDITION_FAILED - unknown delivery tag 42",
+            "PRECONDITION_FAILED - fast reply consumer does not exist",
+            "PRECONDITION_FAILED",
+        ] {
+            let e = amqp(406, text);
+            assert_eq!(e.kind(), FailureKind::Refused, "{text}");
+            let line = e.to_string();
+            assert!(
+                !line.contains("other arguments") && line.contains(text),
+                "{line}"
+            );
+        }
+    }
 }

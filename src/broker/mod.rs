@@ -79,7 +79,8 @@ pub enum FailureKind {
     Unreachable,
     /// The login was refused (403 at connection level).
     AccessRefused,
-    /// A queue or exchange exists with other arguments (406 PRECONDITION_FAILED).
+    /// A queue or exchange exists with other arguments (406 PRECONDITION_FAILED,
+    /// "inequivalent arg").
     Mismatch,
     /// The broker closed the channel because a delivery stayed unacked past
     /// its `consumer_timeout` (also a 406 PRECONDITION_FAILED, told apart by
@@ -89,7 +90,8 @@ pub enum FailureKind {
     NotFound,
     /// The connection or channel went away under us.
     ConnectionLost,
-    /// Anything else the broker refused (a nack, an unroutable message, a 5xx).
+    /// Anything else the broker refused (a nack, an unroutable message, a 5xx,
+    /// another 406 such as "unknown delivery tag").
     Refused,
 }
 
@@ -122,6 +124,14 @@ fn is_consumer_timeout(text: &str) -> bool {
     text.contains("acknowledgement") && text.contains("timed out")
 }
 
+/// Whether a broker's reply text is RabbitMQ's answer to a declare whose
+/// arguments differ from the existing queue's or exchange's ("inequivalent
+/// arg 'x-queue-type' for queue …"). Other 406s (a stray double ack's
+/// "unknown delivery tag") close a channel and need no operator.
+fn is_mismatch(text: &str) -> bool {
+    text.contains("inequivalent arg")
+}
+
 fn lapin_kind(e: &lapin::Error) -> FailureKind {
     match reply_code(e) {
         Some(403) => FailureKind::AccessRefused,
@@ -130,7 +140,10 @@ fn lapin_kind(e: &lapin::Error) -> FailureKind {
             lapin::ErrorKind::ProtocolError(p) if is_consumer_timeout(p.get_message().as_str()) => {
                 FailureKind::ConsumerTimeout
             }
-            _ => FailureKind::Mismatch,
+            lapin::ErrorKind::ProtocolError(p) if is_mismatch(p.get_message().as_str()) => {
+                FailureKind::Mismatch
+            }
+            _ => FailureKind::Refused,
         },
         Some(_) => FailureKind::Refused,
         None => FailureKind::ConnectionLost,

@@ -19,8 +19,11 @@
 //!   copies is not "not confirmed". At most [`MAX_QUEUED`] copies are queued
 //!   at the lock, with a generous bound there; the rest wait for a place. When
 //!   a copy fails to reach the broker (not confirmed, connection lost), every
-//!   copy that was waiting meanwhile fails at once instead of meeting the same
-//!   broker one by one, so a blocked broker does not pin originals for long.
+//!   copy queued at the lock meanwhile fails at once instead of meeting the
+//!   same broker one by one, so a blocked broker does not pin originals for
+//!   long; the copies still waiting for a place try the broker themselves, so
+//!   one failure sends at most [`MAX_QUEUED`] + 1 originals back to the queue,
+//!   never a whole flood.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,8 +35,9 @@ use super::{confirm_channel, connect, publish_confirmed, BrokerError};
 
 /// How long a sent copy may wait for its confirm before it counts as failed.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copies queued at the lock at most; the others wait for a place, with no clock.
-const MAX_QUEUED: usize = 32;
+/// Copies queued at the lock at most; the others wait for a place, with no
+/// clock. Also the most copies one failure can fail with it (see `publish`).
+pub const MAX_QUEUED: usize = 32;
 /// How long a queued copy may wait for the lock: generous, since the copies
 /// ahead of it take a few milliseconds each, and at worst each one's own bounds.
 const TURN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -113,8 +117,12 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let seen = self.failures.load(Ordering::SeqCst);
+        // Counted from the moment this copy has its place at the lock: a
+        // failure while it still waited for a place happened to copies far
+        // ahead of it, and it tries the broker itself. Only the copies queued
+        // at the lock when a copy fails (at most `MAX_QUEUED`) fail with it.
         let _place = self.queued.acquire().await.expect("never closed");
+        let seen = self.failures.load(Ordering::SeqCst);
         let mut link = tokio::time::timeout(TURN_TIMEOUT, self.link.lock())
             .await
             .map_err(|_| BrokerError::TurnTimeout(TURN_TIMEOUT))?;

@@ -141,6 +141,10 @@ impl Budget {
                 continue; // held while this call waited for its turn
             }
             return match self.take_in_turn(turn, Some(entered)).await {
+                // Held while this call waited for its rate slot (another
+                // call's answer): the slot goes unused, and this call waits
+                // for the fault like the others.
+                Ok(()) if self.fault.borrow().is_some() => continue,
                 Ok(()) => Turn::Go,
                 Err((left, errcode)) => Turn::Paused { left, errcode },
             };
@@ -191,6 +195,11 @@ impl Budget {
     /// caller, which holds deliveries, started to wait), a pause that would
     /// make its wait longer than `PAUSE_HOLD_LIMIT` in all is not waited out:
     /// `Err` with the time left and the quota's errcode.
+    ///
+    /// A pause that began while the call waited for its slot (another call's
+    /// 45011 or 45009 came back meanwhile) stops it too: the slot goes
+    /// unused and the pause is waited for (or handed back) as if it had
+    /// begun before; no call leaves after the answer that paused them all.
     async fn take_in_turn(
         &self,
         _turn: tokio::sync::MutexGuard<'_, ()>,
@@ -198,30 +207,35 @@ impl Budget {
     ) -> Result<(), (Duration, i64)> {
         let started = Instant::now();
         loop {
-            let until = *self.pause_until.lock().expect("not poisoned");
-            match until {
-                Some((t, kind)) if t > Instant::now() => {
-                    let left = t - Instant::now();
-                    if entered.is_some_and(|e| e.elapsed() + left > PAUSE_HOLD_LIMIT) {
-                        return Err((left, kind.errcode()));
-                    }
-                    tokio::time::sleep_until(t).await;
+            while let Some((t, kind)) = self.paused_until() {
+                let left = t.saturating_duration_since(Instant::now());
+                if entered.is_some_and(|e| e.elapsed() + left > PAUSE_HOLD_LIMIT) {
+                    return Err((left, kind.errcode()));
                 }
-                _ => break,
+                tokio::time::sleep_until(t).await;
             }
-        }
-        while let Err(not_until) = self.limiter.check() {
-            let wait = not_until.wait_time_from(self.clock.now());
-            if wait > BUDGET_SPIN {
-                tokio::time::sleep(wait - BUDGET_SPIN).await;
-            } else {
-                tokio::task::yield_now().await;
+            while let Err(not_until) = self.limiter.check() {
+                let wait = not_until.wait_time_from(self.clock.now());
+                if wait > BUDGET_SPIN {
+                    tokio::time::sleep(wait - BUDGET_SPIN).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+            }
+            if self.paused_until().is_none() {
+                break;
             }
         }
         self.metrics
             .rate_limiter_wait
             .observe(started.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// The end of the pause running now, and its quota, if one runs.
+    fn paused_until(&self) -> Option<(Instant, QuotaKind)> {
+        let until = *self.pause_until.lock().expect("not poisoned");
+        until.filter(|(t, _)| *t > Instant::now())
     }
 
     /// Pauses every call of this replica for `d` (a later end wins).
@@ -356,6 +370,61 @@ mod tests {
             "the waiting notice becomes the one retried"
         );
         assert!(b.is_held());
+    }
+
+    /// Real time here: governor's clock is the real one, and a paused tokio
+    /// clock would run ahead of it (and past the pause) while the call spins
+    /// for its slot. The first poll leaves the call waiting for its slot, past
+    /// its check for a pause; only then does another call's 45011 come back.
+    #[tokio::test]
+    async fn a_pause_that_begins_while_a_call_waits_for_its_slot_stops_that_call() {
+        let b = Budget::new(
+            10.0,
+            1,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        let mut call = Box::pin(b.take());
+        assert!(
+            futures_util::poll!(&mut call).is_pending(),
+            "waiting for its slot (the bucket starts empty)"
+        );
+        b.pause(PAUSE_HOLD_LIMIT * 6, QuotaKind::Minute);
+        match call.await {
+            Turn::Paused { errcode, .. } => assert_eq!(errcode, 45011),
+            _ => panic!("the call went out (or probed) after the pause began"),
+        }
+    }
+
+    /// As above, with a configuration fault held while the call waits for its
+    /// slot: it waits for the fault like every other call, and goes once the
+    /// fault is released.
+    #[tokio::test]
+    async fn a_fault_held_while_a_call_waits_for_its_slot_stops_that_call() {
+        let b = Budget::new(
+            10.0,
+            1,
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        );
+        let mut call = Box::pin(b.take());
+        assert!(futures_util::poll!(&mut call).is_pending());
+        let turn = b
+            .hold("WeChat answered errcode 40164")
+            .expect("the probe turn");
+        // Three slots' time: the call would have gone at the first.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut call)
+                .await
+                .is_err(),
+            "the call went out after the fault was held"
+        );
+        b.release();
+        drop(turn);
+        assert!(
+            matches!(call.await, Turn::Go),
+            "a normal call once released"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -167,12 +167,12 @@ impl WeChat {
 
     /// The token for a call made after waiting for its rate slot, without
     /// waiting for a fetch: the freshest cached one (another call may have
-    /// replaced `taken` meanwhile), else `taken` unless WeChat rejected it
-    /// meanwhile (`None`: the call must take a token again).
+    /// replaced `taken` meanwhile), else `taken` only while it is still the
+    /// newest token and WeChat has not rejected it (`None`: the call must
+    /// take a token again). A token WeChat rejected is never sent again, nor
+    /// one it replaced, however many refreshes the call waited through.
     pub fn token_after_wait(&self, taken: &Secret) -> Option<Secret> {
-        self.tokens
-            .cached()
-            .or_else(|| (!self.tokens.was_rejected(taken)).then(|| taken.clone()))
+        self.tokens.after_wait(taken)
     }
 
     /// As `probe`, with a token already taken.

@@ -94,15 +94,27 @@ pub struct TokenProvider {
     state: Mutex<State>,
     /// A refresh ahead of expiry is in flight (made outside the lock).
     refreshing: AtomicBool,
-    /// The cached token and its expiry while not called invalid, readable
-    /// without waiting for the lock a fetch holds (see `cached`).
-    usable: std::sync::Mutex<Option<(Secret, Instant)>>,
-    /// The token WeChat last rejected, recorded before the lock is taken
-    /// (so a call that waited for its rate slot sees it at once, and `get`
-    /// never serves it again even if the `invalidate` that recorded it was
-    /// cancelled before it took the lock).
-    rejected: std::sync::Mutex<Option<Secret>>,
+    /// The newest token fetched, readable without waiting for the lock a
+    /// fetch holds (see `cached` and `after_wait`).
+    current: std::sync::Mutex<Option<Current>>,
     metrics: Arc<Metrics>,
+}
+
+/// The newest token fetched and whether WeChat rejected it. A rejection is
+/// recorded here before `invalidate` takes the lock, so a call that waited
+/// for its rate slot sees it at once, and `get` never serves the token again
+/// even if that `invalidate` was cancelled before it took the lock.
+struct Current {
+    token: Secret,
+    expires_at: Instant,
+    rejected: bool,
+}
+
+impl Current {
+    /// Usable at `now`: not rejected, not expired.
+    fn usable(&self, now: Instant) -> Option<&Secret> {
+        (!self.rejected && now < self.expires_at).then_some(&self.token)
+    }
 }
 
 /// Clears the refresh flag however the refresh ends (its task may be aborted).
@@ -124,8 +136,7 @@ impl TokenProvider {
             mode: settings.token_mode,
             state: Mutex::new(State::default()),
             refreshing: AtomicBool::new(false),
-            usable: std::sync::Mutex::new(None),
-            rejected: std::sync::Mutex::new(None),
+            current: std::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -181,15 +192,17 @@ impl TokenProvider {
                 if same && (!stale || fresh) {
                     return self.keep(&mut state, now, false, result);
                 }
+                // The refresh's answer is discarded, but it was a fetch: it
+                // is counted like any other.
+                let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
+                self.metrics.token_fetch(self.mode_label(), outcome);
                 if let Some(c) = state.cached.as_ref().filter(|c| {
                     !same && c.usable_at(Instant::now()) && !self.was_rejected(&c.token)
                 }) {
                     return Ok(c.token.clone());
                 }
                 // No usable token: this caller waits for a fetch of its own,
-                // as the others do. The refresh's answer is still counted.
-                let outcome = result.as_ref().err().map_or("ok", |e| e.outcome.as_str());
-                self.metrics.token_fetch(self.mode_label(), outcome);
+                // as the others do.
                 if let Some(c) = state.cached.as_mut() {
                     c.stale |= self.was_rejected(&c.token);
                 }
@@ -203,20 +216,31 @@ impl TokenProvider {
         self.keep(&mut state, now, force, result)
     }
 
-    /// The cached token if it is usable now (not called invalid, not
-    /// expired), without waiting, even while a fetch holds the lock: `None`
-    /// means a call must wait for a fetch.
-    pub fn cached(&self) -> Option<Secret> {
-        let usable = self.usable.lock().expect("not poisoned");
-        usable
-            .as_ref()
-            .filter(|(_, expires_at)| Instant::now() < *expires_at)
-            .map(|(token, _)| token.clone())
+    /// The token for a call that took `taken` before waiting for its rate
+    /// slot, without waiting for a fetch: the newest token if it is usable;
+    /// else `taken` only while it is still the newest token fetched and
+    /// WeChat has not rejected it (past the expiry our clock gives it, as a
+    /// token that lives 0 s is); `None`: the call must take a token again.
+    ///
+    /// A token that was replaced is never sent once the newest one is not
+    /// usable: whether it was rejected before the newest one was fetched is
+    /// not remembered, and a rejection of the newest one means WeChat took
+    /// the older ones back too (a forced refresh elsewhere, an expiry).
+    pub fn after_wait(&self, taken: &Secret) -> Option<Secret> {
+        let current = self.current.lock().expect("not poisoned");
+        let c = current.as_ref()?;
+        match c.usable(Instant::now()) {
+            Some(token) => Some(token.clone()),
+            None => (!c.rejected && c.token == *taken).then(|| taken.clone()),
+        }
     }
 
-    /// Whether WeChat rejected `token` (a call must not send it again).
-    pub fn was_rejected(&self, token: &Secret) -> bool {
-        self.rejected.lock().expect("not poisoned").as_ref() == Some(token)
+    /// Whether WeChat rejected `token` while it was the newest one.
+    fn was_rejected(&self, token: &Secret) -> bool {
+        let current = self.current.lock().expect("not poisoned");
+        current
+            .as_ref()
+            .is_some_and(|c| c.rejected && c.token == *token)
     }
 
     /// Caches a fetched token; after a failed fetch, falls back to the cached
@@ -241,17 +265,11 @@ impl TokenProvider {
                 });
                 // Fetched after any rejection recorded so far: the endpoint
                 // vouches for it again (stable_token may answer the same one).
-                let mut usable = self.usable.lock().expect("not poisoned");
-                let mut rejected = self.rejected.lock().expect("not poisoned");
-                if rejected.as_ref() == Some(token) {
-                    *rejected = None;
-                }
-                *usable = Some((
-                    token.clone(),
-                    asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
-                ));
-                drop(rejected);
-                drop(usable);
+                *self.current.lock().expect("not poisoned") = Some(Current {
+                    token: token.clone(),
+                    expires_at: asked + Duration::from_secs(*expires_in).min(MAX_LIFETIME),
+                    rejected: false,
+                });
                 self.metrics.token_fetch(self.mode_label(), "ok");
             }
             Err(e) => {
@@ -276,14 +294,17 @@ impl TokenProvider {
     /// A token that was already replaced is left alone.
     pub async fn invalidate(&self, token: &Secret) {
         // At once, even while a fetch holds the lock: no call takes it now.
-        // Only the current token: a late answer for a replaced one must not
-        // overwrite the record. (`usable`, then `rejected`, as in `keep`.)
+        // Only the newest token: a late answer for a replaced one changes
+        // nothing (a replaced token is never sent again once the newest is
+        // rejected, see `after_wait`).
+        if let Some(c) = self
+            .current
+            .lock()
+            .expect("not poisoned")
+            .as_mut()
+            .filter(|c| c.token == *token)
         {
-            let mut usable = self.usable.lock().expect("not poisoned");
-            if usable.as_ref().is_some_and(|(t, _)| t == token) {
-                *usable = None;
-                *self.rejected.lock().expect("not poisoned") = Some(token.clone());
-            }
+            c.rejected = true;
         }
         let mut state = self.state.lock().await;
         if let Some(c) = state.cached.as_mut() {
