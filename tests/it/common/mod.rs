@@ -9,6 +9,7 @@
 //! gauge. Child processes bind port 0 and say where on stderr.
 #![allow(dead_code)]
 
+pub mod broker_lock;
 pub mod yaml;
 
 use std::collections::BTreeSet;
@@ -62,6 +63,7 @@ impl TestEnv {
     }
 
     pub async fn with_sim(tag: &str, config: SimConfig) -> TestEnv {
+        broker_lock::share_broker().await;
         init_logs();
         let sim = Sim::start_local(config).await.expect("simulator starts");
         let prefix = format!("t.{tag}.{:08x}", fastrand::u32(..));
@@ -457,7 +459,7 @@ impl TestEnv {
     /// Deletes this test's queues and exchange.
     ///
     /// Each queue on its own channel, side by side: a quorum queue with a
-    /// member on a stopped node (tests/node_loss.rs) takes the broker's 5 s
+    /// member on a stopped node (alone::node_loss) takes the broker's 5 s
     /// delete timeout, and one channel would wait those out one after another.
     pub async fn cleanup(&self) {
         let s = self.settings();

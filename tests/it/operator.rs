@@ -4,7 +4,7 @@
 //! every failure is one line that says what to fix. Also: the repository
 //! stands alone, and the example configuration is read by the real parser.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
