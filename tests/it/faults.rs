@@ -1,6 +1,6 @@
 //! Every fault the contract names, driven through the simulator against the real
 //! broker: the errcode table, an outage, token expiry, a rejected assignee, a
-//! killed replica and SIGTERM. (Broker restarts are in `alone::broker_restart`.)
+//! killed replica and SIGTERM. (Broker restarts are in `tests/alone`.)
 
 use crate::common;
 

@@ -6,8 +6,8 @@
 //! They share one RabbitMQ: each test gets its own exchange and queue names
 //! from `common::TestEnv`, which also takes the broker shared
 //! (`common::broker_lock`). The few tests that stop the broker, grow it into a
-//! cluster or change a broker-wide setting are in `alone` and have it to
-//! themselves.
+//! cluster or change a broker-wide setting are a binary of their own,
+//! `tests/alone`, which `cargo test` runs apart from this one.
 //!
 //! To add a behaviour: put its tests in `tests/it/<name>.rs`, start the file
 //! with a `//!` line saying what it checks, add `mod <name>;` below, and reach
@@ -15,13 +15,12 @@
 //! Build every test's broker state through `TestEnv` (or call
 //! `common::broker_lock::share_broker()` first when a test reaches the broker
 //! some other way); a test that changes the broker for everyone goes in
-//! `alone/` and calls `common::broker_lock::alone()` first. A test that needs a
-//! machine-wide resource of its own (a fixed port, a shared build directory)
-//! takes a lock for it in its module, as `node` does for the example's build.
+//! `tests/alone` instead. A test that needs a machine-wide resource of its
+//! own (a fixed port, a shared build directory) takes a lock for it in its
+//! module, as `node` does for the example's build.
 
 mod common;
 
-mod alone;
 mod compose;
 mod deploy;
 mod direct;

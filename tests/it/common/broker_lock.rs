@@ -1,9 +1,12 @@
-//! Who may use the shared RabbitMQ while the tests run side by side in one
+//! Who may use the shared RabbitMQ while tests run side by side in one
 //! process. Most tests share it (each with its own exchange and queue names,
 //! see `TestEnv`); a few change it for everyone: they stop it, grow it into a
-//! cluster or lower a broker-wide timeout (the `alone` modules). One
-//! readers-writer lock keeps those apart from everything else:
-//! `TestEnv::new` takes the shared side, [`alone`] the exclusive one.
+//! cluster or lower a broker-wide timeout. Those live in their own test
+//! binary (`tests/alone`), which `cargo test` runs apart from `tests/it`;
+//! this readers-writer lock keeps them apart within a binary: `TestEnv::new`
+//! takes the shared side, [`alone`] the exclusive one. In `tests/alone`
+//! every test takes it exclusively, so they run one at a time whatever
+//! `RUST_TEST_THREADS` says.
 //!
 //! Either side is held by the test's thread until that thread ends (libtest
 //! runs each test on its own thread, which ends after the test's tokio

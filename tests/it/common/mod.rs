@@ -459,7 +459,7 @@ impl TestEnv {
     /// Deletes this test's queues and exchange.
     ///
     /// Each queue on its own channel, side by side: a quorum queue with a
-    /// member on a stopped node (alone::node_loss) takes the broker's 5 s
+    /// member on a stopped node (tests/alone/node_loss.rs) takes the broker's 5 s
     /// delete timeout, and one channel would wait those out one after another.
     pub async fn cleanup(&self) {
         let s = self.settings();

@@ -3,7 +3,7 @@
 //! replicas' connections sit on the second node, and that node is stopped
 //! while events stream in. Nothing may be lost.
 //!
-//! This changes the shared broker, so it has it alone (`common::broker_lock`):
+//! This changes the shared broker, so it has it alone (`tests/alone/main.rs`):
 //! a queue another test declared meanwhile would get members on the nodes
 //! that leave again. It never stops the machine's own node (port 5672), and
 //! shrinks the cluster back on the way out, even when an assertion fails.

@@ -1,7 +1,7 @@
 //! The broker going away mid-run (`rabbitmqctl stop_app` / `start_app`): the
 //! service reconnects by itself and everything is delivered.
 //!
-//! This stops the shared broker, so it has it alone (`common::broker_lock`).
+//! This stops the shared broker, so it is in `tests/alone` (see its `main.rs`).
 
 use crate::common;
 

@@ -1,7 +1,7 @@
 //! A quota pause longer than RabbitMQ's `consumer_timeout`, against the real
 //! broker with that timeout lowered. The timeout is a broker-wide setting
 //! (RabbitMQ before 3.12 has no per-queue one), so this test has the broker
-//! alone (`common::broker_lock`).
+//! alone (`tests/alone`, see its `main.rs`).
 
 use crate::common;
 
@@ -78,6 +78,7 @@ async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_c
     assert_eq!(consuming.len(), 1, "{consuming:?}");
 
     let events = env.bulk(50, 50, false);
+    let published = tokio::time::Instant::now();
     env.publish(&events).await;
     assert!(
         eventually(WAIT, || async {
@@ -95,8 +96,12 @@ async fn a_long_quota_pause_parks_the_windows_instead_of_holding_them_past_the_c
         .await,
         "the windows are parked, not held through the pause"
     );
-    // Past the broker's timeout (it checks every second here): still the same channel.
-    tokio::time::sleep(TIMEOUT + Duration::from_secs(2)).await;
+    // Past the broker's timeout for the first deliveries, which came right
+    // after `published` (it checks every second here): still the same
+    // channel. (Waiting from `published`, not from the parking, is enough:
+    // a copy that comes back from its retry queue meanwhile meets the
+    // running pause and is parked again at once.)
+    tokio::time::sleep_until(published + TIMEOUT + Duration::from_secs(2)).await;
     assert_eq!(
         env.consuming_channels(&env.queue()),
         consuming,
