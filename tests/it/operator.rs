@@ -245,12 +245,18 @@ async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
         "{row}"
     );
     assert!(text.contains("3 shown"), "{text}");
-    assert!(wait_ready(&env, &dead, 3).await, "a listing keeps every message");
+    assert!(
+        wait_ready(&env, &dead, 3).await,
+        "a listing keeps every message"
+    );
 
     let limited = run(&["dlq", "list", "--json", "--limit", "1"], vars.clone()).await;
     let rows: Vec<Value> = serde_json::from_slice(&limited.stdout).unwrap();
     assert_eq!(rows.len(), 1);
-    assert!(wait_ready(&env, &dead, 3).await, "a listing keeps every message");
+    assert!(
+        wait_ready(&env, &dead, 3).await,
+        "a listing keeps every message"
+    );
 
     let file = std::env::temp_dir().join(format!("{}.jsonl", env.prefix));
     let export = run(
