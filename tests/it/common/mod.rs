@@ -336,8 +336,23 @@ impl TestEnv {
 
     /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
     /// connection of the active consumer of `queue` (as a network fault or an
-    /// operator would). Returns false when no consumer is found.
+    /// operator would). Returns false when no consumer is found within 10 s.
+    ///
+    /// Asks again for a while: with many tests side by side, a `rabbitmqctl`
+    /// listing now and then comes back empty (the CLI's own Erlang node
+    /// starting on a busy machine), which once failed a test that had a
+    /// consumer all along.
     pub fn close_consuming_connection(&self, queue: &str) -> bool {
+        for _ in 0..20 {
+            if self.close_consuming_connection_once(queue) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    }
+
+    fn close_consuming_connection_once(&self, queue: &str) -> bool {
         let channels = self.consuming_channels(queue);
         if channels.is_empty() {
             return false;
