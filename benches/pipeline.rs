@@ -11,7 +11,7 @@
 //! `BENCH_CEILING_ACK_EVERY` and `BENCH_DRAIN_PREFETCH` change the consumers'
 //! settings, `BENCH_PERF=file` records the draining replica with perf.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

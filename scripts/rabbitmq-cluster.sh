@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Grows the local RabbitMQ node (rabbit@HOST, port 5672) into a three-node cluster on this one
 # machine (nodes on ports 5673 and 5674), or shrinks it back. For tests of node loss and
-# failover between the URLs of AMQP_URL (tests/node_loss.rs). Usage: rabbitmq-cluster.sh up | down
+# failover between the URLs of AMQP_URL (tests/alone/node_loss.rs). Usage: rabbitmq-cluster.sh up | down
 #
 # The two extra nodes start, join and leave side by side (each Erlang CLI call costs about a
 # second here), and a fresh node joins by peer discovery while it boots, so no stop_app / reset /

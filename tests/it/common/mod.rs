@@ -9,6 +9,7 @@
 //! gauge. Child processes bind port 0 and say where on stderr.
 #![allow(dead_code)]
 
+pub mod broker_lock;
 pub mod yaml;
 
 use std::collections::BTreeSet;
@@ -62,6 +63,7 @@ impl TestEnv {
     }
 
     pub async fn with_sim(tag: &str, config: SimConfig) -> TestEnv {
+        broker_lock::share_broker().await;
         init_logs();
         let sim = Sim::start_local(config).await.expect("simulator starts");
         let prefix = format!("t.{tag}.{:08x}", fastrand::u32(..));
@@ -334,8 +336,23 @@ impl TestEnv {
 
     /// Closes, on the broker's side (`rabbitmqctl close_connection`), the
     /// connection of the active consumer of `queue` (as a network fault or an
-    /// operator would). Returns false when no consumer is found.
+    /// operator would). Returns false when no consumer is found within 10 s.
+    ///
+    /// Asks again for a while: with many tests side by side, a `rabbitmqctl`
+    /// listing now and then comes back empty (the CLI's own Erlang node
+    /// starting on a busy machine), which once failed a test that had a
+    /// consumer all along.
     pub fn close_consuming_connection(&self, queue: &str) -> bool {
+        for _ in 0..20 {
+            if self.close_consuming_connection_once(queue) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        false
+    }
+
+    fn close_consuming_connection_once(&self, queue: &str) -> bool {
         let channels = self.consuming_channels(queue);
         if channels.is_empty() {
             return false;
@@ -457,7 +474,7 @@ impl TestEnv {
     /// Deletes this test's queues and exchange.
     ///
     /// Each queue on its own channel, side by side: a quorum queue with a
-    /// member on a stopped node (tests/node_loss.rs) takes the broker's 5 s
+    /// member on a stopped node (tests/alone/node_loss.rs) takes the broker's 5 s
     /// delete timeout, and one channel would wait those out one after another.
     pub async fn cleanup(&self) {
         let s = self.settings();

@@ -3,12 +3,12 @@
 //! replicas' connections sit on the second node, and that node is stopped
 //! while events stream in. Nothing may be lost.
 //!
-//! This changes the shared broker, so it lives alone in its own test binary
-//! (`cargo test` runs test binaries one after another). It never stops the
-//! machine's own node (port 5672), and shrinks the cluster back on the way
-//! out, even when an assertion fails.
+//! This changes the shared broker, so it has it alone (`tests/alone/main.rs`):
+//! a queue another test declared meanwhile would get members on the nodes
+//! that leave again. It never stops the machine's own node (port 5672), and
+//! shrinks the cluster back on the way out, even when an assertion fails.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -81,6 +81,7 @@ fn url(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_node_with_the_leader_and_the_connections_loses_nothing() {
+    common::broker_lock::alone().await;
     let cluster = Cluster::up();
     let node2 = cluster.node(2);
 

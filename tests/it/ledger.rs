@@ -3,7 +3,7 @@
 //! accept releases one summary of everything that waited. Real RabbitMQ,
 //! real PostgreSQL (each test its own schema), the in-process simulator.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

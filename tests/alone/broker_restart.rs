@@ -1,10 +1,9 @@
 //! The broker going away mid-run (`rabbitmqctl stop_app` / `start_app`): the
 //! service reconnects by itself and everything is delivered.
 //!
-//! This stops the shared broker, so it lives alone in its own test binary:
-//! `cargo test` runs test binaries one after another, never beside each other.
+//! This stops the shared broker, so it is in `tests/alone` (see its `main.rs`).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -21,6 +20,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_reconnects_after_the_broker_restarts_and_delivers_everything() {
+    common::broker_lock::alone().await;
     let mut env = TestEnv::new("restart").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "3000");
     env.declare().await;

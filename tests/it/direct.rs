@@ -3,7 +3,7 @@
 //! WeChat's rules (a missing key or a value too long for its keyword type is
 //! 47003; an openid WeChat does not know is 40003).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

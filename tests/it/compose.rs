@@ -12,9 +12,7 @@ use wechat_notifier::cli::{Cli, Command};
 use wechat_notifier::settings::{Needs, Settings, Source};
 use yaml_rust2::Yaml;
 
-#[path = "common/yaml.rs"]
-mod yaml;
-use yaml::{load_all, root, str_of};
+use crate::common::yaml::{load_all, root, str_of};
 
 /// Applies YAML merge keys (`<<: *anchor`) the way compose does; the loader
 /// already replaced the aliases by copies of their anchors.

@@ -5,7 +5,7 @@
 //! queue does not keep the replica in its check, and a start-up probe (which
 //! cannot see a fault found on a real send) never releases such a fault.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! the CRM's NestJS publisher example, built and run for real against the
 //! broker while the service delivers what it published.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -231,6 +231,7 @@ async fn the_nestjs_publisher_example_ends_in_notices() {
 
 #[test]
 fn the_nestjs_publisher_example_refuses_to_lose_an_unroutable_event() {
+    common::broker_lock::share_broker_blocking();
     let dir = root().join("examples/crm-publisher");
     build_example(&dir);
     // An exchange nothing is bound to: the broker returns the events.

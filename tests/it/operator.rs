@@ -4,7 +4,7 @@
 //! every failure is one line that says what to fix. Also: the repository
 //! stands alone, and the example configuration is read by the real parser.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
@@ -220,6 +220,11 @@ async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
         "{line}"
     );
 
+    // Each command starts from the queue's ready count; a listing hands its
+    // messages back as it ends, and the broker counts them ready again a
+    // moment later (a quorum queue applies the returns through its log), so
+    // the test waits for that before the next command, as an operator would
+    // see it.
     let table = run(&["dlq", "list"], vars.clone()).await;
     assert_eq!(table.status.code(), Some(0), "{}", stderr(&table));
     let text = stdout(&table);
@@ -240,10 +245,18 @@ async fn dlq_list_export_and_purge_choose_exactly_and_keep_the_rest() {
         "{row}"
     );
     assert!(text.contains("3 shown"), "{text}");
+    assert!(
+        wait_ready(&env, &dead, 3).await,
+        "a listing keeps every message"
+    );
 
     let limited = run(&["dlq", "list", "--json", "--limit", "1"], vars.clone()).await;
     let rows: Vec<Value> = serde_json::from_slice(&limited.stdout).unwrap();
     assert_eq!(rows.len(), 1);
+    assert!(
+        wait_ready(&env, &dead, 3).await,
+        "a listing keeps every message"
+    );
 
     let file = std::env::temp_dir().join(format!("{}.jsonl", env.prefix));
     let export = run(

@@ -3,7 +3,7 @@
 //! while the fault stands (never a burst of the held windows), and never more
 //! than R + B calls in any second, across a token fetch and a takeover.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! failed, the token fetches counted against those WeChat answered, and the
 //! times and tokens of the calls WeChat received.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

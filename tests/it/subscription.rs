@@ -6,7 +6,7 @@
 //! variable and never its password. No PostgreSQL is needed: declaring the
 //! topology and reading the settings never reach the ledger.
 
-mod common;
+use crate::common;
 
 use common::TestEnv;
 use std::time::Duration;

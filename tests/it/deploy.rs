@@ -6,7 +6,7 @@
 //! inside the grace period, memory sized from the benchmark). The schemas
 //! themselves are checked by `promtool` and `kubernetes-validate` in `.ci/run`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Reading the repository's YAML files (compose, Kubernetes, Prometheus) in
-//! tests that check them against the service. Shared by `tests/compose.rs`
-//! and `tests/deploy.rs`.
+//! tests that check them against the service. Shared by the `compose`
+//! and `deploy` modules.
 #![allow(dead_code)]
 
 use std::path::PathBuf;

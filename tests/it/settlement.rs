@@ -3,7 +3,7 @@
 //! keeps the fleet inside its budget, a copy that cannot be parked does not
 //! cost its original, and hostile values from the network crash nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

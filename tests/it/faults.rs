@@ -1,8 +1,8 @@
 //! Every fault the contract names, driven through the simulator against the real
 //! broker: the errcode table, an outage, token expiry, a rejected assignee, a
-//! killed replica and SIGTERM. (Broker restarts live in their own test binary.)
+//! killed replica and SIGTERM. (Broker restarts are in `tests/alone`.)
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! assignments, batch completion, invalid input, ack-after-success, two
 //! replicas, and the rate budget.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

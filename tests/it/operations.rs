@@ -1,7 +1,7 @@
 //! What an operator sees and uses: settings errors, `check`, `dlq`, `demo`,
 //! `/metrics`, and logs that never carry the secret or a token.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -128,6 +128,7 @@ async fn dlq_lists_and_replays_a_rejected_event_which_is_then_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_exits_0_and_prints_one_line_per_assignee() {
+    common::broker_lock::share_broker().await;
     let out = tokio::task::spawn_blocking(|| {
         std::process::Command::new(env!("CARGO_BIN_EXE_wechat-notifier"))
             .args(["demo", "--customers", "12", "--assignees", "4"])
