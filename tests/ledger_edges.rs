@@ -362,9 +362,8 @@ async fn notice_held_once_per_spell_of_holding_and_credits_low_after_a_send_leav
     env.cleanup().await;
 }
 
-#[tokio::test]
-async fn direct_mode_holds_an_event_without_an_openid_until_an_accept_brings_one() {
-    let mut env = ledger_env("direct").await;
+/// The direct mode's settings (`subscribe_message`, the ledger's template), in a file.
+fn direct_config(env: &TestEnv) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", env.prefix));
     std::fs::write(
         &path,
@@ -383,6 +382,13 @@ number2 = "{{customer_count}}"
         ),
     )
     .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn direct_mode_holds_an_event_without_an_openid_until_an_accept_brings_one() {
+    let mut env = ledger_env("direct").await;
+    let path = direct_config(&env);
     env.set("NOTIFIER_CONFIG", path.to_str().unwrap());
     env.declare().await;
     let svc = env.start_service().await;
@@ -672,5 +678,205 @@ async fn after_a_handover_while_events_are_held_the_standby_releases_them_on_the
     assert_eq!(delivered[0]["event_ids"], json!(["ho-1", "ho-2"]));
     assert_eq!(env.ready(&env.dead_queue()).await, 0);
     drop(b);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn direct_mode_an_event_held_for_want_of_an_openid_expires_without_an_errcode() {
+    let mut env = ledger_env("direct-exp").await;
+    let path = direct_config(&env);
+    env.set("NOTIFIER_CONFIG", path.to_str().unwrap());
+    env.set("NOTIFIER_HOLD_FOR", "2s");
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    let e1 = event("dx-1", "u-dx", "c1");
+    env.publish(std::slice::from_ref(&e1)).await;
+    assert!(
+        eventually(WAIT, || async { env.ready(&env.dead_queue()).await == 1 }).await,
+        "dead-lettered once NOTIFIER_HOLD_FOR passed"
+    );
+    let dead = dead_letters(&env).await;
+    let (reason, errcode, body) = &dead[0];
+    assert_eq!(reason.as_deref(), Some("no_subscription"));
+    assert_eq!(*errcode, None, "no errcode for want of an openid");
+    assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), e1);
+    assert!(eventually(WAIT, || async { held_count(&s, "u-dx").await == 0 }).await);
+    assert!(env.sim.delivered().is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn a_release_refused_for_good_dead_letters_its_events_wechat_rejected_and_the_accept_is_acked(
+) {
+    let env = ledger_env("refused").await;
+    let e1 = event("rf-1", "u-rf", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-rf").await;
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(40003), Some(1)));
+    publish_subscription(&env, &accept("s-rf", "u-rf")).await;
+    assert!(
+        eventually(WAIT, || async {
+            env.ready(&env.dead_queue()).await == 1 && env.settled(&svc.http).await
+        })
+        .await,
+        "the refused release dead-letters the held event, the accept is acked"
+    );
+    let dead = dead_letters(&env).await;
+    let (reason, errcode, body) = &dead[0];
+    assert_eq!(reason.as_deref(), Some("wechat_rejected"));
+    assert_eq!(*errcode, Some(40003));
+    assert_eq!(serde_json::from_slice::<Value>(body).unwrap(), e1);
+    assert_eq!(held_count(&s, "u-rf").await, 0, "it left the ledger");
+    assert!(env.sim.delivered().is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_release_that_fails_for_now_is_retried_and_counts_the_credit_once() {
+    let env = ledger_env("transient").await;
+    let e1 = event("tr-1", "u-tr", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-tr").await;
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::Http(500), Some(2)));
+    publish_subscription(&env, &accept("s-tr", "u-tr")).await;
+    assert!(
+        eventually(WAIT, || async {
+            env.sim.delivered().len() == 1
+                && env.settled(&svc.http).await
+                && held_count(&s, "u-tr").await == 0
+        })
+        .await,
+        "released after the 500s"
+    );
+    assert_eq!(
+        notice_calls_for(&env, "u-tr").len(),
+        4,
+        "43101, 500, 500, 0"
+    );
+    assert_eq!(env.sim.delivered()[0]["event_ids"], json!(["tr-1"]));
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    let after = s.user("u-tr", TEMPLATE).await.unwrap();
+    assert_eq!(
+        (after.credit.count, after.credit.exact),
+        (0, true),
+        "one accept, one credit, spent once"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn nothing_expires_while_a_counted_credit_is_still_untried() {
+    let mut env = ledger_env("untried").await;
+    env.set("NOTIFIER_HOLD_FOR", "2s");
+    let e1 = event("un-1", "u-un", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-un").await;
+    // The release fails for now, again and again: the credit stays untried.
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::Http(503), None));
+    publish_subscription(&env, &accept("s-un", "u-un")).await;
+    assert!(
+        eventually(WAIT, || async { notice_calls_for(&env, "u-un").len() >= 2 }).await,
+        "the release was tried"
+    );
+    let counted = s.user("u-un", TEMPLATE).await.unwrap();
+    assert_eq!((counted.credit.count, counted.credit.exact), (1, true));
+    // Past NOTIFIER_HOLD_FOR (and several sweeps, one a second): still held.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(env.ready(&env.dead_queue()).await, 0, "not expired");
+    assert_eq!(held_count(&s, "u-un").await, 1);
+    env.sim.clear_faults();
+    assert!(
+        eventually(WAIT, || async {
+            env.sim.delivered().len() == 1 && held_count(&s, "u-un").await == 0
+        })
+        .await,
+        "released once WeChat answers"
+    );
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_credit_probe_makes_one_real_call_and_the_notice_covers_the_held_events_first() {
+    let mut env = ledger_env("probe").await;
+    env.set("NOTIFIER_CREDIT_PROBE", "1s");
+    let e1 = event("pr-1", "u-pr", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-pr").await;
+    // An accept that never reached the ledger: WeChat has a credit.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    env.publish(&[event("pr-2", "u-pr", "c2")]).await;
+    assert!(
+        eventually(WAIT, || async {
+            env.sim.delivered().len() == 1
+                && env.settled(&svc.http).await
+                && held_count(&s, "u-pr").await == 0
+        })
+        .await,
+        "the probe's call is accepted"
+    );
+    let n = &env.sim.delivered()[0];
+    assert_eq!(n["event_ids"], json!(["pr-1", "pr-2"]), "held first");
+    assert_eq!(n["customer_count"], 2);
+    assert_eq!(notice_calls_for(&env, "u-pr").len(), 2);
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn batch_max_bounds_the_window_not_the_held_part_of_a_release() {
+    let mut env = ledger_env("batchmax").await;
+    env.set("NOTIFIER_BATCH_MAX", "2");
+    let e1 = event("bm-1", "u-bm", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-bm").await;
+    env.publish(&[event("bm-2", "u-bm", "c2"), event("bm-3", "u-bm", "c3")])
+        .await;
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-bm").await == 3 && env.settled(&svc.http).await
+        })
+        .await
+    );
+    publish_subscription(&env, &accept("s-bm", "u-bm")).await;
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-bm").await == 0 && env.settled(&svc.http).await
+        })
+        .await
+    );
+    let delivered = env.sim.delivered();
+    assert_eq!(delivered.len(), 1, "one release: {delivered:?}");
+    assert_eq!(delivered[0]["event_ids"], json!(["bm-1", "bm-2", "bm-3"]));
+    svc.stop().await;
     env.cleanup().await;
 }
