@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use wechat_notifier::broker::{header_int, header_str};
 use wechat_notifier::ledger::store::Store;
+use wechat_notifier::ledger::Status;
 use wechat_notifier::settings::Settings;
 use wechat_notifier::sim::{Api, FaultAction};
 
@@ -780,7 +781,7 @@ async fn a_release_that_fails_for_now_is_retried_and_counts_the_credit_once() {
 }
 
 #[tokio::test]
-async fn nothing_expires_while_a_counted_credit_is_still_untried() {
+async fn nothing_expires_while_its_release_is_being_tried() {
     let mut env = ledger_env("untried").await;
     env.set("NOTIFIER_HOLD_FOR", "2s");
     let e1 = event("un-1", "u-un", "c1");
@@ -790,7 +791,7 @@ async fn nothing_expires_while_a_counted_credit_is_still_untried() {
     let svc = env.start_service().await;
     let s = store(&env.settings()).await;
     hold_first(&env, &s, &svc.http, &e1, "u-un").await;
-    // The release fails for now, again and again: the credit stays untried.
+    // The release fails for now, again and again: its events stay claimed.
     env.sim
         .push_fault(fault_for(&e1, FaultAction::Http(503), None));
     publish_subscription(&env, &accept("s-un", "u-un")).await;
@@ -877,6 +878,38 @@ async fn batch_max_bounds_the_window_not_the_held_part_of_a_release() {
     let delivered = env.sim.delivered();
     assert_eq!(delivered.len(), 1, "one release: {delivered:?}");
     assert_eq!(delivered[0]["event_ids"], json!(["bm-1", "bm-2", "bm-3"]));
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_counted_credit_not_yet_tried_releases_the_held_events_instead_of_expiring_them() {
+    let mut env = ledger_env("untried").await;
+    env.set("NOTIFIER_HOLD_FOR", "2s");
+    let e1 = event("ut-1", "u-ut", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    hold_first(&env, &s, &svc.http, &e1, "u-ut").await;
+    svc.stop().await;
+    // An accept counted by a replica that stopped before its release.
+    s.subscription("s-ut", "u-ut", TEMPLATE, None, Status::Accept)
+        .await
+        .unwrap();
+    // The event is now held longer than NOTIFIER_HOLD_FOR.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async {
+            env.sim.delivered().len() == 1 && held_count(&s, "u-ut").await == 0
+        })
+        .await,
+        "the sweep releases it"
+    );
+    assert_eq!(env.sim.delivered()[0]["event_ids"], json!(["ut-1"]));
+    assert_eq!(env.ready(&env.dead_queue()).await, 0, "not expired");
     svc.stop().await;
     env.cleanup().await;
 }
