@@ -913,3 +913,75 @@ async fn a_counted_credit_not_yet_tried_releases_the_held_events_instead_of_expi
     svc.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_during_a_release_that_took_a_window_along_repeats_the_same_notice_and_acks_the_copies(
+) {
+    let mut env = ledger_env("kill-win").await;
+    env.set("NOTIFIER_HOLD_FOR", "20s");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
+    let e1 = event("w-1", "u-kw", "c1");
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let s = store(&env.settings()).await;
+    let mut a = env.spawn_process();
+    hold_first(&env, &s, &a.http, &e1, "u-kw").await;
+    // The release (e1 and the open window's w-2) is slow at WeChat: the
+    // replica dies while the call is open, before any ack or ledger update.
+    env.sim
+        .push_fault(fault_for(&e1, FaultAction::DelayMs(3000), Some(1)));
+    env.publish(&[event("w-2", "u-kw", "c2")]).await;
+    publish_subscription(&env, &accept("s-kw", "u-kw")).await;
+    assert!(
+        eventually(WAIT, || async { env.sim.in_flight() == 1 }).await,
+        "the release is at WeChat"
+    );
+    let claimed: Vec<String> = sqlx::query_scalar(
+        "SELECT event_id FROM held WHERE user_id = 'u-kw' AND claimed_by IS NOT NULL ORDER BY event_id",
+    )
+    .fetch_all(&mut pg(&env).await)
+    .await
+    .unwrap();
+    assert_eq!(
+        claimed,
+        ["w-1", "w-2"],
+        "the window's event is claimed with the held one"
+    );
+    a.kill9();
+
+    let b = env.spawn_process();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            env.sim.in_flight() == 0
+                && held_count(&s, "u-kw").await == 0
+                && env.consumers(&env.queue()).await == 1
+                && env.settled(&b.http).await
+        })
+        .await,
+        "the claimed events are sent again and the redelivered copies acked"
+    );
+    let delivered = env.sim.delivered();
+    assert!(
+        (1..=2).contains(&delivered.len()),
+        "at most one repeat: {delivered:?}"
+    );
+    for n in &delivered {
+        assert_eq!(n["event_ids"], json!(["w-1", "w-2"]));
+        assert_eq!(n["notice_id"], delivered[0]["notice_id"], "the same notice");
+    }
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM held WHERE user_id = 'u-kw'")
+        .fetch_one(&mut pg(&env).await)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no row left, the window's neither");
+    let after = s.user("u-kw", TEMPLATE).await.unwrap();
+    assert_eq!(
+        (after.credit.count, after.credit.exact),
+        (0, true),
+        "the one accept's credit was spent once"
+    );
+    assert_eq!(env.ready(&env.dead_queue()).await, 0);
+    drop(b);
+    env.cleanup().await;
+}
