@@ -392,6 +392,7 @@ async fn direct_mode_holds_an_event_without_an_openid_until_an_accept_brings_one
     let path = direct_config(&env);
     env.set("NOTIFIER_CONFIG", path.to_str().unwrap());
     env.declare().await;
+    let q = signal_queue(&env).await;
     let svc = env.start_service().await;
     let s = store(&env.settings()).await;
     env.publish(&[event("d-1", "u-dir", "c1")]).await;
@@ -405,6 +406,10 @@ async fn direct_mode_holds_an_event_without_an_openid_until_an_accept_brings_one
     assert_eq!(env.ready(&env.dead_queue()).await, 0, "not dead-lettered");
     let held = s.held_of("u-dir").await.unwrap();
     assert_eq!(held[0].1.reason, "no_openid");
+    assert!(eventually(WAIT, || async { env.ready(&q).await >= 1 }).await);
+    let held_signal = signals(&env, &q).await;
+    assert_eq!(held_signal[0].0, "notifier.notice_held");
+    assert_eq!(held_signal[0].1["reason"], "no_openid");
     assert!(
         env.sim.calls().iter().all(|c| c.api != Api::SubscribeSend),
         "no call without an openid"
