@@ -14,4 +14,5 @@ mod common;
 
 mod broker_restart;
 mod consumer_timeout;
+mod ledger_pg_restart;
 mod node_loss;
