@@ -48,6 +48,8 @@ pub struct Metrics {
     quota_pauses: Family<Labels, Counter>,
     /// Brought up to `telemetry::log_lines_dropped` at each `encode`.
     log_lines_dropped: Counter,
+    /// Brought up to `trace::malformed_count` at each `encode`.
+    traceparent_malformed: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,7 @@ impl Metrics {
             config_fault: Gauge::default(),
             quota_pauses: Family::default(),
             log_lines_dropped: Counter::default(),
+            traceparent_malformed: Counter::default(),
             ledger_held_events: Gauge::default(),
             ledger_held_users: Gauge::default(),
             ledger_held_users_over_a_day: Gauge::default(),
@@ -173,6 +176,11 @@ impl Metrics {
             m.log_lines_dropped.clone(),
         );
         registry.register(
+            "traceparent_malformed",
+            "deliveries whose traceparent header was malformed (ignored: the event is handled as one without trace context)",
+            m.traceparent_malformed.clone(),
+        );
+        registry.register(
             "ledger_held_events",
             "events held in the grant ledger for want of a credit or an openid",
             m.ledger_held_events.clone(),
@@ -258,6 +266,11 @@ impl Metrics {
         let counted = self.log_lines_dropped.get();
         if dropped > counted {
             self.log_lines_dropped.inc_by(dropped - counted);
+        }
+        let malformed = crate::trace::malformed_count();
+        let counted = self.traceparent_malformed.get();
+        if malformed > counted {
+            self.traceparent_malformed.inc_by(malformed - counted);
         }
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

@@ -89,6 +89,8 @@ pub fn log_lines_dropped() -> u64 {
 /// Writes out the lines still buffered (waiting at most about a second for
 /// a stalled stderr); called once, at exit. Later lines are lost.
 pub fn flush() {
+    // The last spans first: their export may log.
+    crate::trace::shutdown();
     let guard = GUARD.lock().unwrap_or_else(|p| p.into_inner()).take();
     drop(guard);
 }

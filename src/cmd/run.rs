@@ -14,6 +14,10 @@ pub async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(settings.log_format, "info");
+    // Spans are a help, never a condition: a bad endpoint is said and skipped.
+    if let Err(e) = crate::trace::init() {
+        tracing::warn!("{e}; spans are not exported");
+    }
     tracing::info!("{}", startup_line(&settings));
     let (trigger, signal) = shutdown::channel();
     shutdown::on_signals(trigger);

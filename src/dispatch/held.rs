@@ -13,7 +13,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Dispatcher, Ended};
-use crate::broker::{header_str, Pending};
+use crate::broker::Pending;
 use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
@@ -78,7 +78,7 @@ fn to_hold(closed: &Closed<Pending>) -> Vec<ToHold> {
         out.push(ToHold {
             event_id: e.event_id.clone(),
             body: p.body.to_vec(),
-            traceparent: header_str(&p.properties(), "traceparent"),
+            traceparent: p.trace.map(|c| c.header()),
             attempts: i32::try_from(p.attempts).unwrap_or(i32::MAX),
         });
     }

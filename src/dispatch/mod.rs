@@ -331,23 +331,86 @@ impl Dispatcher {
     pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
         let notice = closed.notice();
+        // The notice's OpenTelemetry span (export on), linked to each event's
+        // receive span; its ids go on the notice's log lines.
+        let otel = self.notice_span(&closed, &notice);
+        let (trace_id, span_id) = crate::trace::ids(otel.as_ref()).unzip();
         let span = tracing::info_span!(
             "notice",
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
-            events = notice.customer_count
+            events = notice.customer_count,
+            trace_id,
+            span_id,
         );
-        match self.ledger.clone() {
-            Some(ledger) => {
-                let user = notice.assignee.user_id.clone();
-                self.deliver_ledgered(&ledger, &user, closed)
-                    .instrument(span)
-                    .await;
-            }
-            None => {
-                self.send(&mut closed, notice, None).instrument(span).await;
+        let work = async {
+            match self.ledger.clone() {
+                Some(ledger) => {
+                    let user = notice.assignee.user_id.clone();
+                    self.deliver_ledgered(&ledger, &user, closed).await
+                }
+                None => self.send(&mut closed, notice, None).await,
             }
         }
+        .instrument(span);
+        let ended = match &otel {
+            Some(cx) => {
+                use opentelemetry::context::FutureExt;
+                work.with_context(cx.clone()).await
+            }
+            None => work.await,
+        };
+        if otel.is_some() {
+            use opentelemetry::KeyValue;
+            let (outcome, errcode) = match &ended {
+                Ended::Accepted => ("accepted", None),
+                Ended::Held => ("held", None),
+                Ended::Parked => ("parked", None),
+                Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
+                Ended::Gone => ("expired", None),
+            };
+            let mut attrs = vec![KeyValue::new("notifier.outcome", outcome)];
+            if let Some(code) = errcode {
+                attrs.push(KeyValue::new("wechat.errcode", code));
+            }
+            crate::trace::set(otel.as_ref(), attrs);
+            crate::trace::end(otel);
+        }
+    }
+
+    /// The span of one notice: ids and counts only (never a name), linked to
+    /// the events it covers; `None` with export off.
+    fn notice_span(
+        &self,
+        closed: &Closed<Pending>,
+        notice: &crate::notice::Notice,
+    ) -> Option<opentelemetry::Context> {
+        if !crate::trace::enabled() {
+            return None;
+        }
+        use opentelemetry::KeyValue;
+        let events: Vec<crate::trace::Ctx> = closed
+            .deliveries
+            .iter()
+            .filter_map(|(_, p)| p.trace)
+            .collect();
+        // A notice that carries held events is their release.
+        let name = if closed.held > 0 {
+            "notice release"
+        } else {
+            "notice"
+        };
+        crate::trace::notice_span(
+            name,
+            &events,
+            vec![
+                KeyValue::new("notifier.notice_id", notice.notice_id.clone()),
+                KeyValue::new("notifier.assignee_id", notice.assignee.user_id.clone()),
+                KeyValue::new("notifier.event_count", notice.customer_count as i64),
+                KeyValue::new("notifier.summary", notice.summary),
+                KeyValue::new("notifier.held_events", closed.held as i64),
+            ],
+        )
     }
 
     /// Dead-letters an event that breaks the schema.
@@ -387,6 +450,8 @@ impl Dispatcher {
         mut ledger: Option<&mut LedgerCtx>,
     ) -> Ended {
         let mut tries = Tries::default();
+        // Calls judged in this round (span events), after the rounds before.
+        let mut judged: i64 = 0;
         loop {
             let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
                 Attempt::Local(r) => (r, false),
@@ -398,6 +463,24 @@ impl Dispatcher {
                 Attempt::Again => continue,
                 Attempt::Done => return Ended::Gone,
             };
+            judged += 1;
+            crate::trace::event("attempt", {
+                let round = closed
+                    .deliveries
+                    .iter()
+                    .map(|(_, p)| p.attempts)
+                    .max()
+                    .unwrap_or(0);
+                let mut a = vec![
+                    opentelemetry::KeyValue::new("notifier.attempt", judged),
+                    opentelemetry::KeyValue::new("notifier.round", round.saturating_add(1)),
+                    opentelemetry::KeyValue::new("notifier.outcome", result.outcome.as_str()),
+                ];
+                if let Some(code) = result.errcode {
+                    a.push(opentelemetry::KeyValue::new("wechat.errcode", code));
+                }
+                a
+            });
             debug!(
                 outcome = result.outcome.as_str(),
                 errcode = result.errcode.unwrap_or_default(),
