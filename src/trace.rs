@@ -25,8 +25,7 @@ use std::sync::{Mutex, OnceLock};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use opentelemetry::trace::{
-    Link, SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId,
-    TraceState,
+    SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
@@ -207,33 +206,72 @@ pub fn receive(props: &BasicProperties, queue: &str) -> Option<Ctx> {
     own.or(parent)
 }
 
-/// A span for a notice (or a hold, or a release), linked to every event it
-/// covers: `None` with export off. Its context is made current for the
-/// notice's future with [`opentelemetry::context::FutureExt::with_context`].
-pub fn notice_span(name: &'static str, events: &[Ctx], attrs: Vec<KeyValue>) -> Option<Context> {
-    let tracer = TRACER.get()?;
-    let links: Vec<Link> = events
-        .iter()
-        .take(LINK_LIMIT)
-        .map(|c| Link::with_context(c.span_context(TraceState::default())))
-        .collect();
-    let mut attrs = attrs;
-    attrs.push(KeyValue::new(
+/// Makes `span` (the notice's `tracing` span, exported through
+/// tracing-opentelemetry) a span linked to every event it covers (at most
+/// [`LINK_LIMIT`]; the rest counted in `notifier.links_dropped`). Called
+/// before the span is first entered. A notice of one event continues that
+/// event's trace; a coalesced one starts its own, linked to each.
+pub fn open_notice(span: &tracing::Span, events: &[Ctx], attrs: Vec<KeyValue>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if let [one] = events {
+        let _ = span.set_parent(
+            Context::new().with_remote_span_context(one.span_context(TraceState::default())),
+        );
+    }
+    for c in events.iter().take(LINK_LIMIT) {
+        span.add_link(c.span_context(TraceState::default()));
+    }
+    for kv in attrs {
+        span.set_attribute(kv.key, kv.value);
+    }
+    span.set_attribute(
         "notifier.links_dropped",
         events.len().saturating_sub(LINK_LIMIT) as i64,
-    ));
-    // A notice of one event continues that event's trace; a coalesced one
-    // starts its own, linked to each.
-    let parent = match events {
-        [one] => Context::new().with_remote_span_context(one.span_context(TraceState::default())),
-        _ => Context::new(),
-    };
-    let span = SpanBuilder::from_name(name)
-        .with_kind(SpanKind::Internal)
-        .with_links(links)
-        .with_attributes(attrs)
-        .start_with_context(tracer, &parent);
-    Some(Context::new().with_span(span))
+    );
+}
+
+/// Sets the notice span's last attributes (its outcome).
+pub fn close_notice(span: &tracing::Span, attrs: Vec<KeyValue>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    for kv in attrs {
+        span.set_attribute(kv.key, kv.value);
+    }
+}
+
+/// The layer that exports `tracing` spans (the notice's) through the
+/// tracer: `None` with export off, so nothing is paid per span then.
+pub fn layer<S>() -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let tracer = TRACER.get()?.clone();
+    Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_threads(false)
+            .with_location(false)
+            .with_tracked_inactivity(false),
+    )
+}
+
+/// The trace and span ids of the innermost exported span around a log
+/// line, for the JSON format.
+pub fn ids_in<S>(
+    span: Option<tracing_subscriber::registry::SpanRef<'_, S>>,
+) -> Option<(TraceId, SpanId)>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let mut span = span;
+    while let Some(s) = span {
+        if let Some(d) = s.extensions().get::<tracing_opentelemetry::OtelData>() {
+            if let (Some(t), Some(i)) = (d.trace_id(), d.span_id()) {
+                return Some((t, i));
+            }
+        }
+        span = s.parent();
+    }
+    None
 }
 
 /// The current span's context (the notice's, inside its future), for the
@@ -354,15 +392,6 @@ pub fn shutdown() {
     if let Some(p) = provider {
         let _ = p.shutdown();
     }
-}
-
-/// The trace and span ids of the current span, for a log line.
-pub fn ids(cx: Option<&Context>) -> Option<(String, String)> {
-    let cx = cx?;
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid()
-        .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
 
 #[cfg(test)]

@@ -154,9 +154,11 @@ async fn publish_traced(env: &TestEnv, events: &[(Value, Option<AMQPValue>)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coalesced_notice_links_the_twelve_traces_it_covers() {
     let (collector, endpoint) = Collector::start().await;
-    let env = traced_env("trace-12", &endpoint).await;
+    let mut env = traced_env("trace-12", &endpoint).await;
+    env.set("NOTIFIER_LOG_FORMAT", "json");
     env.declare().await;
-    let replica = env.spawn_process();
+    let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
+    let replica = env.spawn_process_logging(Some(&log));
     assert!(eventually(WAIT, || async { readyz(&replica.http).await.0 == 200 }).await);
     let events = env.bulk(12, 1, true);
     let mut expected = BTreeSet::new();
@@ -245,6 +247,15 @@ async fn a_coalesced_notice_links_the_twelve_traces_it_covers() {
     };
     assert!(url.ends_with("/tcb/invokecloudfunction"), "{url}");
     assert!(!url.contains("access_token"), "{url}");
+    // The notice's log line leads to its trace.
+    let delivered_line: Value = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "notice delivered")
+        .expect("a JSON line for the notice");
+    assert_eq!(delivered_line["trace_id"], hex(&notice.trace_id).as_str());
+    assert_eq!(delivered_line["span_id"], hex(&notice.span_id).as_str());
     // No secret and no customer's name in anything exported.
     let bytes = collector.bytes();
     let tokens = env.sim.issued_tokens();
@@ -263,6 +274,7 @@ async fn a_coalesced_notice_links_the_twelve_traces_it_covers() {
         }
     }
     replica.sigterm();
+    let _ = std::fs::remove_file(&log);
     env.cleanup().await;
 }
 

@@ -20,6 +20,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{Pending, Publisher};
@@ -331,19 +332,36 @@ impl Dispatcher {
     pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
         let notice = closed.notice();
-        // The notice's OpenTelemetry span (export on), linked to each event's
-        // receive span; its ids go on the notice's log lines.
-        let otel = self.notice_span(&closed, &notice);
-        let (trace_id, span_id) = crate::trace::ids(otel.as_ref()).unzip();
+        // With export on, this span is also the notice's OpenTelemetry span
+        // (tracing-opentelemetry): linked to each event's receive span, its
+        // log lines become its events and carry its ids.
         let span = tracing::info_span!(
             "notice",
+            otel.name = if closed.held > 0 { "notice release" } else { "notice" },
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
             events = notice.customer_count,
-            trace_id,
-            span_id,
         );
-        let work = async {
+        let traced = crate::trace::enabled();
+        if traced {
+            let events: Vec<crate::trace::Ctx> = closed
+                .deliveries
+                .iter()
+                .filter_map(|(_, p)| p.trace)
+                .collect();
+            crate::trace::open_notice(
+                &span,
+                &events,
+                vec![
+                    KeyValue::new("notifier.notice_id", notice.notice_id.clone()),
+                    KeyValue::new("notifier.assignee_id", notice.assignee.user_id.clone()),
+                    KeyValue::new("notifier.event_count", notice.customer_count as i64),
+                    KeyValue::new("notifier.summary", notice.summary),
+                    KeyValue::new("notifier.held_events", closed.held as i64),
+                ],
+            );
+        }
+        let ended = async {
             match self.ledger.clone() {
                 Some(ledger) => {
                     let user = notice.assignee.user_id.clone();
@@ -352,16 +370,9 @@ impl Dispatcher {
                 None => self.send(&mut closed, notice, None).await,
             }
         }
-        .instrument(span);
-        let ended = match &otel {
-            Some(cx) => {
-                use opentelemetry::context::FutureExt;
-                work.with_context(cx.clone()).await
-            }
-            None => work.await,
-        };
-        if otel.is_some() {
-            use opentelemetry::KeyValue;
+        .instrument(span.clone())
+        .await;
+        if traced {
             let (outcome, errcode) = match &ended {
                 Ended::Accepted => ("accepted", None),
                 Ended::Held => ("held", None),
@@ -373,44 +384,8 @@ impl Dispatcher {
             if let Some(code) = errcode {
                 attrs.push(KeyValue::new("wechat.errcode", code));
             }
-            crate::trace::set(otel.as_ref(), attrs);
-            crate::trace::end(otel);
+            crate::trace::close_notice(&span, attrs);
         }
-    }
-
-    /// The span of one notice: ids and counts only (never a name), linked to
-    /// the events it covers; `None` with export off.
-    fn notice_span(
-        &self,
-        closed: &Closed<Pending>,
-        notice: &crate::notice::Notice,
-    ) -> Option<opentelemetry::Context> {
-        if !crate::trace::enabled() {
-            return None;
-        }
-        use opentelemetry::KeyValue;
-        let events: Vec<crate::trace::Ctx> = closed
-            .deliveries
-            .iter()
-            .filter_map(|(_, p)| p.trace)
-            .collect();
-        // A notice that carries held events is their release.
-        let name = if closed.held > 0 {
-            "notice release"
-        } else {
-            "notice"
-        };
-        crate::trace::notice_span(
-            name,
-            &events,
-            vec![
-                KeyValue::new("notifier.notice_id", notice.notice_id.clone()),
-                KeyValue::new("notifier.assignee_id", notice.assignee.user_id.clone()),
-                KeyValue::new("notifier.event_count", notice.customer_count as i64),
-                KeyValue::new("notifier.summary", notice.summary),
-                KeyValue::new("notifier.held_events", closed.held as i64),
-            ],
-        )
     }
 
     /// Dead-letters an event that breaks the schema.
