@@ -547,6 +547,8 @@ impl Dispatcher {
             Ok(t) => t,
             Err(e) => return Attempt::Answered(e),
         };
+        // The rate-limit wait, as an event on the notice's span.
+        let waiting = crate::trace::enabled().then(std::time::Instant::now);
         let paused = match probe {
             Some(turn) => self.budget.take_as_probe(turn).await.err(),
             None => match self.budget.take().await {
@@ -555,6 +557,15 @@ impl Dispatcher {
                 Turn::Paused { left, errcode } => Some((left, errcode)),
             },
         };
+        if let Some(since) = waiting {
+            crate::trace::event(
+                "rate slot",
+                vec![KeyValue::new(
+                    "notifier.waited_ms",
+                    since.elapsed().as_secs_f64() * 1000.0,
+                )],
+            );
+        }
         if let Some((left, errcode)) = paused {
             self.settle
                 .park_for_pause(closed, notice, left, errcode)
