@@ -230,6 +230,29 @@ pub fn open_notice(span: &tracing::Span, events: &[Ctx], attrs: Vec<KeyValue>) {
     );
 }
 
+/// Marks the current notice span as a release of held events: a link to
+/// each held event's span (the traceparent the ledger kept), within the
+/// link limit, and `notifier.released_events`.
+pub fn released<'a>(traceparents: impl Iterator<Item = Option<&'a str>>) {
+    if !enabled() {
+        return;
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    let mut n: i64 = 0;
+    for tp in traceparents {
+        if let Some(c) = tp.and_then(Ctx::parse) {
+            if (n as usize) < LINK_LIMIT {
+                span.add_link(c.span_context(TraceState::default()));
+            }
+        }
+        n += 1;
+    }
+    if n > 0 {
+        span.set_attribute("notifier.released_events", n);
+    }
+}
+
 /// Sets the notice span's last attributes (its outcome).
 pub fn close_notice(span: &tracing::Span, attrs: Vec<KeyValue>) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -306,6 +329,13 @@ pub fn http_client_span(method: &'static str, url: &reqwest::Url) -> Option<Cont
         .with_attributes(attrs)
         .start_with_context(tracer, &Context::current());
     Some(Context::current().with_span(span))
+}
+
+/// `fut` with the current trace context (the notice's), for a task it
+/// spawns: a signal published there names the span that raised it.
+pub fn carry<F: std::future::Future>(fut: F) -> opentelemetry::context::WithContext<F> {
+    use opentelemetry::context::FutureExt;
+    fut.with_context(Context::current())
 }
 
 /// Adds attributes to the span of `cx`, if any.

@@ -466,3 +466,134 @@ async fn an_unreachable_collector_loses_spans_never_deliveries() {
     replica.sigterm();
     env.cleanup().await;
 }
+
+fn ledger_url() -> String {
+    std::env::var("NOTIFIER_TEST_LEDGER_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// With the grant ledger on: a 43101 holds the notice, whose span says so and
+/// whose `notifier.notice_held` signal names the hold's span; the accept's
+/// release links to the held event's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_s_signal_and_its_release_stay_in_the_event_s_trace() {
+    let (collector, endpoint) = Collector::start().await;
+    let mut env = traced_env("trace-hold", &endpoint).await;
+    env.set("NOTIFIER_LEDGER_URL", &ledger_url());
+    env.set(
+        "NOTIFIER_LEDGER_SCHEMA",
+        &format!("t_trace_hold_{:08x}", fastrand::u32(..)),
+    );
+    env.set("WECHAT_TEMPLATE_ID", "tmpl-trace");
+    env.declare().await;
+    // The CRM's queue for the service's signals.
+    let signals = format!("{}.signals", env.prefix);
+    env.channel
+        .queue_declare(
+            signals.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    env.channel
+        .queue_bind(
+            signals.as_str().into(),
+            env.exchange().as_str().into(),
+            "notifier.notice_held".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let e1 = env.bulk(1, 1, false).remove(0);
+    let user = e1["assignee"]["user_id"].as_str().unwrap().to_string();
+    env.sim.push_fault(common::fault_for(
+        &e1,
+        FaultAction::FunctionErrcode(43101),
+        Some(1),
+    ));
+    let replica = env.spawn_process();
+    assert!(eventually(WAIT, || async { readyz(&replica.http).await.0 == 200 }).await);
+    let (tp, trace, _) = traceparent(4242);
+    publish_traced(
+        &env,
+        &[(e1.clone(), Some(AMQPValue::LongString(tp.as_str().into())))],
+    )
+    .await;
+
+    let mut signal = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while signal.is_empty() && std::time::Instant::now() < deadline {
+        signal = env.drain(&signals).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!signal.is_empty(), "notifier.notice_held published");
+    assert!(
+        eventually(WAIT, || async {
+            collector
+                .named("notice")
+                .iter()
+                .any(|s| attr(s, "notifier.outcome") == Some(AnyValue::StringValue("held".into())))
+        })
+        .await,
+        "the held notice's span"
+    );
+    let held = collector
+        .named("notice")
+        .into_iter()
+        .find(|s| attr(s, "notifier.outcome") == Some(AnyValue::StringValue("held".into())))
+        .unwrap();
+    assert_eq!(
+        hex(&held.trace_id),
+        trace,
+        "one event: the notice continues its trace"
+    );
+    assert_eq!(
+        header_str(&signal[0].1, "traceparent"),
+        Some(format!("00-{trace}-{}-01", hex(&held.span_id))),
+        "the signal names the hold's span"
+    );
+
+    // The accept releases it: a notice span linked to the held event's trace.
+    let accept = serde_json::json!({
+        "event_id": format!("{}-accept", env.prefix),
+        "event_type": "subscription.changed",
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "user": {"user_id": user, "openid": format!("o-{user}")},
+        "template_id": "tmpl-trace",
+        "status": "accept",
+    });
+    env.channel
+        .basic_publish(
+            env.exchange().as_str().into(),
+            "subscription.changed".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&accept).unwrap(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let id = e1["event_id"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(WAIT, || env.notified_ids().contains(&id)).await,
+        "released"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            collector.named("notice").iter().any(|s| {
+                attr(s, "notifier.released_events") == Some(AnyValue::IntValue(1))
+                    && s.links.iter().any(|l| hex(&l.trace_id) == trace)
+            })
+        })
+        .await,
+        "the release's span links to the held event's trace: {:?}",
+        collector.named("notice")
+    );
+    replica.sigterm();
+    env.cleanup().await;
+}

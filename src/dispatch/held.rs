@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use serde_json::json;
+use tracing::Instrument as _;
 use tracing::{info, warn};
 
 use super::{Dispatcher, Ended};
@@ -205,6 +206,7 @@ impl Dispatcher {
                         self.after(&mut stale_ctx, &again, ended).await;
                     }
                     prepend_held(&mut closed, parse_rows(&claim.rows));
+                    crate::trace::released(claim.rows.iter().map(|r| r.traceparent.as_deref()));
                     ctx.claimed = Some(claim.notice_id);
                 }
                 Err(_) => {
@@ -611,9 +613,13 @@ impl Dispatcher {
             pending.ack();
             return;
         }
+        let window = window.unwrap_or_else(empty_window);
+        let span = self.release_span(&event.user_id, &window, pending.trace);
         let ended = self
-            .deliver_ledgered(&ledger, &event.user_id, window.unwrap_or_else(empty_window))
+            .deliver_ledgered(&ledger, &event.user_id, window)
+            .instrument(span.clone())
             .await;
+        self.end_span(&span, &ended);
         match ended {
             Ended::Parked => {
                 self.settle
@@ -642,7 +648,8 @@ impl Dispatcher {
         let this = self.me();
         let ledger = ledger.clone();
         let (user, reason) = (user.to_string(), reason.to_string());
-        tokio::spawn(async move {
+        // The hold's span goes with the task: the signal names it.
+        tokio::spawn(crate::trace::carry(async move {
             let template = ledger.template_id().to_string();
             let body = json!({
                 "user_id": user,
@@ -655,7 +662,7 @@ impl Dispatcher {
                 let r = ledger.store().signal_confirmed(&user, &template).await;
                 ledger.record(&r);
             }
-        });
+        }));
     }
 
     /// Publishes one signal to the CRM (confirmed; never holds up a delivery).

@@ -372,20 +372,51 @@ impl Dispatcher {
         }
         .instrument(span.clone())
         .await;
-        if traced {
-            let (outcome, errcode) = match &ended {
-                Ended::Accepted => ("accepted", None),
-                Ended::Held => ("held", None),
-                Ended::Parked => ("parked", None),
-                Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
-                Ended::Gone => ("expired", None),
-            };
-            let mut attrs = vec![KeyValue::new("notifier.outcome", outcome)];
-            if let Some(code) = errcode {
-                attrs.push(KeyValue::new("wechat.errcode", code));
-            }
-            crate::trace::close_notice(&span, attrs);
+        self.end_span(&span, &ended);
+    }
+
+    /// The span of a release by an accept (its `tracing` span, exported with
+    /// export on): a child of the accept's receive span, linked to the open
+    /// window's events here and to the held events once they are claimed.
+    pub(crate) fn release_span(
+        &self,
+        user: &str,
+        window: &Closed<Pending>,
+        accept: Option<crate::trace::Ctx>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!("notice", otel.name = "notice release", assignee = %user);
+        if crate::trace::enabled() {
+            let mut events: Vec<crate::trace::Ctx> = accept.into_iter().collect();
+            events.extend(window.deliveries.iter().filter_map(|(_, p)| p.trace));
+            crate::trace::open_notice(
+                &span,
+                &events,
+                vec![
+                    KeyValue::new("notifier.assignee_id", user.to_string()),
+                    KeyValue::new("notifier.event_count", window.events.len() as i64),
+                ],
+            );
         }
+        span
+    }
+
+    /// Sets the outcome on a notice's span (export on).
+    pub(crate) fn end_span(&self, span: &tracing::Span, ended: &Ended) {
+        if !crate::trace::enabled() {
+            return;
+        }
+        let (outcome, errcode) = match ended {
+            Ended::Accepted => ("accepted", None),
+            Ended::Held => ("held", None),
+            Ended::Parked => ("parked", None),
+            Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
+            Ended::Gone => ("expired", None),
+        };
+        let mut attrs = vec![KeyValue::new("notifier.outcome", outcome)];
+        if let Some(code) = errcode {
+            attrs.push(KeyValue::new("wechat.errcode", code));
+        }
+        crate::trace::close_notice(span, attrs);
     }
 
     /// Dead-letters an event that breaks the schema.
