@@ -50,6 +50,8 @@ pub struct Metrics {
     log_lines_dropped: Counter,
     /// Brought up to `trace::malformed_count` at each `encode`.
     traceparent_malformed: Counter,
+    /// Brought up to `trace::lost_count` at each `encode`.
+    spans_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,7 @@ impl Metrics {
             quota_pauses: Family::default(),
             log_lines_dropped: Counter::default(),
             traceparent_malformed: Counter::default(),
+            spans_lost: Counter::default(),
             ledger_held_events: Gauge::default(),
             ledger_held_users: Gauge::default(),
             ledger_held_users_over_a_day: Gauge::default(),
@@ -181,6 +184,11 @@ impl Metrics {
             m.traceparent_malformed.clone(),
         );
         registry.register(
+            "spans_lost",
+            "spans in batches the OTLP collector did not take (unreachable or refusing); deliveries never wait on it",
+            m.spans_lost.clone(),
+        );
+        registry.register(
             "ledger_held_events",
             "events held in the grant ledger for want of a credit or an openid",
             m.ledger_held_events.clone(),
@@ -267,10 +275,14 @@ impl Metrics {
         if dropped > counted {
             self.log_lines_dropped.inc_by(dropped - counted);
         }
-        let malformed = crate::trace::malformed_count();
-        let counted = self.traceparent_malformed.get();
-        if malformed > counted {
-            self.traceparent_malformed.inc_by(malformed - counted);
+        for (now, counter) in [
+            (crate::trace::malformed_count(), &self.traceparent_malformed),
+            (crate::trace::lost_count(), &self.spans_lost),
+        ] {
+            let counted = counter.get();
+            if now > counted {
+                counter.inc_by(now - counted);
+            }
         }
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

@@ -59,24 +59,37 @@ pub fn init(format: LogFormat, default_level: &str) {
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
     let said = writer.clone();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
+    let ansi = std::io::stderr().is_terminal();
     // With span export on (`trace::init` ran first), the notice's span is
     // exported too, and JSON lines name its trace and span.
-    let installed = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .event_format(WithTraceIds(
-                tracing_subscriber::fmt::format().json().flatten_event(true),
-            ))
-            .finish()
-            .with(crate::trace::layer())
-            .try_init(),
-        LogFormat::Text => builder.finish().with(crate::trace::layer()).try_init(),
+    let (json, text) = match format {
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .event_format(WithTraceIds(
+                        tracing_subscriber::fmt::format().json().flatten_event(true),
+                    ))
+                    .with_writer(writer),
+            ),
+            None,
+        ),
+        LogFormat::Text => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            ),
+        ),
     };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(text)
+        .with(crate::trace::layer())
+        .try_init();
     if installed.is_ok() {
         let _ = DROPPED.set(dropped);
         let _ = WRITER.set(said);

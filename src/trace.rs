@@ -46,6 +46,50 @@ static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 static PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
 /// Malformed `traceparent` headers seen (exported by `/metrics`).
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
+/// Spans in batches the collector did not take (exported by `/metrics`).
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// The OTLP exporter, counting the spans of every batch that failed (an
+/// unreachable or refusing collector): spans are lost, and an operator sees
+/// how many.
+#[derive(Debug)]
+struct Counting<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let r = self.0.export(batch).await;
+        if r.is_err() {
+            LOST.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+/// Spans the collector did not take so far (failed exports).
+pub fn lost_count() -> u64 {
+    LOST.load(Ordering::Relaxed)
+}
 
 /// One span's identity as W3C `traceparent` carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,17 +307,27 @@ pub fn close_notice(span: &tracing::Span, attrs: Vec<KeyValue>) {
 
 /// The layer that exports `tracing` spans (the notice's) through the
 /// tracer: `None` with export off, so nothing is paid per span then.
-pub fn layer<S>() -> Option<tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>>
+/// Only `info` and above reach spans, whatever `RUST_LOG` says: debug lines
+/// were never reviewed for what a trace backend may keep.
+pub fn layer<S>() -> Option<
+    tracing_subscriber::filter::Filtered<
+        tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>,
+        tracing_subscriber::filter::LevelFilter,
+        S,
+    >,
+>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
+    use tracing_subscriber::Layer as _;
     let tracer = TRACER.get()?.clone();
     Some(
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
             .with_threads(false)
             .with_location(false)
-            .with_tracked_inactivity(false),
+            .with_tracked_inactivity(false)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
     )
 }
 
@@ -403,7 +457,7 @@ pub fn init() -> Result<bool, String> {
         }
         Ok::<_, String>(
             SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
+                .with_batch_exporter(Counting(exporter))
                 .with_resource(resource.build())
                 .build(),
         )

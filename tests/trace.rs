@@ -463,6 +463,14 @@ async fn an_unreachable_collector_loses_spans_never_deliveries() {
         eventually(WAIT, || env.settled(&replica.http)).await,
         "every delivery acked"
     );
+    // The spans are lost, and counted (batches go every 100 ms).
+    assert!(
+        eventually(WAIT, || async {
+            metric(&replica.http, "wechat_notifier_spans_lost_total", "").await > 0.0
+        })
+        .await,
+        "lost spans counted"
+    );
     replica.sigterm();
     env.cleanup().await;
 }
