@@ -38,7 +38,8 @@ pub struct Pending {
     pub redelivered: bool,
     /// The trace context copies of this message carry (contract section 6):
     /// its `receive` span's with export on, else the CRM's `traceparent`.
-    pub trace: Option<crate::trace::Ctx>,
+    /// Boxed: 8 bytes on every held delivery, 25 more only when traced.
+    pub trace: Option<Box<crate::trace::Ctx>>,
 }
 
 /// The content type the CRM's events carry (contract section 2).
@@ -147,13 +148,14 @@ impl Pending {
     /// `receive` span. A message without headers (kept compactly) has no
     /// context to read: with export off that costs one branch.
     pub fn traced(&mut self, queue: &str) {
-        self.trace = match &self.props {
+        let trace = match &self.props {
             Props::Other(p) => crate::trace::receive(p, queue),
             Props::Common { .. } if crate::trace::enabled() => {
                 crate::trace::receive(&self.props.to_properties(), queue)
             }
             Props::Common { .. } => None,
         };
+        self.trace = trace.map(Box::new);
     }
 
     /// The CRM's `message_id`, for log lines about a message whose body could not be read.

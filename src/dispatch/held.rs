@@ -79,7 +79,7 @@ fn to_hold(closed: &Closed<Pending>) -> Vec<ToHold> {
         out.push(ToHold {
             event_id: e.event_id.clone(),
             body: p.body.to_vec(),
-            traceparent: p.trace.map(|c| c.header()),
+            traceparent: p.trace.as_ref().map(|c| c.header()),
             attempts: i32::try_from(p.attempts).unwrap_or(i32::MAX),
         });
     }
@@ -614,7 +614,7 @@ impl Dispatcher {
             return;
         }
         let window = window.unwrap_or_else(empty_window);
-        let span = self.release_span(&event.user_id, &window, pending.trace);
+        let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
         let ended = self
             .deliver_ledgered(&ledger, &event.user_id, window)
             .instrument(span.clone())

@@ -347,7 +347,7 @@ impl Dispatcher {
             let events: Vec<crate::trace::Ctx> = closed
                 .deliveries
                 .iter()
-                .filter_map(|(_, p)| p.trace)
+                .filter_map(|(_, p)| p.trace.as_deref().copied())
                 .collect();
             crate::trace::open_notice(
                 &span,
@@ -387,7 +387,12 @@ impl Dispatcher {
         let span = tracing::info_span!("notice", otel.name = "notice release", assignee = %user);
         if crate::trace::enabled() {
             let mut events: Vec<crate::trace::Ctx> = accept.into_iter().collect();
-            events.extend(window.deliveries.iter().filter_map(|(_, p)| p.trace));
+            events.extend(
+                window
+                    .deliveries
+                    .iter()
+                    .filter_map(|(_, p)| p.trace.as_deref().copied()),
+            );
             crate::trace::open_notice(
                 &span,
                 &events,
