@@ -20,7 +20,8 @@
 //! - [`cli`]: the command line; [`cmd`]: one file per subcommand (`run`, `sim`,
 //!   `publish`, `demo`, `check`, `status`, `dlq`); `main.rs` only dispatches there.
 //!   [`publish`] is `cmd::publish`, re-exported: tests and benches publish with it.
-//! - [`shutdown`], [`telemetry`], [`progress`]: signals, logs, progress of long CLI work.
+//! - [`shutdown`], [`telemetry`], [`progress`]: signals, logs, progress of long CLI work;
+//!   [`trace`]: W3C trace context in and out, OpenTelemetry spans and their export.
 
 pub mod broker;
 pub mod cli;
@@ -39,6 +40,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
+pub mod trace;
 pub mod wechat;
 
 pub use cmd::publish;

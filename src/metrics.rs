@@ -48,6 +48,10 @@ pub struct Metrics {
     quota_pauses: Family<Labels, Counter>,
     /// Brought up to `telemetry::log_lines_dropped` at each `encode`.
     log_lines_dropped: Counter,
+    /// Brought up to `trace::malformed_count` at each `encode`.
+    traceparent_malformed: Counter,
+    /// Brought up to `trace::lost_count` at each `encode`.
+    spans_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -79,6 +83,8 @@ impl Metrics {
             config_fault: Gauge::default(),
             quota_pauses: Family::default(),
             log_lines_dropped: Counter::default(),
+            traceparent_malformed: Counter::default(),
+            spans_lost: Counter::default(),
             ledger_held_events: Gauge::default(),
             ledger_held_users: Gauge::default(),
             ledger_held_users_over_a_day: Gauge::default(),
@@ -173,6 +179,16 @@ impl Metrics {
             m.log_lines_dropped.clone(),
         );
         registry.register(
+            "traceparent_malformed",
+            "deliveries whose traceparent header was malformed (ignored: the event is handled as one without trace context)",
+            m.traceparent_malformed.clone(),
+        );
+        registry.register(
+            "spans_lost",
+            "spans in batches the OTLP collector did not take (unreachable or refusing); deliveries never wait on it",
+            m.spans_lost.clone(),
+        );
+        registry.register(
             "ledger_held_events",
             "events held in the grant ledger for want of a credit or an openid",
             m.ledger_held_events.clone(),
@@ -258,6 +274,15 @@ impl Metrics {
         let counted = self.log_lines_dropped.get();
         if dropped > counted {
             self.log_lines_dropped.inc_by(dropped - counted);
+        }
+        for (now, counter) in [
+            (crate::trace::malformed_count(), &self.traceparent_malformed),
+            (crate::trace::lost_count(), &self.spans_lost),
+        ] {
+            let counted = counter.get();
+            if now > counted {
+                counter.inc_by(now - counted);
+            }
         }
         encode(&mut out, &registry).expect("writing to a String cannot fail");
         out

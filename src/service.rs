@@ -490,7 +490,8 @@ impl Service {
         acks: &Acks,
     ) -> Vec<Closed<Pending>> {
         self.metrics.events_received.inc();
-        let pending = Pending::new(delivery, acks);
+        let mut pending = Pending::new(delivery, acks);
+        pending.traced(&self.settings.queue);
         let parsed = match event::parse_any(&pending.body) {
             Ok(event::Event::Assigned(e)) => Ok(e),
             Ok(event::Event::Subscription(sub)) => {

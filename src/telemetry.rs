@@ -19,6 +19,12 @@ use std::io::{IsTerminal, Write};
 use std::sync::{Mutex, OnceLock};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::LogFormat;
@@ -53,18 +59,78 @@ pub fn init(format: LogFormat, default_level: &str) {
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
     let said = writer.clone();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(writer);
-    let installed = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let ansi = std::io::stderr().is_terminal();
+    // With span export on (`trace::init` ran first), the notice's span is
+    // exported too, and JSON lines name its trace and span.
+    let (json, text) = match format {
+        LogFormat::Json => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .event_format(WithTraceIds(
+                        tracing_subscriber::fmt::format().json().flatten_event(true),
+                    ))
+                    .with_writer(writer),
+            ),
+            None,
+        ),
+        LogFormat::Text => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(writer),
+            ),
+        ),
     };
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(json)
+        .with(text)
+        .with(crate::trace::layer())
+        .try_init();
     if installed.is_ok() {
         let _ = DROPPED.set(dropped);
         let _ = WRITER.set(said);
         *GUARD.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
+    }
+}
+
+/// The JSON event format with `trace_id` and `span_id` first, when the line
+/// is written inside an exported span (a notice's), so a log line leads to
+/// its trace.
+struct WithTraceIds<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = if crate::trace::enabled() {
+            crate::trace::ids_in(ctx.lookup_current())
+        } else {
+            None
+        };
+        let Some((trace_id, span_id)) = ids else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        match line.strip_prefix('{') {
+            Some(rest) => write!(
+                writer,
+                "{{\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\",{rest}"
+            ),
+            None => writer.write_str(&line),
+        }
     }
 }
 
@@ -89,6 +155,8 @@ pub fn log_lines_dropped() -> u64 {
 /// Writes out the lines still buffered (waiting at most about a second for
 /// a stalled stderr); called once, at exit. Later lines are lost.
 pub fn flush() {
+    // The last spans first: their export may log.
+    crate::trace::shutdown();
     let guard = GUARD.lock().unwrap_or_else(|p| p.into_inner()).take();
     drop(guard);
 }

@@ -126,10 +126,32 @@ async function alreadySent(db, noticeId) {
   }
 }
 
+// W3C trace context: an HTTP trigger hands the function its request's headers
+// in `event.headers`, and the service's call carries `traceparent` (naming
+// its WeChat-call span). Logged with the notice id, so the function's log line
+// leads to the assignment's trace. Only a well-formed value is used.
+const TRACEPARENT = /^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$/;
+
+function traceparentOf(event) {
+  const headers = (event && event.headers) || {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (name.toLowerCase() === 'traceparent' && typeof value === 'string') {
+      const v = value.trim();
+      return TRACEPARENT.test(v) ? v : undefined;
+    }
+  }
+  return undefined;
+}
+
 async function sendCustomerAssignNotification(event) {
   const notice = event.notice;
   const problem = checkNotice(notice);
   if (problem) return reply(INVALID_ARGUMENT, problem);
+  const traceparent = traceparentOf(event);
+  if (traceparent) {
+    const [, traceId, spanId] = TRACEPARENT.exec(traceparent);
+    console.log(JSON.stringify({ notice_id: notice.notice_id, traceparent, trace_id: traceId, span_id: spanId }));
+  }
 
   const fault = configFault(process.env, permissions(), notice.template_id);
   if (fault) return fault;
@@ -201,3 +223,4 @@ exports.main = async (event) => {
 
 // For the tests: the settings check with the permissions given.
 exports.configFault = configFault;
+exports.traceparentOf = traceparentOf;

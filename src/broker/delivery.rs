@@ -36,6 +36,10 @@ pub struct Pending {
     /// The broker delivered it before (a crash or a lost ack): the grant
     /// ledger may already hold or have settled its event.
     pub redelivered: bool,
+    /// The trace context copies of this message carry (contract section 6):
+    /// its `receive` span's with export on, else the CRM's `traceparent`.
+    /// Boxed: 8 bytes on every held delivery, 25 more only when traced.
+    pub trace: Option<Box<crate::trace::Ctx>>,
 }
 
 /// The content type the CRM's events carry (contract section 2).
@@ -136,7 +140,22 @@ impl Pending {
             acker: Some(delivery.acker),
             body: delivery.data.into_boxed_slice(),
             props: Props::new(delivery.properties),
+            trace: None,
         }
+    }
+
+    /// Reads the CRM's trace context and, with export on, makes the event's
+    /// `receive` span. A message without headers (kept compactly) has no
+    /// context to read: with export off that costs one branch.
+    pub fn traced(&mut self, queue: &str) {
+        let trace = match &self.props {
+            Props::Other(p) => crate::trace::receive(p, queue),
+            Props::Common { .. } if crate::trace::enabled() => {
+                crate::trace::receive(&self.props.to_properties(), queue)
+            }
+            Props::Common { .. } => None,
+        };
+        self.trace = trace.map(Box::new);
     }
 
     /// The CRM's `message_id`, for log lines about a message whose body could not be read.

@@ -13,7 +13,13 @@ pub async fn main() -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    // Before the logs: the notice's log span is exported through them.
+    let traced = crate::trace::init();
     telemetry::init(settings.log_format, "info");
+    // Spans are a help, never a condition: a bad endpoint is said and skipped.
+    if let Err(e) = traced {
+        tracing::warn!("{e}; spans are not exported");
+    }
     tracing::info!("{}", startup_line(&settings));
     let (trigger, signal) = shutdown::channel();
     shutdown::on_signals(trigger);

@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use chrono::SecondsFormat;
 use serde_json::json;
+use tracing::Instrument as _;
 use tracing::{info, warn};
 
 use super::{Dispatcher, Ended};
-use crate::broker::{header_str, Pending};
+use crate::broker::Pending;
 use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
@@ -78,7 +79,7 @@ fn to_hold(closed: &Closed<Pending>) -> Vec<ToHold> {
         out.push(ToHold {
             event_id: e.event_id.clone(),
             body: p.body.to_vec(),
-            traceparent: header_str(&p.properties(), "traceparent"),
+            traceparent: p.trace.as_ref().map(|c| c.header()),
             attempts: i32::try_from(p.attempts).unwrap_or(i32::MAX),
         });
     }
@@ -205,6 +206,7 @@ impl Dispatcher {
                         self.after(&mut stale_ctx, &again, ended).await;
                     }
                     prepend_held(&mut closed, parse_rows(&claim.rows));
+                    crate::trace::released(claim.rows.iter().map(|r| r.traceparent.as_deref()));
                     ctx.claimed = Some(claim.notice_id);
                 }
                 Err(_) => {
@@ -623,9 +625,13 @@ impl Dispatcher {
             pending.ack();
             return;
         }
+        let window = window.unwrap_or_else(empty_window);
+        let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
         let ended = self
-            .deliver_ledgered(&ledger, &event.user_id, window.unwrap_or_else(empty_window))
+            .deliver_ledgered(&ledger, &event.user_id, window)
+            .instrument(span.clone())
             .await;
+        self.end_span(&span, &ended);
         match ended {
             Ended::Parked => {
                 self.settle
@@ -654,7 +660,8 @@ impl Dispatcher {
         let this = self.me();
         let ledger = ledger.clone();
         let (user, reason) = (user.to_string(), reason.to_string());
-        tokio::spawn(async move {
+        // The hold's span goes with the task: the signal names it.
+        tokio::spawn(crate::trace::carry(async move {
             let template = ledger.template_id().to_string();
             let body = json!({
                 "user_id": user,
@@ -667,7 +674,7 @@ impl Dispatcher {
                 let r = ledger.store().signal_confirmed(&user, &template).await;
                 ledger.record(&r);
             }
-        });
+        }));
     }
 
     /// Publishes one signal to the CRM (confirmed; never holds up a delivery).

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 
 use tracing::{debug, info, warn, Instrument};
@@ -460,23 +461,96 @@ impl Dispatcher {
     pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
         let notice = closed.notice();
+        // With export on, this span is also the notice's OpenTelemetry span
+        // (tracing-opentelemetry): linked to each event's receive span, its
+        // log lines become its events and carry its ids.
         let span = tracing::info_span!(
             "notice",
+            otel.name = if closed.held > 0 { "notice release" } else { "notice" },
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
-            events = notice.customer_count
+            events = notice.customer_count,
         );
-        match self.ledger.clone() {
-            Some(ledger) => {
-                let user = notice.assignee.user_id.clone();
-                self.deliver_ledgered(&ledger, &user, closed)
-                    .instrument(span)
-                    .await;
-            }
-            None => {
-                self.send(&mut closed, notice, None).instrument(span).await;
+        let traced = crate::trace::enabled();
+        if traced {
+            let events: Vec<crate::trace::Ctx> = closed
+                .deliveries
+                .iter()
+                .filter_map(|(_, p)| p.trace.as_deref().copied())
+                .collect();
+            crate::trace::open_notice(
+                &span,
+                &events,
+                vec![
+                    KeyValue::new("notifier.notice_id", notice.notice_id.clone()),
+                    KeyValue::new("notifier.assignee_id", notice.assignee.user_id.clone()),
+                    KeyValue::new("notifier.event_count", notice.customer_count as i64),
+                    KeyValue::new("notifier.summary", notice.summary),
+                    KeyValue::new("notifier.held_events", closed.held as i64),
+                ],
+            );
+        }
+        let ended = async {
+            match self.ledger.clone() {
+                Some(ledger) => {
+                    let user = notice.assignee.user_id.clone();
+                    self.deliver_ledgered(&ledger, &user, closed).await
+                }
+                None => self.send(&mut closed, notice, None).await,
             }
         }
+        .instrument(span.clone())
+        .await;
+        self.end_span(&span, &ended);
+    }
+
+    /// The span of a release by an accept (its `tracing` span, exported with
+    /// export on): a child of the accept's receive span, linked to the open
+    /// window's events here and to the held events once they are claimed.
+    pub(crate) fn release_span(
+        &self,
+        user: &str,
+        window: &Closed<Pending>,
+        accept: Option<crate::trace::Ctx>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!("notice", otel.name = "notice release", assignee = %user);
+        if crate::trace::enabled() {
+            let mut events: Vec<crate::trace::Ctx> = accept.into_iter().collect();
+            events.extend(
+                window
+                    .deliveries
+                    .iter()
+                    .filter_map(|(_, p)| p.trace.as_deref().copied()),
+            );
+            crate::trace::open_notice(
+                &span,
+                &events,
+                vec![
+                    KeyValue::new("notifier.assignee_id", user.to_string()),
+                    KeyValue::new("notifier.event_count", window.events.len() as i64),
+                ],
+            );
+        }
+        span
+    }
+
+    /// Sets the outcome on a notice's span (export on).
+    pub(crate) fn end_span(&self, span: &tracing::Span, ended: &Ended) {
+        if !crate::trace::enabled() {
+            return;
+        }
+        let (outcome, errcode) = match ended {
+            Ended::Accepted => ("accepted", None),
+            Ended::Held => ("held", None),
+            Ended::Parked => ("parked", None),
+            Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
+            Ended::Gone => ("expired", None),
+        };
+        let mut attrs = vec![KeyValue::new("notifier.outcome", outcome)];
+        if let Some(code) = errcode {
+            attrs.push(KeyValue::new("wechat.errcode", code));
+        }
+        crate::trace::close_notice(span, attrs);
     }
 
     /// Dead-letters an event that breaks the schema.
@@ -516,6 +590,8 @@ impl Dispatcher {
         mut ledger: Option<&mut LedgerCtx>,
     ) -> Ended {
         let mut tries = Tries::default();
+        // Calls judged in this round (span events), after the rounds before.
+        let mut judged: i64 = 0;
         loop {
             let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
                 Attempt::Local(r) => (r, false),
@@ -527,6 +603,24 @@ impl Dispatcher {
                 Attempt::Again => continue,
                 Attempt::Done => return Ended::Gone,
             };
+            judged += 1;
+            crate::trace::event("attempt", {
+                let round = closed
+                    .deliveries
+                    .iter()
+                    .map(|(_, p)| p.attempts)
+                    .max()
+                    .unwrap_or(0);
+                let mut a = vec![
+                    opentelemetry::KeyValue::new("notifier.attempt", judged),
+                    opentelemetry::KeyValue::new("notifier.round", round.saturating_add(1)),
+                    opentelemetry::KeyValue::new("notifier.outcome", result.outcome.as_str()),
+                ];
+                if let Some(code) = result.errcode {
+                    a.push(opentelemetry::KeyValue::new("wechat.errcode", code));
+                }
+                a
+            });
             debug!(
                 outcome = result.outcome.as_str(),
                 errcode = result.errcode.unwrap_or_default(),
@@ -621,6 +715,8 @@ impl Dispatcher {
             Ok(t) => t,
             Err(e) => return Attempt::Answered(e),
         };
+        // The rate-limit wait, as an event on the notice's span.
+        let waiting = crate::trace::enabled().then(std::time::Instant::now);
         let paused = match probe {
             Some(turn) => self.budget.take_as_probe(turn).await.err(),
             None => match self.budget.take().await {
@@ -629,6 +725,15 @@ impl Dispatcher {
                 Turn::Paused { left, errcode } => Some((left, errcode)),
             },
         };
+        if let Some(since) = waiting {
+            crate::trace::event(
+                "rate slot",
+                vec![KeyValue::new(
+                    "notifier.waited_ms",
+                    since.elapsed().as_secs_f64() * 1000.0,
+                )],
+            );
+        }
         if let Some((left, errcode)) = paused {
             self.settle
                 .park_for_pause(closed, notice, left, errcode)

@@ -33,6 +33,20 @@ pub struct Settler {
     metrics: Arc<Metrics>,
 }
 
+/// `props` with `traceparent` naming `tc` (other headers kept; a stale
+/// `tracestate` goes with the CRM's span it described only when ours replaces it).
+fn with_traceparent(
+    props: lapin::BasicProperties,
+    tc: &crate::trace::Ctx,
+) -> lapin::BasicProperties {
+    let mut t = props.headers().clone().unwrap_or_default();
+    t.insert(
+        crate::trace::TRACEPARENT.into(),
+        lapin::types::AMQPValue::LongString(tc.header().into()),
+    );
+    props.with_headers(t)
+}
+
 /// What a log line says about one delivery.
 fn id_of<'a>(closed: &'a Closed<Pending>, index: usize, p: &'a Pending) -> &'a str {
     closed
@@ -90,7 +104,10 @@ impl Settler {
         queue: &str,
         h: &ParkHeaders,
     ) -> Result<bool, BrokerError> {
-        let props = with_park_headers(&p.properties(), h);
+        let mut props = with_park_headers(&p.properties(), h);
+        if let Some(tc) = &p.trace {
+            props = with_traceparent(props, tc);
+        }
         self.publisher.publish("", queue, &p.body, props).await?;
         Ok(p.ack())
     }
@@ -468,9 +485,13 @@ impl Settler {
         key: &str,
         body: &serde_json::Value,
     ) -> bool {
-        let props = lapin::BasicProperties::default()
+        let mut props = lapin::BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
+        // The span of the notice, hold or release that raised it.
+        if let Some(tc) = crate::trace::current() {
+            props = with_traceparent(props, &tc);
+        }
         let bytes = serde_json::to_vec(body).unwrap_or_default();
         match self.publisher.publish(exchange, key, &bytes, props).await {
             Ok(()) => true,

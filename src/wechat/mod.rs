@@ -253,10 +253,43 @@ impl WeChat {
     pub async fn call(&self, prepared: &Prepared<'_>, token: &Secret) -> CallResult {
         let api = self.api_name();
         let started = Instant::now();
-        let result = match &prepared.subscribe {
-            None => self.invoke(prepared.notice, token.expose()).await,
-            Some(body) => self.subscribe_send(body, token.expose()).await,
+        let call = async {
+            match &prepared.subscribe {
+                None => self.invoke(prepared.notice, token.expose()).await,
+                Some(body) => self.subscribe_send(body, token.expose()).await,
+            }
         };
+        // A client span (HTTP semantic conventions) under the notice's; its
+        // `url.full` is the endpoint without the query that holds the token.
+        let url = match &prepared.subscribe {
+            None => self.invoke_url.as_ref(),
+            Some(_) => self.send_url.as_ref(),
+        };
+        let span = url.and_then(|u| crate::trace::http_client_span("POST", u));
+        let result = match &span {
+            Some(cx) => {
+                use opentelemetry::context::FutureExt;
+                call.with_context(cx.clone()).await
+            }
+            None => call.await,
+        };
+        if span.is_some() {
+            let mut attrs = vec![
+                opentelemetry::KeyValue::new("notifier.outcome", result.outcome.as_str()),
+                opentelemetry::KeyValue::new("wechat.api", api),
+            ];
+            if let Some(code) = result.errcode {
+                attrs.push(opentelemetry::KeyValue::new("wechat.errcode", code));
+            }
+            if result.outcome != Outcome::Delivered {
+                attrs.push(opentelemetry::KeyValue::new(
+                    "error.type",
+                    result.outcome.as_str(),
+                ));
+            }
+            crate::trace::set(span.as_ref(), attrs);
+            crate::trace::end(span);
+        }
         self.metrics.wechat_call(
             api,
             result.outcome.as_str(),
@@ -280,22 +313,24 @@ impl WeChat {
                 "WECHAT_API_BASE is not an http(s) URL".to_string(),
             ));
         };
-        let response = self
-            .http
-            .post(url.clone())
-            .query(query)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| {
-                let kind = if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "failed"
-                };
-                CallResult::transient(format!("request {kind}: {}", e.without_url()))
-            })?;
+        let mut request = self.http.post(url.clone()).query(query).json(body);
+        // The client span's context, for the function (and its logs) to continue.
+        if let Some(tc) = crate::trace::current() {
+            request = request.header(crate::trace::TRACEPARENT, tc.header());
+        }
+        let response = request.send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                "timed out"
+            } else {
+                "failed"
+            };
+            CallResult::transient(format!("request {kind}: {}", e.without_url()))
+        })?;
         let status = response.status();
+        crate::trace::set_current(vec![opentelemetry::KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        )]);
         if !status.is_success() {
             return Err(CallResult::transient(format!(
                 "WeChat answered HTTP {status}"

@@ -76,6 +76,7 @@ fn the_compose_file_has_every_service_with_valid_settings() {
         "publisher",
         "prometheus",
         "grafana",
+        "jaeger",
     ]
     .map(String::from)
     .into();
@@ -201,6 +202,12 @@ fn the_compose_file_has_every_service_with_valid_settings() {
         assert!(
             health.contains(&format!("localhost:{metrics_port}/healthz")),
             "{name}: {health}"
+        );
+        // Spans go to the Jaeger service, over OTLP/HTTP (port 4318).
+        assert_eq!(
+            var(&env, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "http://jaeger:4318",
+            "{name}"
         );
         targets.insert(format!("{name}:{metrics_port}"));
     }

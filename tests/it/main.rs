@@ -39,4 +39,5 @@ mod settlement;
 mod sim_credits;
 mod subscription;
 mod subscription_schema;
+mod trace;
 mod wechat_client;

@@ -13,7 +13,7 @@ process.env.TEMPLATE_PAGE = 'pages/customer/list?notice={notice_id}';
 delete process.env.TEMPLATE_DATA;
 
 const cloud = require('wx-server-sdk');
-const { main } = require('../index');
+const { main, traceparentOf } = require('../index');
 
 test('the fake sdk is the one loaded (run with NODE_PATH=test/fake_modules)', () => {
   assert.equal(cloud.__fake, true, 'a real wx-server-sdk in node_modules shadows the fake');
@@ -202,4 +202,30 @@ test('TEMPLATE_DATA replaces the mapping', async () => {
 test('config.json grants subscribeMessage.send', () => {
   const config = JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'config.json'), 'utf8'));
   assert.ok(config.permissions.openapi.includes('subscribeMessage.send'));
+});
+
+test("the trigger's traceparent header is logged with the notice id; a malformed one is ignored", async () => {
+  const tp = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+  const lines = [];
+  const log = console.log;
+  console.log = (line) => lines.push(line);
+  try {
+    const answer = await main({
+      type: 'sendCustomerAssignNotification',
+      notice: notice(),
+      headers: { 'content-type': 'application/json', Traceparent: tp },
+    });
+    assert.equal(answer.errcode, 0);
+  } finally {
+    console.log = log;
+  }
+  const logged = lines.map((l) => JSON.parse(l)).find((l) => l.traceparent);
+  assert.deepEqual(logged, {
+    notice_id: notice().notice_id,
+    traceparent: tp,
+    trace_id: '4bf92f3577b34da6a3ce929d0e0e4736',
+    span_id: '00f067aa0ba902b7',
+  });
+  assert.equal(traceparentOf({ headers: { traceparent: 'nope' } }), undefined);
+  assert.equal(traceparentOf({}), undefined);
 });

@@ -1,0 +1,531 @@
+//! W3C trace context and OpenTelemetry spans (contract section 6), so one
+//! assignment shows as one trace from the CRM's publish to the WeChat call.
+//!
+//! The CRM writes `traceparent` (and maybe `tracestate`) as AMQP headers. A
+//! delivery's header is parsed into a [`Ctx`] (25 bytes, kept on the
+//! delivery); a malformed value is ignored and counted, never an error. With
+//! export on, each event gets a `receive` span under the CRM's context, and the
+//! [`Ctx`] kept is that span's: every retry, dead-letter and signal copy then
+//! names the service's own span (same trace id, our span id), so a replayed
+//! message continues the trace. With export off (no `OTEL_EXPORTER_OTLP_*`
+//! endpoint), no span is made at all and copies keep the CRM's header as it
+//! came: near-zero cost, and the trace is still not broken.
+//!
+//! Spans are made with the OpenTelemetry API directly rather than through
+//! `tracing` spans: a notice covers events that arrived in other tasks, which
+//! is a span *link* per event, and the parent of each span must be chosen
+//! explicitly. The export is the SDK's batch processor, which runs on a thread
+//! of its own with a blocking HTTP client: the service's single runtime thread
+//! never encodes or sends a batch, and an unreachable collector loses spans
+//! (the SDK drops them when its queue is full), never deliveries.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use opentelemetry::trace::{
+    SpanBuilder, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+
+/// The AMQP header names (W3C trace context over message headers).
+pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
+
+/// At most this many links on one span: the SDK's default span link limit
+/// (`OTEL_SPAN_LINK_COUNT_LIMIT`, 128). The rest are counted in
+/// `notifier.links_dropped`.
+pub const LINK_LIMIT: usize = 128;
+
+/// The tracer, set once when export is on.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
+/// The provider, shut down (its last batch flushed) at exit.
+static PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+/// Malformed `traceparent` headers seen (exported by `/metrics`).
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+/// Spans in batches the collector did not take (exported by `/metrics`).
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+/// The OTLP exporter, counting the spans of every batch that failed (an
+/// unreachable or refusing collector): spans are lost, and an operator sees
+/// how many.
+#[derive(Debug)]
+struct Counting<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let r = self.0.export(batch).await;
+        if r.is_err() {
+            LOST.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+/// Spans the collector did not take so far (failed exports).
+pub fn lost_count() -> u64 {
+    LOST.load(Ordering::Relaxed)
+}
+
+/// One span's identity as W3C `traceparent` carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ctx {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        let pair = &s[2 * i..2 * i + 2];
+        // Lowercase hex only (W3C): `from_str_radix` alone accepts `+` and capitals.
+        if !pair
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        *o = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Ctx {
+    /// Parses a `traceparent` value (W3C trace context, level 1): version
+    /// `00` exactly 55 characters; a later version may add fields after a
+    /// dash, which are ignored; `ff`, all-zero ids and any other shape are
+    /// rejected.
+    pub fn parse(value: &str) -> Option<Ctx> {
+        let value = value.trim();
+        let mut parts = value.splitn(5, '-');
+        let version = hex_to::<1>(parts.next()?)?[0];
+        let trace_id = hex_to::<16>(parts.next()?)?;
+        let span_id = hex_to::<8>(parts.next()?)?;
+        let flags = hex_to::<1>(parts.next()?)?[0];
+        let rest = parts.next();
+        if version == 0xff || (version == 0 && rest.is_some()) {
+            return None;
+        }
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Ctx {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    /// The `traceparent` value naming this span (version 00).
+    pub fn header(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            self.flags
+        )
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        TraceId::from_bytes(self.trace_id).to_string()
+    }
+
+    fn span_context(&self, state: TraceState) -> SpanContext {
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            TraceFlags::new(self.flags),
+            true,
+            state,
+        )
+    }
+
+    fn of(sc: &SpanContext) -> Option<Ctx> {
+        sc.is_valid().then(|| Ctx {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            flags: sc.trace_flags().to_u8(),
+        })
+    }
+}
+
+/// A text header, as amqplib (LongString) or other clients (ShortString) write it.
+fn text_header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a [u8]> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.as_bytes()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
+        _ => None,
+    }
+}
+
+/// The CRM's trace context on a delivery: `None` when there is none, or when
+/// it is malformed (then counted). Only messages with headers pay more than
+/// one branch.
+pub fn incoming(props: &BasicProperties) -> Option<Ctx> {
+    let raw = match props.headers().as_ref()?.inner().get(TRACEPARENT)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    };
+    let parsed = raw.and_then(Ctx::parse);
+    if parsed.is_none() {
+        MALFORMED.fetch_add(1, Ordering::Relaxed);
+    }
+    parsed
+}
+
+/// Malformed `traceparent` headers seen so far.
+pub fn malformed_count() -> u64 {
+    MALFORMED.load(Ordering::Relaxed)
+}
+
+/// Whether spans are made and exported.
+pub fn enabled() -> bool {
+    TRACER.get().is_some()
+}
+
+/// The trace context of a received event: with export on, a `receive` span
+/// (a consumer span under the CRM's context, ended at once: the wait in the
+/// window is the notice's) and its own context; with export off, the CRM's.
+pub fn receive(props: &BasicProperties, queue: &str) -> Option<Ctx> {
+    let parent = incoming(props);
+    let Some(tracer) = TRACER.get() else {
+        return parent;
+    };
+    let cx = match parent {
+        Some(p) => {
+            let state = text_header(props, TRACESTATE)
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.parse::<TraceState>().ok())
+                .unwrap_or_default();
+            Context::new().with_remote_span_context(p.span_context(state))
+        }
+        None => Context::new(),
+    };
+    let mut attrs = vec![
+        KeyValue::new("messaging.system", "rabbitmq"),
+        KeyValue::new("messaging.operation.type", "receive"),
+        KeyValue::new("messaging.destination.name", queue.to_string()),
+    ];
+    if let Some(id) = props.message_id() {
+        attrs.push(KeyValue::new(
+            "messaging.message.id",
+            id.as_str().to_string(),
+        ));
+    }
+    let span = SpanBuilder::from_name(format!("{queue} receive"))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes(attrs)
+        .start_with_context(tracer, &cx);
+    let own = Ctx::of(opentelemetry::trace::Span::span_context(&span));
+    drop(span); // ends it
+    own.or(parent)
+}
+
+/// Makes `span` (the notice's `tracing` span, exported through
+/// tracing-opentelemetry) a span linked to every event it covers (at most
+/// [`LINK_LIMIT`]; the rest counted in `notifier.links_dropped`). Called
+/// before the span is first entered. A notice of one event continues that
+/// event's trace; a coalesced one starts its own, linked to each.
+pub fn open_notice(span: &tracing::Span, events: &[Ctx], attrs: Vec<KeyValue>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if let [one] = events {
+        let _ = span.set_parent(
+            Context::new().with_remote_span_context(one.span_context(TraceState::default())),
+        );
+    }
+    for c in events.iter().take(LINK_LIMIT) {
+        span.add_link(c.span_context(TraceState::default()));
+    }
+    for kv in attrs {
+        span.set_attribute(kv.key, kv.value);
+    }
+    span.set_attribute(
+        "notifier.links_dropped",
+        events.len().saturating_sub(LINK_LIMIT) as i64,
+    );
+}
+
+/// Marks the current notice span as a release of held events: a link to
+/// each held event's span (the traceparent the ledger kept), within the
+/// link limit, and `notifier.released_events`.
+pub fn released<'a>(traceparents: impl Iterator<Item = Option<&'a str>>) {
+    if !enabled() {
+        return;
+    }
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::Span::current();
+    let mut n: i64 = 0;
+    for tp in traceparents {
+        if let Some(c) = tp.and_then(Ctx::parse) {
+            if (n as usize) < LINK_LIMIT {
+                span.add_link(c.span_context(TraceState::default()));
+            }
+        }
+        n += 1;
+    }
+    if n > 0 {
+        span.set_attribute("notifier.released_events", n);
+    }
+}
+
+/// Sets the notice span's last attributes (its outcome).
+pub fn close_notice(span: &tracing::Span, attrs: Vec<KeyValue>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    for kv in attrs {
+        span.set_attribute(kv.key, kv.value);
+    }
+}
+
+/// The layer that exports `tracing` spans (the notice's) through the
+/// tracer: `None` with export off, so nothing is paid per span then.
+/// Only `info` and above reach spans, whatever `RUST_LOG` says: debug lines
+/// were never reviewed for what a trace backend may keep.
+pub fn layer<S>() -> Option<
+    tracing_subscriber::filter::Filtered<
+        tracing_opentelemetry::OpenTelemetryLayer<S, SdkTracer>,
+        tracing_subscriber::filter::LevelFilter,
+        S,
+    >,
+>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer as _;
+    let tracer = TRACER.get()?.clone();
+    Some(
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_threads(false)
+            .with_location(false)
+            .with_tracked_inactivity(false)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+    )
+}
+
+/// The trace and span ids of the innermost exported span around a log
+/// line, for the JSON format.
+pub fn ids_in<S>(
+    span: Option<tracing_subscriber::registry::SpanRef<'_, S>>,
+) -> Option<(TraceId, SpanId)>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let mut span = span;
+    while let Some(s) = span {
+        if let Some(d) = s.extensions().get::<tracing_opentelemetry::OtelData>() {
+            if let (Some(t), Some(i)) = (d.trace_id(), d.span_id()) {
+                return Some((t, i));
+            }
+        }
+        span = s.parent();
+    }
+    None
+}
+
+/// The current span's context (the notice's, inside its future), for the
+/// `traceparent` of a signal or a copy made there.
+pub fn current() -> Option<Ctx> {
+    if !enabled() {
+        return None;
+    }
+    let cx = Context::current();
+    Ctx::of(cx.span().span_context())
+}
+
+/// Starts a client span for an HTTP call under the current context (the
+/// notice's). `url` must hold no secret: callers pass it without its query.
+pub fn http_client_span(method: &'static str, url: &reqwest::Url) -> Option<Context> {
+    let tracer = TRACER.get()?;
+    let mut full = url.clone();
+    // The access token travels in the query: never in an attribute.
+    full.set_query(None);
+    let _ = full.set_password(None);
+    let _ = full.set_username("");
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", method),
+        KeyValue::new("url.full", full.to_string()),
+        KeyValue::new("server.address", url.host_str().unwrap_or("").to_string()),
+    ];
+    if let Some(port) = url.port_or_known_default() {
+        attrs.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    let span = SpanBuilder::from_name(method)
+        .with_kind(SpanKind::Client)
+        .with_attributes(attrs)
+        .start_with_context(tracer, &Context::current());
+    Some(Context::current().with_span(span))
+}
+
+/// `fut` with the current trace context (the notice's), for a task it
+/// spawns: a signal published there names the span that raised it.
+pub fn carry<F: std::future::Future>(fut: F) -> opentelemetry::context::WithContext<F> {
+    use opentelemetry::context::FutureExt;
+    fut.with_context(Context::current())
+}
+
+/// Adds attributes to the span of `cx`, if any.
+pub fn set(cx: Option<&Context>, attrs: Vec<KeyValue>) {
+    if let Some(cx) = cx {
+        cx.span().set_attributes(attrs);
+    }
+}
+
+/// Adds attributes to the current span (inside a span's future), if any.
+pub fn set_current(attrs: Vec<KeyValue>) {
+    if enabled() {
+        Context::current().span().set_attributes(attrs);
+    }
+}
+
+/// An event on the current span (an attempt, a wait).
+pub fn event(name: &'static str, attrs: Vec<KeyValue>) {
+    if enabled() {
+        Context::current().span().add_event(name, attrs);
+    }
+}
+
+/// Ends the span of `cx`.
+pub fn end(cx: Option<Context>) {
+    if let Some(cx) = cx {
+        cx.span().end();
+    }
+}
+
+/// Whether the standard variables ask for OTLP export.
+fn export_asked() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|s| !s.trim().is_empty()))
+        && !std::env::var("OTEL_SDK_DISABLED").is_ok_and(|s| s.eq_ignore_ascii_case("true"))
+}
+
+/// Starts OTLP/HTTP export when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces
+/// endpoint) is set; the SDK reads the other standard variables
+/// (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+/// `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_TIMEOUT`).
+/// `Ok(false)`: not asked.
+///
+/// # Errors
+/// The exporter could not be built (a bad endpoint URL): one line.
+pub fn init() -> Result<bool, String> {
+    if !export_asked() || TRACER.get().is_some() {
+        return Ok(TRACER.get().is_some());
+    }
+    // Built on a thread of its own: the blocking HTTP client starts a runtime
+    // of its own, which must not be made (or dropped) on an async thread.
+    let built = std::thread::spawn(|| {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .build()
+            .map_err(|e| format!("cannot start the OTLP exporter: {e}"))?;
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if std::env::var("OTEL_SERVICE_NAME").is_err() {
+            resource = resource.with_service_name("wechat-notifier");
+        }
+        Ok::<_, String>(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(Counting(exporter))
+                .with_resource(resource.build())
+                .build(),
+        )
+    })
+    .join()
+    .map_err(|_| "cannot start the OTLP exporter".to_string())??;
+    let tracer = opentelemetry::trace::TracerProvider::tracer(&built, "wechat-notifier");
+    *PROVIDER.lock().unwrap_or_else(|p| p.into_inner()) = Some(built);
+    let _ = TRACER.set(tracer);
+    Ok(true)
+}
+
+/// Flushes and stops the export (at exit; spans ended later are lost).
+pub fn shutdown() {
+    let provider = PROVIDER.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(p) = provider {
+        let _ = p.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn parses_and_writes_back_the_w3c_example() {
+        let c = Ctx::parse(GOOD).expect("valid");
+        assert_eq!(c.header(), GOOD);
+        assert_eq!(c.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(c.flags, 1);
+    }
+
+    #[test]
+    fn rejects_what_w3c_rejects() {
+        for bad in [
+            "",
+            "garbage",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(Ctx::parse(bad), None, "{bad:?}");
+        }
+        // A later version may append fields.
+        assert!(Ctx::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x").is_some());
+    }
+
+    #[test]
+    fn reads_long_and_short_string_headers_and_counts_the_malformed() {
+        use lapin::types::FieldTable;
+        let with = |v: AMQPValue| {
+            let mut t = FieldTable::default();
+            t.insert(TRACEPARENT.into(), v);
+            BasicProperties::default().with_headers(t)
+        };
+        assert!(incoming(&with(AMQPValue::LongString(GOOD.into()))).is_some());
+        assert!(incoming(&with(AMQPValue::ShortString(GOOD.into()))).is_some());
+        let before = malformed_count();
+        assert!(incoming(&with(AMQPValue::LongString("nope".into()))).is_none());
+        assert!(incoming(&with(AMQPValue::LongLongInt(7))).is_none());
+        assert_eq!(malformed_count(), before + 2);
+        assert!(incoming(&BasicProperties::default()).is_none());
+        assert_eq!(malformed_count(), before + 2);
+    }
+}
