@@ -798,7 +798,9 @@ impl Dispatcher {
         let pass = ledger
             .store()
             .with_sweep_lock(|| async move {
-                this.clone().drop_from_ledger(true).await;
+                // Expiry only on the active replica: a standby cannot see the
+                // active one's held configuration fault (nothing expires then).
+                this.clone().drop_from_ledger(active).await;
                 if let Ok(spells) = l.store().unconfirmed_spells().await {
                     for (user, template, reason, held, oldest) in spells {
                         if held == 0 {
@@ -824,29 +826,40 @@ impl Dispatcher {
                     m.ledger_held_users_over_a_day.set(old as i64);
                 }
                 if !active {
-                    return;
+                    return Vec::new();
                 }
                 let Ok(users) = l.store().held_users(1000).await else {
-                    return;
+                    return Vec::new();
                 };
-                for u in users {
-                    if u.template_id != l.template_id() {
-                        continue;
-                    }
-                    let probe_due = u.since_probe >= l.settings().credit_probe;
-                    if rules::should_release(u.credit, u.held, probe_due) {
-                        let ticket = this.lanes.ticket(&u.user_id);
-                        let d = this.clone();
-                        let l2 = l.clone();
-                        tokio::spawn(async move {
-                            let _turn = ticket.wait().await;
-                            d.deliver_ledgered(&l2, &u.user_id, empty_window()).await;
-                        });
-                    }
-                }
+                users
+                    .into_iter()
+                    .filter(|u| {
+                        u.template_id == l.template_id()
+                            && rules::should_release(
+                                u.credit,
+                                u.held,
+                                u.since_probe >= l.settings().credit_probe,
+                            )
+                    })
+                    .map(|u| u.user_id)
+                    .collect::<Vec<_>>()
             })
             .await;
         ledger.record(&pass);
+        // The releases run inside this task, after the lock's transaction:
+        // when the session ends its sweep task is aborted, and with it these
+        // (a replica that lost the queue must not call WeChat beside the new
+        // active one).
+        let mut releases = tokio::task::JoinSet::new();
+        for user in pass.ok().flatten().unwrap_or_default() {
+            let ticket = self.lanes.ticket(&user);
+            let (d, l) = (self.clone(), ledger.clone());
+            releases.spawn(async move {
+                let _turn = ticket.wait().await;
+                d.deliver_ledgered(&l, &user, empty_window()).await;
+            });
+        }
+        while releases.join_next().await.is_some() {}
     }
 }
 

@@ -150,7 +150,12 @@ pub fn connect_options(s: &LedgerSettings) -> Result<PgConnectOptions> {
     let opts = PgConnectOptions::from_str(s.url.expose())
         .map_err(|_| LedgerError("NOTIFIER_LEDGER_URL is not a valid PostgreSQL URL".into()))?;
     Ok(opts
-        .options([("search_path", s.schema.as_str())])
+        // A statement that hangs (a PostgreSQL behind a black hole) is cut
+        // after 10 s, so the lanes waiting on it go on (section 8.8).
+        .options([
+            ("search_path", s.schema.as_str()),
+            ("statement_timeout", "10000"),
+        ])
         .application_name("wechat-notifier"))
 }
 
@@ -287,14 +292,17 @@ impl Store {
     }
 
     /// Which of `ids` the ledger holds or has settled (released, expired):
-    /// a redelivered copy of such an event needs no notice of its own.
+    /// a redelivered copy of such an event needs no notice of its own. A
+    /// window's event written with its notice's claim (`window`) does not
+    /// count: that notice's outcome is unknown, so the copy is sent again
+    /// (at least once) rather than acked on a row an unclaim may delete.
     ///
     /// # Errors
     /// The ledger failed.
     pub async fn known(&self, ids: &[String]) -> Result<Vec<String>> {
         let started = Instant::now();
         let rows = sqlx::query(
-            "SELECT event_id FROM held WHERE event_id = ANY($1)
+            "SELECT event_id FROM held WHERE event_id = ANY($1) AND reason <> 'window'
              UNION SELECT event_id FROM settled WHERE event_id = ANY($1) AND kind <> 'subscription'",
         )
         .bind(ids)
@@ -510,7 +518,9 @@ impl Store {
                 RETURNING 1),
              ok AS (SELECT 1 AS one WHERE NOT $4 OR EXISTS (SELECT 1 FROM g)),
              u AS (
-                UPDATE held SET claimed_by = NULL, reason = $5, errcode = $6
+                UPDATE held SET claimed_by = NULL,
+                  reason = CASE WHEN reason = 'window' THEN $5 ELSE reason END,
+                  errcode = CASE WHEN reason = 'window' THEN $6 ELSE errcode END
                 WHERE claimed_by = $7 AND EXISTS (SELECT 1 FROM ok) RETURNING event_id),
              i AS (
                 INSERT INTO held (event_id, user_id, template_id, body, reason, errcode, traceparent, attempts)
