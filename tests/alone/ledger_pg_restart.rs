@@ -33,10 +33,11 @@ fn ledger_url() -> String {
 /// file (a `flock` around the test run) must not keep that lock.
 fn pg_ctl(action: &str) -> bool {
     let script = format!(
-        "i=3; while [ $i -lt 256 ]; do eval \"exec $i>&-\"; i=$((i+1)); done; \
+        "i=3; while [ $i -lt 256 ]; do eval \"exec $i>&-\" 2>/dev/null; i=$((i+1)); done; \
          exec pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main {action}"
     );
-    Command::new("sh")
+    // bash: dash's `exec` takes one-digit descriptors only.
+    Command::new("bash")
         .args(["-c", &script])
         .status()
         .map(|s| s.success())
