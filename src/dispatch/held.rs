@@ -39,6 +39,10 @@ pub(crate) struct LedgerCtx {
     claimed: Option<String>,
     /// The ledger did not answer: a `43101` parks the notice (not an attempt).
     down: bool,
+    /// A notice a crash left with an unknown outcome, sent again: its
+    /// window's deliveries may be acked already, so its rows are the only
+    /// copy and an unclaim keeps them held.
+    stale: bool,
 }
 
 /// What a `43101` (or a missing openid) did.
@@ -157,6 +161,7 @@ impl Dispatcher {
                     version: 0,
                     claimed: None,
                     down: true,
+                    stale: false,
                 };
                 let notice = closed.notice();
                 return self.send(&mut closed, notice, Some(&mut ctx)).await;
@@ -171,6 +176,7 @@ impl Dispatcher {
             version: state.credit.version,
             claimed: None,
             down: false,
+            stale: false,
         };
         if state.held > 0 {
             let window = to_hold(&closed);
@@ -198,6 +204,7 @@ impl Dispatcher {
                         prepend_held(&mut again, parse_rows(&rows));
                         let mut stale_ctx = LedgerCtx {
                             claimed: Some(stale_id),
+                            stale: true,
                             ..ctx.clone_for_release()
                         };
                         let notice = again.notice();
@@ -476,14 +483,14 @@ impl Dispatcher {
             Ended::Held => {}
             Ended::Parked | Ended::Gone => {
                 if let Some(id) = ctx.claimed.take() {
-                    let r = ledger.store().unclaim(&id).await;
+                    let r = ledger.store().unclaim(&id, ctx.stale).await;
                     ledger.record(&r);
                     ledger.forget(&ctx.user);
                 }
             }
             Ended::DeadLettered(reason, result) => {
                 if let Some(id) = ctx.claimed.take() {
-                    let r = ledger.store().unclaim(&id).await;
+                    let r = ledger.store().unclaim(&id, ctx.stale).await;
                     ledger.record(&r);
                     ledger.forget(&ctx.user);
                     if r.is_ok() {
@@ -872,6 +879,7 @@ impl LedgerCtx {
             version: self.version,
             claimed: None,
             down: self.down,
+            stale: false,
         }
     }
 }

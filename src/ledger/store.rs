@@ -292,17 +292,17 @@ impl Store {
     }
 
     /// Which of `ids` the ledger holds or has settled (released, expired):
-    /// a redelivered copy of such an event needs no notice of its own. A
-    /// window's event written with its notice's claim (`window`) does not
-    /// count: that notice's outcome is unknown, so the copy is sent again
-    /// (at least once) rather than acked on a row an unclaim may delete.
+    /// a redelivered copy of such an event needs no notice of its own (a
+    /// window's event written with a claim whose outcome a crash left
+    /// unknown is sent again with that notice, and kept held if that notice
+    /// does not go: see `unclaim`).
     ///
     /// # Errors
     /// The ledger failed.
     pub async fn known(&self, ids: &[String]) -> Result<Vec<String>> {
         let started = Instant::now();
         let rows = sqlx::query(
-            "SELECT event_id FROM held WHERE event_id = ANY($1) AND reason <> 'window'
+            "SELECT event_id FROM held WHERE event_id = ANY($1)
              UNION SELECT event_id FROM settled WHERE event_id = ANY($1) AND kind <> 'subscription'",
         )
         .bind(ids)
@@ -469,13 +469,19 @@ impl Store {
     ///
     /// # Errors
     /// The ledger failed.
-    pub async fn unclaim(&self, notice_id: &str) -> Result<()> {
+    pub async fn unclaim(&self, notice_id: &str, keep_window: bool) -> Result<()> {
         let started = Instant::now();
+        // `keep_window`: a notice sent again after a crash; its window's
+        // deliveries may have been acked on these rows, so they stay held
+        // (released with the user's next notice) instead of being deleted.
         let r = sqlx::query(
-            "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window')
-             UPDATE held SET claimed_by = NULL WHERE claimed_by = $1 AND reason <> 'window'",
+            "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window' AND NOT $2)
+             UPDATE held SET claimed_by = NULL,
+               reason = CASE WHEN reason = 'window' THEN 'no_credit' ELSE reason END
+             WHERE claimed_by = $1 AND (reason <> 'window' OR $2)",
         )
         .bind(notice_id)
+        .bind(keep_window)
         .execute(&self.pool)
         .await;
         self.timed(started);
