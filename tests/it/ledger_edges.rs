@@ -10,95 +10,28 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::ledger::{
+    event, ledger_env, ledger_url, notice_calls_for, publish_subscription, store, subscription,
+    TEMPLATE,
+};
 use common::{eventually, fault_for, TestEnv};
-use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use wechat_notifier::broker::{header_int, header_str};
 use wechat_notifier::ledger::store::Store;
 use wechat_notifier::ledger::Status;
-use wechat_notifier::settings::Settings;
 use wechat_notifier::sim::{Api, FaultAction};
 
-const TEMPLATE: &str = "tmpl-ledger-test";
 const WAIT: Duration = Duration::from_secs(15);
-
-fn ledger_url() -> String {
-    std::env::var("NOTIFIER_TEST_LEDGER_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-/// A test environment with the ledger on, in a schema of its own.
-async fn ledger_env(tag: &str) -> TestEnv {
-    let mut env = TestEnv::new(tag).await;
-    env.set("NOTIFIER_LEDGER_URL", &ledger_url());
-    env.set(
-        "NOTIFIER_LEDGER_SCHEMA",
-        &format!("t_{}_{:08x}", tag.replace('-', "_"), fastrand::u32(..)),
-    );
-    env.set("WECHAT_TEMPLATE_ID", TEMPLATE);
-    env
-}
 
 fn schema(env: &TestEnv) -> String {
     env.settings().ledger.expect("ledger on").schema.clone()
 }
 
-/// The ledger's store, as the service sees it (migrated).
-async fn store(settings: &Settings) -> Store {
-    let s = Store::connect(settings.ledger.as_ref().expect("ledger on"), None).unwrap();
-    s.migrate().await.unwrap();
-    s
-}
-
-fn event(id: &str, user: &str, customer: &str) -> Value {
-    json!({
-        "event_id": id,
-        "event_type": "customer.assigned",
-        "occurred_at": chrono::Utc::now().to_rfc3339(),
-        "source": "web",
-        "assignee": {"user_id": user, "name": "张三"},
-        "customer": {"id": customer, "name": format!("客户{customer}")},
-    })
-}
-
 fn accept(id: &str, user: &str) -> Value {
-    json!({
-        "event_id": id,
-        "event_type": "subscription.changed",
-        "occurred_at": chrono::Utc::now().to_rfc3339(),
-        "user": {"user_id": user, "openid": format!("o-{user}")},
-        "template_id": TEMPLATE,
-        "status": "accept",
-    })
-}
-
-/// Publishes a `subscription.changed` event as the CRM would (confirmed).
-async fn publish_subscription(env: &TestEnv, body: &Value) {
-    env.channel
-        .basic_publish(
-            env.exchange().as_str().into(),
-            "subscription.changed".into(),
-            BasicPublishOptions::default(),
-            &serde_json::to_vec(body).unwrap(),
-            BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-}
-
-fn notice_calls_for(env: &TestEnv, user: &str) -> Vec<wechat_notifier::sim::Call> {
-    env.sim
-        .notice_calls()
-        .into_iter()
-        .filter(|c| c.body["notice"]["assignee"]["user_id"] == user)
-        .collect()
+    subscription(id, user, TEMPLATE, "accept")
 }
 
 async fn held_count(s: &Store, user: &str) -> usize {

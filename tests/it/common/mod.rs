@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod broker_lock;
+pub mod ledger;
 pub mod yaml;
 
 use std::collections::BTreeSet;
