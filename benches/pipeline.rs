@@ -441,7 +441,7 @@ async fn drain_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
             .args([
                 "record",
                 "-F",
-                "1000",
+                "4000",
                 "--call-graph",
                 "dwarf,16384",
                 "-o",

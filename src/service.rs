@@ -540,7 +540,11 @@ impl Service {
         for window in closed {
             let dispatcher = self.dispatcher.clone();
             let ticket = dispatcher.ticket(&window);
-            tasks.spawn(async move { dispatcher.deliver(window, ticket).await });
+            // Boxed: the task then holds a pointer, not the whole state
+            // machine of a delivery, which tokio would copy as it stores it.
+            tasks.spawn(Box::pin(async move {
+                dispatcher.deliver(window, ticket).await
+            }));
         }
     }
 }

@@ -56,7 +56,9 @@ pub fn init(format: LogFormat, default_level: &str) {
         .lossy(true)
         .buffered_lines_limit(BUFFERED_LINES)
         .thread_name("wechat-notifier-log")
-        .finish(std::io::stderr());
+        // Buffered: the writer thread flushes after each burst of lines it
+        // drains, so a burst costs one write instead of one per line.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
     let dropped = writer.error_counter();
     let said = writer.clone();
     let ansi = std::io::stderr().is_terminal();
