@@ -4,8 +4,9 @@
 //! can be compared with the next.
 //!
 //! `BENCH_ROWS=ceiling,drain` runs only some rows (ceiling, drain and cpu
-//! always run together, alternated pair by pair: drain is judged against the
-//! ceiling of the same pair); `BENCH_EVENTS` changes the drain size (100,000),
+//! always run together, alternated pair by pair: drain and cpu are judged
+//! against the ceiling of the same pair; `cpu_ledger` adds a drain with the
+//! grant ledger on to each pair); `BENCH_EVENTS` changes the drain size (100,000),
 //! `BENCH_PAIRS` the number of ceiling/drain pairs (3), `BENCH_LATENCY_RUNS`
 //! the latency runs (3). For development: `BENCH_CEILING_PREFETCH`,
 //! `BENCH_CEILING_ACK_EVERY` and `BENCH_DRAIN_PREFETCH` change the consumers'
@@ -88,10 +89,11 @@ fn main() {
 }
 
 /// The table's order.
-const ORDER: [&str; 14] = [
+const ORDER: [&str; 15] = [
     "ceiling",
     "drain",
     "cpu",
+    "cpu_ledger",
     "latency",
     "rate",
     "memory",
@@ -140,13 +142,15 @@ async fn run_rows() -> Vec<Row> {
     if wanted("release") {
         rows.push(release().await);
     }
-    if wanted("ceiling") || wanted("drain") || wanted("cpu") {
+    if wanted("ceiling") || wanted("drain") || wanted("cpu") || wanted("cpu_ledger") {
         let n: usize = env_num("BENCH_EVENTS", 100_000);
         let pairs: usize = env_num("BENCH_PAIRS", 3);
-        let (ceiling, drain, cpu) = ceiling_and_drain(n, pairs).await;
+        let (ceiling, drain, cpu, cpu_ledger) =
+            ceiling_and_drain(n, pairs, wanted("cpu_ledger")).await;
         rows.push(ceiling);
         rows.push(drain);
         rows.push(cpu);
+        rows.extend(cpu_ledger);
     }
     if wanted("latency") {
         rows.push(latency().await);
@@ -400,8 +404,41 @@ async fn ceiling_once(
 /// (start-up has its own row). Stops at the simulator's receipt of the notice
 /// that covers the last event; CPU is the replica's own (user + system).
 async fn drain_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
+    drain_in(TestEnv::new("bench-drain").await, bodies, prefetch).await
+}
+
+/// The drain with the grant ledger on and every assignee in credit: a first
+/// replica (not measured) counts one accept per assignee, then the measured
+/// one drains as `drain_once` does, reading each user once and recording
+/// each accepted notice.
+async fn drain_ledger_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
+    let env = ledger_env("bench-drain-ledger").await;
+    env.declare().await;
+    let users: Vec<String> = bodies
+        .iter()
+        .map(|(_, b)| {
+            let e: Value = serde_json::from_slice(b).unwrap();
+            e["assignee"]["user_id"].as_str().unwrap().to_string()
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    {
+        let counter = env.spawn_process();
+        wait_ready(std::slice::from_ref(&counter)).await;
+        publish_subscriptions(&env, &users, "accept").await;
+        assert!(
+            eventually(Duration::from_secs(300), || idle(&env, &counter.http)).await,
+            "every accept was counted"
+        );
+    }
+    let mut out = drain_in(env, bodies, prefetch).await;
+    out["users_in_credit"] = json!(users.len());
+    out
+}
+
+async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
     let n = bodies.len();
-    let mut env = TestEnv::new("bench-drain").await;
     env.set("NOTIFIER_RATE_PER_SEC", "1000000");
     env.set("NOTIFIER_RATE_BURST", "10000");
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
@@ -505,7 +542,11 @@ async fn drain_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
 
 /// ceiling and drain, alternated (ceiling, drain, ceiling, drain, ...) so
 /// both see the same machine; each pair gives one ratio. Also the cpu row.
-async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
+async fn ceiling_and_drain(
+    n: usize,
+    pairs: usize,
+    with_ledger: bool,
+) -> (Row, Row, Row, Option<Row>) {
     let env = TestEnv::new("bench-ceiling").await;
     let bodies = grouped_bodies(n, 10, &format!("{}-a", env.prefix));
     let prefetch = env_num("BENCH_CEILING_PREFETCH", CEILING_PREFETCH);
@@ -518,6 +559,7 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
     let mut ceilings = Vec::new();
     let mut drains = Vec::new();
     let mut one_by_one = Vec::new();
+    let mut ledgered = Vec::new();
     for i in 0..pairs {
         let c = ceiling_once(&env, &bodies, prefetch, ack_every).await;
         eprintln!(
@@ -544,6 +586,16 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
         );
         ceilings.push(c);
         drains.push(d);
+        if with_ledger {
+            let l = drain_ledger_once(&bodies, drain_prefetch).await;
+            eprintln!(
+                "pair {}: drain with the ledger {:.0}/s ({:.2} CPU s)",
+                i + 1,
+                l["rate"].as_f64().unwrap(),
+                l["cpu_secs"].as_f64().unwrap()
+            );
+            ledgered.push(l);
+        }
     }
     env.cleanup().await;
     let field = |runs: &[Value], k: &str| -> Vec<f64> {
@@ -596,34 +648,66 @@ async fn ceiling_and_drain(n: usize, pairs: usize) -> (Row, Row, Row) {
             "runs": drains,
         }),
     };
-    let per_10k: Vec<f64> = field(&drains, "cpu_secs")
-        .iter()
-        .map(|c| c * 10_000.0 / n as f64)
-        .collect();
-    let cpu_per_10k = median(&per_10k);
     let per = 10_000.0 / n as f64;
+    let per_10k =
+        |runs: &[Value], k: &str| -> Vec<f64> { field(runs, k).iter().map(|c| c * per).collect() };
+    // The bare consumer of the same pair: the ceiling's client process.
+    let bare = per_10k(&ceilings, "bench_process_cpu_secs");
+    let over_bare =
+        |cpu: &[f64]| -> Vec<f64> { cpu.iter().zip(&bare).map(|(c, b)| c / b).collect() };
+    let replica = per_10k(&drains, "cpu_secs");
+    let cpu_ratios = over_bare(&replica);
+    let cpu_ratio = median(&cpu_ratios);
     let cpu = Row {
         row: "cpu",
         what: format!(
-            "the replica's CPU (user + system) in the drain row, per 10,000 events: median of {pairs}"
+            "the replica's CPU (user + system) in the drain row per 10,000 events, against the bare consumer's (the ceiling's client) of the same pair: median of {pairs} per-pair ratios {cpu_ratio:.2}x"
         ),
-        figure: cpu_per_10k,
+        figure: median(&replica),
         unit: "CPU s",
-        target: "(report only)".into(),
-        pass: None,
+        target: "<= 1.2 x the bare consumer (median per-pair ratio)".into(),
+        pass: Some(all_ok && cpu_ratio <= 1.2),
         details: json!({
-            "per_10k_events": spread(&per_10k),
+            "per_10k_events": spread(&replica),
+            "bare_consumer_per_10k": spread(&bare),
+            "ratio_to_bare_consumer": spread(&cpu_ratios),
             "events_per_run": n,
             // Where the rest of the machine went, per 10,000 events (medians).
             "drain_broker_per_10k": median(&field(&drains, "broker_cpu_secs")) * per,
             "drain_simulator_and_bench_per_10k": median(&field(&drains, "simulator_and_bench_cpu_secs")) * per,
-            "ceiling_client_per_10k": median(&field(&ceilings, "bench_process_cpu_secs")) * per,
             "ceiling_broker_per_10k": median(&field(&ceilings, "broker_cpu_secs")) * per,
             "one_ack_per_delivery_client_per_10k": median(&field(&one_by_one, "bench_process_cpu_secs")) * per,
             "one_ack_per_delivery_broker_per_10k": median(&field(&one_by_one, "broker_cpu_secs")) * per,
         }),
     };
-    (ceiling, drain, cpu)
+    let cpu_ledger = with_ledger.then(|| {
+        let cpu = per_10k(&ledgered, "cpu_secs");
+        let ratios = over_bare(&cpu);
+        let ratio = median(&ratios);
+        let ok = ledgered.iter().all(|d| {
+            d["all_notified"].as_bool() == Some(true)
+                && d["queue_empty_after"].as_bool() == Some(true)
+        });
+        Row {
+            row: "cpu_ledger",
+            what: format!(
+                "the drain with the grant ledger on, every assignee in credit: the replica's CPU per 10,000 events against the bare consumer's of the same pair, median of {pairs} per-pair ratios {ratio:.2}x"
+            ),
+            figure: median(&cpu),
+            unit: "CPU s",
+            target: "<= 1.5 x the bare consumer (median per-pair ratio)".into(),
+            pass: Some(ok && ratio <= 1.5),
+            details: json!({
+                "per_10k_events": spread(&cpu),
+                "ratio_to_bare_consumer": spread(&ratios),
+                "over_the_ledger_off_drain": median(&cpu) / median(&replica),
+                "rate": spread(&field(&ledgered, "rate")),
+                "all_notified_and_acked": ok,
+                "runs": ledgered,
+            }),
+        }
+    });
+    (ceiling, drain, cpu, cpu_ledger)
 }
 
 /// Publish -> simulator receipt at 100 events/s, one event per assignee:
@@ -1377,26 +1461,38 @@ async fn ledger_env(tag: &str) -> TestEnv {
 /// Publishes one `subscription.changed` event per user (confirmed).
 async fn publish_subscriptions(env: &TestEnv, users: &[String], status: &str) {
     let channel = broker::confirm_channel(&env.conn).await.unwrap();
-    for u in users {
-        let body = json!({
-            "event_id": publish::event_id(),
-            "event_type": "subscription.changed",
-            "occurred_at": chrono::Utc::now().to_rfc3339(),
-            "user": {"user_id": u},
-            "template_id": BENCH_TEMPLATE,
-            "status": status,
-        });
-        broker::publish_confirmed(
-            &channel,
-            &env.exchange(),
-            "subscription.changed",
-            &serde_json::to_vec(&body).unwrap(),
-            BasicProperties::default()
-                .with_content_type("application/json".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
+    // A thousand at a time, each chunk's confirms awaited together.
+    for chunk in users.chunks(1000) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for u in chunk {
+            let body = json!({
+                "event_id": publish::event_id(),
+                "event_type": "subscription.changed",
+                "occurred_at": chrono::Utc::now().to_rfc3339(),
+                "user": {"user_id": u},
+                "template_id": BENCH_TEMPLATE,
+                "status": status,
+            });
+            let confirm = channel
+                .basic_publish(
+                    env.exchange().as_str().into(),
+                    "subscription.changed".into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    &serde_json::to_vec(&body).unwrap(),
+                    BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            confirms.push(confirm);
+        }
+        for c in confirms {
+            assert!(
+                c.await.unwrap().is_ack(),
+                "the broker took the subscription event"
+            );
+        }
     }
 }
 
@@ -1515,14 +1611,21 @@ async fn release() -> Row {
         let calls_before = env.sim.calls().len();
         let t0 = Instant::now();
         publish_subscriptions(&env, std::slice::from_ref(&user), "accept").await;
-        let got = wait_until(Duration::from_secs(10), || {
-            env.sim.calls()[calls_before..]
+        let release = |calls: &[Call]| {
+            calls[calls_before..]
                 .iter()
-                .any(|c| c.body["notice"]["assignee"]["user_id"] == user.as_str())
+                .find(|c| c.body["notice"]["assignee"]["user_id"] == user.as_str())
+                .map(|c| c.at_ms)
+        };
+        let got = wait_until(Duration::from_secs(10), || {
+            release(&env.sim.calls()).is_some()
         })
         .await;
-        if got {
-            latencies.push(t0.elapsed().as_secs_f64() * 1000.0);
+        // Timed to the simulator's receipt of the call, not to when this
+        // loop's poll saw it.
+        if let Some(at_ms) = got.then(|| release(&env.sim.calls())).flatten() {
+            let at = env.sim.started() + Duration::from_secs_f64(at_ms / 1000.0);
+            latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
         }
     }
     drop(replica);

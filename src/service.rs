@@ -542,9 +542,9 @@ impl Service {
             let ticket = dispatcher.ticket(&window);
             // Boxed: the task then holds a pointer, not the whole state
             // machine of a delivery, which tokio would copy as it stores it.
-            tasks.spawn(Box::pin(async move {
-                dispatcher.deliver(window, ticket).await
-            }));
+            tasks.spawn(Box::pin(
+                async move { dispatcher.deliver(window, ticket).await },
+            ));
         }
     }
 }

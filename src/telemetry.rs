@@ -58,7 +58,10 @@ pub fn init(format: LogFormat, default_level: &str) {
         .thread_name("wechat-notifier-log")
         // Buffered: the writer thread flushes after each burst of lines it
         // drains, so a burst costs one write instead of one per line.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let dropped = writer.error_counter();
     let said = writer.clone();
     let ansi = std::io::stderr().is_terminal();

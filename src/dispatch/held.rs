@@ -19,7 +19,7 @@ use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
 use crate::ledger::rules::{self, Plan, Status};
-use crate::ledger::store::{HeldRow, HoldDone, ToHold};
+use crate::ledger::store::{Along, HeldRow, HoldDone, ToHold};
 use crate::ledger::Ledger;
 use crate::notice::{notice_id, Notice};
 use crate::reason::Reason;
@@ -178,7 +178,15 @@ impl Dispatcher {
             down: false,
             stale: false,
         };
-        if state.held > 0 {
+        // Known to be at an exact 0 (and no probe due): the notice is held
+        // without a call, so its user's held events need no claim.
+        let plan = rules::plan(
+            state.credit,
+            Ledger::since_probe(&state),
+            ledger.settings().credit_probe,
+        );
+        let no_call = matches!(plan, Plan::HoldWithoutCall);
+        if state.held > 0 && !no_call {
             let window = to_hold(&closed);
             let window_ids: Vec<String> =
                 closed.events.iter().map(|e| e.event_id.clone()).collect();
@@ -225,16 +233,23 @@ impl Dispatcher {
         if closed.events.is_empty() {
             return Ended::Gone;
         }
-        self.openid_both_ways(ledger, user, &state.openid, &mut closed)
+        let carried = self
+            .openid_both_ways(ledger, user, &state.openid, &mut closed, !no_call)
             .await;
         let notice = closed.notice();
         if !ctx.down {
-            let since = Ledger::since_probe(&state);
-            match rules::plan(state.credit, since, ledger.settings().credit_probe) {
+            match plan {
                 Plan::HoldWithoutCall => {
                     self.metrics().ledger_calls_saved.inc();
                     let ended = match self
-                        .hold(&mut ctx, &mut closed, &notice, HoldReason::NoCredit, None)
+                        .hold(
+                            &mut ctx,
+                            &mut closed,
+                            &notice,
+                            HoldReason::NoCredit,
+                            None,
+                            carried.as_deref(),
+                        )
                         .await
                     {
                         OnHold::Held => Ended::Held,
@@ -294,14 +309,16 @@ impl Dispatcher {
 
     /// The ledger remembers the openid the window carries; a window without
     /// one carries the ledger's (so the cloud function and the direct mode
-    /// reach the user without a lookup of their own).
+    /// reach the user without a lookup of their own). Without `write`, a new
+    /// openid is returned for the hold's statement to write instead.
     async fn openid_both_ways(
         &self,
         ledger: &Ledger,
         user: &str,
         known: &Option<String>,
         closed: &mut Closed<Pending>,
-    ) {
+        write: bool,
+    ) -> Option<String> {
         let carried = closed
             .events
             .iter()
@@ -309,6 +326,9 @@ impl Dispatcher {
             .find_map(|e| e.assignee.openid.clone());
         match carried {
             Some(openid) if known.as_deref() != Some(openid.as_str()) => {
+                if !write {
+                    return Some(openid);
+                }
                 let r = ledger.store().remember_openid(user, &openid).await;
                 ledger.record(&r);
                 if r.is_ok() {
@@ -324,6 +344,7 @@ impl Dispatcher {
                 }
             }
         }
+        None
     }
 
     /// Called with each judged answer of a notice's loop: a `43101`, or no
@@ -344,12 +365,14 @@ impl Dispatcher {
             return self.park_for_ledger(closed, notice, result.errcode).await;
         }
         let guard = matches!(reason, HoldReason::NoCredit).then_some(ctx.version);
-        self.hold(ctx, closed, notice, reason, guard).await
+        self.hold(ctx, closed, notice, reason, guard, None).await
     }
 
-    /// Writes the notice's events to the ledger (one statement), then acks
-    /// their deliveries. A credit counted since the notice read the ledger
-    /// sends it again instead; a ledger that fails parks it (not an attempt).
+    /// Writes the notice's events to the ledger (one statement, which also
+    /// remembers `openid` and records the signals confirmed meanwhile), then
+    /// acks their deliveries. A credit counted since the notice read the
+    /// ledger sends it again instead; a ledger that fails parks it (not an
+    /// attempt).
     async fn hold(
         &self,
         ctx: &mut LedgerCtx,
@@ -357,10 +380,12 @@ impl Dispatcher {
         notice: &Notice,
         reason: HoldReason,
         guard: Option<i64>,
+        openid: Option<&str>,
     ) -> OnHold {
         let ledger = ctx.ledger.clone();
         let window = to_hold(closed);
         let errcode = matches!(reason, HoldReason::NoCredit).then_some(NO_CREDIT as i32);
+        let confirmed = ledger.take_confirmed();
         let done = ledger
             .store()
             .hold(
@@ -371,9 +396,19 @@ impl Dispatcher {
                 reason.as_str(),
                 errcode,
                 guard,
+                Along {
+                    openid,
+                    confirmed: &confirmed,
+                },
             )
             .await;
         ledger.record(&done);
+        if done.is_err() {
+            // Not written: they wait for the next statement.
+            for (user, template) in confirmed {
+                ledger.signal_confirmed(user, template);
+            }
+        }
         match done {
             Ok(HoldDone::CreditCounted) => {
                 info!(notice_id = %notice.notice_id, "a credit was counted while the notice was in flight: sending it again");
@@ -394,6 +429,9 @@ impl Dispatcher {
                 self.metrics().ledger_hold(reason.as_str());
                 ledger.update(&ctx.user, |s| {
                     s.held = held;
+                    if let Some(openid) = openid {
+                        s.openid = Some(openid.to_string());
+                    }
                     if guard.is_some() {
                         s.credit = rules::Credit {
                             count: 0,
@@ -678,8 +716,7 @@ impl Dispatcher {
                 "oldest_held_at": oldest.to_rfc3339_opts(SecondsFormat::Secs, true),
             });
             if this.signal("notice_held", body).await {
-                let r = ledger.store().signal_confirmed(&user, &template).await;
-                ledger.record(&r);
+                ledger.signal_confirmed(user, template);
             }
         }));
     }
@@ -819,8 +856,7 @@ impl Dispatcher {
                             "oldest_held_at": oldest.to_rfc3339_opts(SecondsFormat::Secs, true),
                         });
                         if this.signal("notice_held", body).await {
-                            let r = l.store().signal_confirmed(&user, &template).await;
-                            l.record(&r);
+                            l.signal_confirmed(user, template);
                         }
                     }
                 }

@@ -49,7 +49,21 @@ pub struct Ledger {
     health: Arc<Health>,
     /// A statement failed and none succeeded since (what `/readyz` reports).
     down: AtomicBool,
+    /// Spells whose `notifier.notice_held` the broker confirmed, not yet
+    /// written: they ride along with the next hold's statement, or go in
+    /// one statement of their own after [`CONFIRM_AFTER`].
+    confirmed: Mutex<Confirmed>,
 }
+
+#[derive(Default)]
+struct Confirmed {
+    spells: Vec<(String, String)>,
+    /// A task will write what is left.
+    flushing: bool,
+}
+
+/// How long confirmations wait for a hold to carry them.
+const CONFIRM_AFTER: Duration = Duration::from_millis(500);
 
 impl Ledger {
     /// # Errors
@@ -66,6 +80,7 @@ impl Ledger {
             metrics,
             health,
             down: AtomicBool::new(false),
+            confirmed: Mutex::new(Confirmed::default()),
         })
     }
 
@@ -168,6 +183,37 @@ impl Ledger {
     /// Forgets a user's cached state (a write whose effect is unknown).
     pub fn forget(&self, user_id: &str) {
         self.cache.lock().expect("not poisoned").remove(user_id);
+    }
+
+    /// Records that the broker confirmed the spell's `notifier.notice_held`
+    /// (user, template): with the next hold's statement, else on its own
+    /// soon. A write that fails leaves the spell unconfirmed, and the sweep
+    /// publishes the signal again.
+    pub fn signal_confirmed(self: &Arc<Self>, user_id: String, template_id: String) {
+        let mut c = self.confirmed.lock().expect("not poisoned");
+        c.spells.push((user_id, template_id));
+        if c.flushing {
+            return;
+        }
+        c.flushing = true;
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CONFIRM_AFTER).await;
+            let spells = {
+                let mut c = this.confirmed.lock().expect("not poisoned");
+                c.flushing = false;
+                std::mem::take(&mut c.spells)
+            };
+            if !spells.is_empty() {
+                let r = this.store.signals_confirmed(&spells).await;
+                this.record(&r);
+            }
+        });
+    }
+
+    /// The confirmations a hold's statement takes along.
+    pub fn take_confirmed(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.confirmed.lock().expect("not poisoned").spells)
     }
 
     /// Since the last real call for this user (for the credit probe).

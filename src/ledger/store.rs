@@ -89,6 +89,15 @@ pub struct ToHold {
     pub attempts: i32,
 }
 
+/// What a hold's statement writes along with the hold, saving a statement of
+/// its own: the openid the held window carried, and spells whose
+/// `notifier.notice_held` the broker has confirmed since the last write.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Along<'a> {
+    pub openid: Option<&'a str>,
+    pub confirmed: &'a [(String, String)],
+}
+
 /// What a hold did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldDone {
@@ -508,8 +517,14 @@ impl Store {
         reason: &str,
         errcode: Option<i32>,
         guard_version: Option<i64>,
+        along: Along<'_>,
     ) -> Result<HoldDone> {
         let started = Instant::now();
+        let (conf_users, conf_templates): (Vec<&str>, Vec<&str>) = along
+            .confirmed
+            .iter()
+            .map(|(u, t)| (u.as_str(), t.as_str()))
+            .unzip();
         let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
         let traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
@@ -538,7 +553,14 @@ impl Store {
              sp AS (
                 INSERT INTO spells (user_id, template_id, reason)
                 SELECT $1, $2, $5 WHERE EXISTS (SELECT 1 FROM ok)
-                ON CONFLICT DO NOTHING RETURNING 1)
+                ON CONFLICT DO NOTHING RETURNING 1),
+             o AS (
+                INSERT INTO users (user_id, openid) SELECT $1, $12::text WHERE $12::text IS NOT NULL
+                ON CONFLICT (user_id) DO UPDATE SET openid = excluded.openid, seen_at = now()),
+             sc AS (
+                UPDATE spells SET signal_confirmed = true
+                FROM unnest($13::text[], $14::text[]) AS x(u, t)
+                WHERE spells.user_id = x.u AND spells.template_id = x.t)
              SELECT EXISTS (SELECT 1 FROM ok) AS ok,
                     EXISTS (SELECT 1 FROM sp) AS new_spell,
                     (SELECT count(*) FROM held WHERE user_id = $1 AND template_id = $2)
@@ -557,6 +579,9 @@ impl Store {
         .bind(&bodies)
         .bind(&traces)
         .bind(&attempts)
+        .bind(along.openid)
+        .bind(&conf_users)
+        .bind(&conf_templates)
         .fetch_one(&self.pool)
         .await;
         self.timed(started);
@@ -882,17 +907,22 @@ impl Store {
             .collect()
     }
 
-    /// The broker confirmed the spell's `notifier.notice_held`.
+    /// The broker confirmed these spells' `notifier.notice_held` (user,
+    /// template), in one statement.
     ///
     /// # Errors
-    /// The ledger failed (the sweep publishes it again).
-    pub async fn signal_confirmed(&self, user_id: &str, template_id: &str) -> Result<()> {
+    /// The ledger failed (the sweep publishes them again).
+    pub async fn signals_confirmed(&self, spells: &[(String, String)]) -> Result<()> {
         let started = Instant::now();
+        let (users, templates): (Vec<&str>, Vec<&str>) =
+            spells.iter().map(|(u, t)| (u.as_str(), t.as_str())).unzip();
         let r = sqlx::query(
-            "UPDATE spells SET signal_confirmed = true WHERE user_id = $1 AND template_id = $2",
+            "UPDATE spells SET signal_confirmed = true
+             FROM unnest($1::text[], $2::text[]) AS x(u, t)
+             WHERE spells.user_id = x.u AND spells.template_id = x.t",
         )
-        .bind(user_id)
-        .bind(template_id)
+        .bind(&users)
+        .bind(&templates)
         .execute(&self.pool)
         .await;
         self.timed(started);

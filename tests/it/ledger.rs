@@ -12,7 +12,7 @@ use common::ledger::{
 };
 use common::{eventually, fault_for, TestEnv};
 use serde_json::{json, Value};
-use wechat_notifier::ledger::store::{HoldDone, ToHold};
+use wechat_notifier::ledger::store::{Along, HoldDone, ToHold};
 use wechat_notifier::ledger::Status;
 use wechat_notifier::sim::FaultAction;
 
@@ -211,6 +211,7 @@ async fn a_hold_after_a_credit_was_counted_is_refused_and_a_decrement_counts_onc
             "no_credit",
             Some(43101),
             Some(read.credit.version),
+            Along::default(),
         )
         .await
         .unwrap();
@@ -231,6 +232,7 @@ async fn a_hold_after_a_credit_was_counted_is_refused_and_a_decrement_counts_onc
                 "no_credit",
                 Some(43101),
                 Some(v),
+                Along::default(),
             )
             .await
             .unwrap();
