@@ -561,8 +561,7 @@ impl Dispatcher {
         };
         let mut wait = std::time::Duration::from_millis(500);
         loop {
-            let r = ledger.store().accepted(&notice_id, &user, &template).await;
-            ledger.record(&r);
+            let r = ledger.accepted(notice_id.clone(), user.clone()).await;
             match r {
                 Ok(spent) => {
                     if let Some(c) = spent.credit {

@@ -5,11 +5,13 @@
 //!
 //! - [`rules`]: the credit rules, pure and table-tested;
 //! - [`store`]: the SQL (the only file with any);
+//! - `batch`: many notices' reads and accepted sends in one statement;
 //! - this file: the active replica's cache of what it wrote, and the
 //!   ledger's health (`/readyz`, the error metric).
 //!
 //! Depends on settings, metrics and the HTTP health; `dispatch` uses it.
 
+mod batch;
 pub mod rules;
 pub mod store;
 
@@ -53,7 +55,14 @@ pub struct Ledger {
     /// written: they ride along with the next hold's statement, or go in
     /// one statement of their own after [`CONFIRM_AFTER`].
     confirmed: Mutex<Confirmed>,
+    /// Users read on first use, many in one statement.
+    reads: batch::Batcher<String, store::UserRow>,
+    /// Accepted notices (notice id, user id), many in one statement.
+    spends: batch::Batcher<(String, String), store::Spent>,
 }
+
+/// Requests one batched statement carries at most.
+const BATCH_MAX: usize = 500;
 
 #[derive(Default)]
 struct Confirmed {
@@ -73,8 +82,19 @@ impl Ledger {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<Ledger, LedgerError> {
+        let store = Store::connect(settings, Some(metrics.clone()))?;
+        let (s1, s2) = (store.clone(), store.clone());
+        let (t1, t2) = (settings.template_id.clone(), settings.template_id.clone());
         Ok(Ledger {
-            store: Store::connect(settings, Some(metrics.clone()))?,
+            reads: batch::Batcher::new(BATCH_MAX, move |users: Vec<String>| {
+                let (s, t) = (s1.clone(), t1.clone());
+                async move { s.users(&users, &t).await }
+            }),
+            spends: batch::Batcher::new(BATCH_MAX, move |notices: Vec<(String, String)>| {
+                let (s, t) = (s2.clone(), t2.clone());
+                async move { s.accepted_many(&notices, &t).await }
+            }),
+            store,
             settings: settings.clone(),
             cache: Mutex::new(HashMap::new()),
             metrics,
@@ -147,7 +167,7 @@ impl Ledger {
         if let Some(s) = self.cache.lock().expect("not poisoned").get(user_id) {
             return Ok(s.clone());
         }
-        let r = self.store.user(user_id, self.template_id()).await;
+        let r = self.reads.call(user_id.to_string()).await;
         self.record(&r);
         let row = r?;
         let state = UserState {
@@ -163,6 +183,21 @@ impl Ledger {
             .expect("not poisoned")
             .insert(user_id.to_string(), state.clone());
         Ok(state)
+    }
+
+    /// Records an accepted notice (see [`Store::accepted`]), batched with
+    /// the other notices accepted meanwhile.
+    ///
+    /// # Errors
+    /// The ledger failed (the statement is idempotent: call again).
+    pub async fn accepted(
+        &self,
+        notice_id: String,
+        user_id: String,
+    ) -> Result<store::Spent, LedgerError> {
+        let r = self.spends.call((notice_id, user_id)).await;
+        self.record(&r);
+        r
     }
 
     /// Changes the cached state of a user (after this replica's own write).

@@ -267,37 +267,53 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn user(&self, user_id: &str, template_id: &str) -> Result<UserRow> {
+        let mut rows = self.users(&[user_id.to_string()], template_id).await?;
+        rows.pop()
+            .ok_or_else(|| LedgerError("the user's row is missing".into()))
+    }
+
+    /// [`Store::user`] for many users in one statement, in their order.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn users(&self, user_ids: &[String], template_id: &str) -> Result<Vec<UserRow>> {
         let started = Instant::now();
-        let row = sqlx::query(
+        let rows = sqlx::query(
             "SELECT c.count, c.exact, c.version,
                     EXTRACT(EPOCH FROM now() - c.probed_at)::float8 AS since_probe,
                     u.openid,
-                    (SELECT count(*) FROM held h WHERE h.user_id = $1 AND h.template_id = $2) AS held
-             FROM (SELECT 1) one
-             LEFT JOIN credits c ON c.user_id = $1 AND c.template_id = $2
-             LEFT JOIN users u ON u.user_id = $1",
+                    (SELECT count(*) FROM held h
+                     WHERE h.user_id = q.user_id AND h.template_id = $2) AS held
+             FROM unnest($1::text[]) WITH ORDINALITY AS q(user_id, i)
+             LEFT JOIN credits c ON c.user_id = q.user_id AND c.template_id = $2
+             LEFT JOIN users u ON u.user_id = q.user_id
+             ORDER BY q.i",
         )
-        .bind(user_id)
+        .bind(user_ids)
         .bind(template_id)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await;
         self.timed(started);
-        let row = row?;
-        let credit = match row.try_get::<Option<i32>, _>("count")? {
-            Some(count) => Credit {
-                count,
-                exact: row.try_get("exact")?,
-                version: row.try_get("version")?,
-            },
-            None => Credit::default(),
-        };
-        let since: Option<f64> = row.try_get("since_probe")?;
-        Ok(UserRow {
-            credit,
-            openid: row.try_get("openid")?,
-            held: row.try_get::<i64, _>("held")?.max(0) as u64,
-            since_probe: Duration::from_secs_f64(since.unwrap_or(0.0).max(0.0)),
-        })
+        rows?
+            .iter()
+            .map(|row| {
+                let credit = match row.try_get::<Option<i32>, _>("count")? {
+                    Some(count) => Credit {
+                        count,
+                        exact: row.try_get("exact")?,
+                        version: row.try_get("version")?,
+                    },
+                    None => Credit::default(),
+                };
+                let since: Option<f64> = row.try_get("since_probe")?;
+                Ok(UserRow {
+                    credit,
+                    openid: row.try_get("openid")?,
+                    held: row.try_get::<i64, _>("held")?.max(0) as u64,
+                    since_probe: Duration::from_secs_f64(since.unwrap_or(0.0).max(0.0)),
+                })
+            })
+            .collect()
     }
 
     /// Which of `ids` the ledger holds or has settled (released, expired):
@@ -431,46 +447,81 @@ impl Store {
         user_id: &str,
         template_id: &str,
     ) -> Result<Spent> {
+        let mut spent = self
+            .accepted_many(&[(notice_id.to_string(), user_id.to_string())], template_id)
+            .await?;
+        spent
+            .pop()
+            .ok_or_else(|| LedgerError("the notice's row is missing".into()))
+    }
+
+    /// [`Store::accepted`] for many (notice id, user id) in one statement,
+    /// answered in their order. A user's notices in one batch all count.
+    ///
+    /// # Errors
+    /// The ledger failed (the caller retries: the statement is idempotent).
+    pub async fn accepted_many(
+        &self,
+        notices: &[(String, String)],
+        template_id: &str,
+    ) -> Result<Vec<Spent>> {
         let started = Instant::now();
-        let row = sqlx::query(
-            "WITH s AS (
-                INSERT INTO sends (notice_id, user_id, template_id) VALUES ($1, $2, $3)
-                ON CONFLICT DO NOTHING RETURNING 1),
+        let (ids, users): (Vec<&str>, Vec<&str>) = notices
+            .iter()
+            .map(|(n, u)| (n.as_str(), u.as_str()))
+            .unzip();
+        let rows = sqlx::query(
+            "WITH q AS (
+                SELECT * FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(notice_id, user_id, i)),
+             s AS (
+                INSERT INTO sends (notice_id, user_id, template_id)
+                SELECT notice_id, user_id, $3 FROM q
+                ON CONFLICT DO NOTHING RETURNING notice_id, user_id),
+             d AS (SELECT user_id, count(*)::int AS n FROM s GROUP BY user_id),
              c AS (
-                UPDATE credits SET count = greatest(count - 1, 0), updated_at = now()
-                WHERE user_id = $2 AND template_id = $3 AND EXISTS (SELECT 1 FROM s)
-                RETURNING count, exact, version),
-             r AS (DELETE FROM held WHERE claimed_by = $1 RETURNING event_id, reason),
+                UPDATE credits SET count = greatest(count - d.n, 0), updated_at = now()
+                FROM d WHERE credits.user_id = d.user_id AND credits.template_id = $3
+                RETURNING credits.user_id, count, exact, version),
+             r AS (DELETE FROM held WHERE claimed_by = ANY($1) RETURNING claimed_by, event_id, reason),
              st AS (
                 INSERT INTO settled (event_id, kind) SELECT event_id, 'released' FROM r
                 ON CONFLICT DO NOTHING),
              sp AS (
-                DELETE FROM spells WHERE user_id = $2 AND template_id = $3
-                AND NOT EXISTS (SELECT 1 FROM held WHERE user_id = $2 AND template_id = $3
-                                AND claimed_by IS DISTINCT FROM $1))
-             SELECT (SELECT count FROM c) AS count, (SELECT exact FROM c) AS exact,
-                    (SELECT version FROM c) AS version,
-                    (SELECT count(*) FROM r WHERE reason <> 'window') AS released",
+                DELETE FROM spells WHERE template_id = $3 AND user_id = ANY($2)
+                AND NOT EXISTS (SELECT 1 FROM held h WHERE h.user_id = spells.user_id
+                                AND h.template_id = $3
+                                AND (h.claimed_by IS NULL OR h.claimed_by <> ALL($1))))
+             SELECT c.count, c.exact, c.version,
+                    EXISTS (SELECT 1 FROM s WHERE s.notice_id = q.notice_id) AS new,
+                    (SELECT count(*) FROM r WHERE r.claimed_by = q.notice_id
+                     AND r.reason <> 'window') AS released
+             FROM q LEFT JOIN c ON c.user_id = q.user_id
+             ORDER BY q.i",
         )
-        .bind(notice_id)
-        .bind(user_id)
+        .bind(&ids)
+        .bind(&users)
         .bind(template_id)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await;
         self.timed(started);
-        let row = row?;
-        let credit = match row.try_get::<Option<i32>, _>("count")? {
-            Some(count) => Some(Credit {
-                count,
-                exact: row.try_get::<Option<bool>, _>("exact")?.unwrap_or(false),
-                version: row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
-            }),
-            None => None,
-        };
-        Ok(Spent {
-            credit,
-            released: row.try_get::<i64, _>("released")?.max(0) as u64,
-        })
+        rows?
+            .iter()
+            .map(|row| {
+                let new: bool = row.try_get("new")?;
+                let credit = match row.try_get::<Option<i32>, _>("count")? {
+                    Some(count) if new => Some(Credit {
+                        count,
+                        exact: row.try_get::<Option<bool>, _>("exact")?.unwrap_or(false),
+                        version: row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+                    }),
+                    _ => None,
+                };
+                Ok(Spent {
+                    credit,
+                    released: row.try_get::<i64, _>("released")?.max(0) as u64,
+                })
+            })
+            .collect()
     }
 
     /// The notice `notice_id` did not go (parked for a retry, or refused):
