@@ -19,7 +19,7 @@ use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
 use crate::ledger::rules::{self, Plan, Status};
-use crate::ledger::store::{Along, HeldRow, HoldDone, ToHold};
+use crate::ledger::store::{Along, HeldRow, HoldDone, Spent, ToHold};
 use crate::ledger::Ledger;
 use crate::notice::{notice_id, Notice};
 use crate::reason::Reason;
@@ -43,6 +43,15 @@ pub(crate) struct LedgerCtx {
     /// window's deliveries may be acked already, so its rows are the only
     /// copy and an unclaim keeps them held.
     stale: bool,
+}
+
+/// What a notice held for a configuration fault leaves for its re-send by a
+/// later session (see `Dispatcher::retry_held`): the user, and the notice id
+/// its held events were claimed under (none: nothing claimed).
+#[derive(Debug, Clone)]
+pub(crate) struct HeldClaim {
+    pub user: String,
+    pub claimed: Option<String>,
 }
 
 /// What a `43101` (or a missing openid) did.
@@ -552,6 +561,45 @@ impl Dispatcher {
         ended
     }
 
+    /// A notice held for a configuration fault, re-sent by a new session
+    /// before it consumes, was accepted: recorded as any accepted notice is
+    /// (the credit spent once by the claim's notice id, the claimed events
+    /// released), once here, so what comes back from the queue finds them
+    /// settled; if the ledger does not answer, retried in the background.
+    pub(crate) async fn resent_in_ledger(&self, claim: HeldClaim, notice_id: &str) {
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
+        let id = claim.claimed.unwrap_or_else(|| notice_id.to_string());
+        let template = ledger.template_id().to_string();
+        let r = ledger.store().accepted(&id, &claim.user, &template).await;
+        ledger.record(&r);
+        ledger.forget(&claim.user);
+        match r {
+            Ok(spent) => self.credits_low(&claim.user, &template, spent).await,
+            Err(e) => {
+                warn!(notice_id = %id, error = %e, "recording the accepted re-send in the ledger failed; retrying");
+                let this = self.me();
+                tokio::spawn(async move { this.spent(claim.user, template, id).await });
+            }
+        }
+    }
+
+    /// Publishes `notifier.credits_low` when an accepted notice left the
+    /// count low.
+    async fn credits_low(&self, user: &str, template: &str, spent: Spent) {
+        let Some(ledger) = &self.ledger else { return };
+        if let Some(c) = spent.credit {
+            if rules::credits_low(c, ledger.settings().credits_low) {
+                self.signal(
+                    "credits_low",
+                    json!({"user_id": user, "template_id": template, "credits": c.count}),
+                )
+                .await;
+            }
+        }
+    }
+
     /// Records an accepted notice in the ledger (decrement once per notice
     /// id, its claimed events released), retrying until the ledger answers;
     /// then publishes `notifier.credits_low` when the count is low.
@@ -565,15 +613,7 @@ impl Dispatcher {
             ledger.record(&r);
             match r {
                 Ok(spent) => {
-                    if let Some(c) = spent.credit {
-                        if rules::credits_low(c, ledger.settings().credits_low) {
-                            self.signal(
-                                "credits_low",
-                                json!({"user_id": user, "template_id": template, "credits": c.count}),
-                            )
-                            .await;
-                        }
-                    }
+                    self.credits_low(&user, &template, spent).await;
                     return;
                 }
                 Err(e) => {
@@ -907,6 +947,15 @@ impl Dispatcher {
 }
 
 impl LedgerCtx {
+    /// What a re-send of this notice by a later session must tell the
+    /// ledger (`None`: the ledger did not answer, nothing to tell).
+    pub(crate) fn held_claim(&self) -> Option<HeldClaim> {
+        (!self.down).then(|| HeldClaim {
+            user: self.user.clone(),
+            claimed: self.claimed.clone(),
+        })
+    }
+
     /// A context for a release sent on its own (a notice of held events).
     fn clone_for_release(&self) -> LedgerCtx {
         LedgerCtx {

@@ -1,0 +1,143 @@
+//! The ack path with the grant ledger on (contract sections 3 and 8): a held
+//! configuration fault whose notice carried held events, the sweep beside a
+//! release, and copies of held events that come back while the ledger does
+//! not answer. Each delivery is acked only once its notice was accepted or
+//! its events are safe in the ledger or a retry or dead-letter queue, and no
+//! event reaches WeChat in two notices with different ids.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::ledger::{event, ledger_env, publish_subscription, store, subscription, TEMPLATE};
+use common::{eventually, fault_for, readyz, TestEnv};
+use serde_json::{json, Value};
+use wechat_notifier::ledger::store::Store;
+use wechat_notifier::sim::{Api, Fault, FaultAction};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn held_count(s: &Store, user: &str) -> usize {
+    s.held_of(user).await.map(|h| h.len()).unwrap_or(usize::MAX)
+}
+
+/// Per event id, the notice ids WeChat accepted it in.
+fn delivered_in(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in env.sim.delivered() {
+        for id in n["event_ids"].as_array().into_iter().flatten() {
+            out.entry(id.as_str().unwrap().to_string())
+                .or_default()
+                .push(n["notice_id"].as_str().unwrap().to_string());
+        }
+    }
+    out
+}
+
+/// `e` made `ms` older than now.
+fn aged(mut e: Value, ms: i64) -> Value {
+    let at = chrono::Local::now().fixed_offset() - chrono::Duration::milliseconds(ms);
+    e["occurred_at"] = json!(at.to_rfc3339());
+    e
+}
+
+/// M-A: a release (two held events, one of them past `NOTIFIER_MAX_AGE`)
+/// meets a configuration fault found on its send, and the session is lost.
+/// The next session re-sends the held notice with exactly its claimed ids
+/// (the max age does not apply to held events) and, once WeChat accepts it,
+/// records it in the ledger as any accepted notice (events released, the
+/// credit spent once): the accept that comes back releases nothing again,
+/// and each event reaches WeChat in one notice only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_fault_re_send_of_a_release_settles_the_ledger_with_the_same_ids() {
+    const MAX_AGE_MS: i64 = 20_000;
+    let mut env = ledger_env("ack-resend").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "300ms");
+    env.set("NOTIFIER_MAX_AGE", "20s");
+    // Old, but fresh enough for its first send: it passes the max age while held.
+    let h1 = aged(event("ar-1", "u-ar", "c1"), MAX_AGE_MS - 3_000);
+    env.sim
+        .push_fault(fault_for(&h1, FaultAction::FunctionErrcode(43101), Some(1)));
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    env.publish(std::slice::from_ref(&h1)).await;
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-ar").await == 1 && env.settled(&svc.http).await
+        })
+        .await,
+        "the 43101 holds the first event"
+    );
+    // At an exact 0 the second is held without a call.
+    env.publish(&[event("ar-2", "u-ar", "c2")]).await;
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-ar").await == 2 && env.settled(&svc.http).await
+        })
+        .await,
+        "the second event is held too"
+    );
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+
+    // The release of both meets a fault only a real send finds.
+    env.sim.push_fault(Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::NoticeFunctionErrcode(85088),
+        times: None,
+    });
+    publish_subscription(&env, &subscription("s-ar", "u-ar", TEMPLATE, "accept")).await;
+    assert!(
+        eventually(WAIT, || async {
+            let (status, text) = readyz(&svc.http).await;
+            status == 503 && text.contains("configuration fault")
+        })
+        .await,
+        "the fault is held"
+    );
+    assert!(env.close_consuming_connection(&env.queue()));
+    assert!(
+        eventually(WAIT, || async { env.ready(&env.queue()).await >= 1 }).await,
+        "the accept returned to the queue"
+    );
+    env.sim.clear_faults();
+
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-ar").await == 0 && env.settled(&svc.http).await
+        })
+        .await,
+        "released and settled once fixed"
+    );
+    // A repeat would come with the accept's redelivery or the next sweep.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = delivered_in(&env);
+    assert_eq!(
+        delivered.keys().cloned().collect::<Vec<_>>(),
+        ["ar-1", "ar-2"],
+        "{delivered:?}"
+    );
+    for (id, notices) in &delivered {
+        assert_eq!(notices.len(), 1, "{id} reached WeChat once: {delivered:?}");
+    }
+    assert_eq!(
+        delivered["ar-1"], delivered["ar-2"],
+        "in the one notice that claimed them"
+    );
+    let after = s.user("u-ar", TEMPLATE).await.unwrap();
+    assert_eq!(
+        (after.credit.count, after.credit.exact),
+        (0, true),
+        "the accept's credit was spent by the re-send"
+    );
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
