@@ -789,6 +789,10 @@ impl Dispatcher {
         let Some((_, row)) = rows.into_iter().find(|(_, r)| r.event_id == event_id) else {
             return true;
         };
+        if row.claimed_by.is_some() {
+            // Claimed again, or a sweep is dead-lettering it: not ours now.
+            return true;
+        }
         self.dead_letter_row(ledger, &row, reason, errcode, detail)
             .await
     }
@@ -801,52 +805,58 @@ impl Dispatcher {
         errcode: Option<i64>,
         detail: &str,
     ) -> bool {
+        let by = row.claimed_by.as_deref();
         if !self
             .settle
             .dead_letter_body(row, reason, errcode, detail)
             .await
         {
+            // The sweep's mark goes: the event stays held, unclaimed.
+            if let Some(by) = by {
+                let r = ledger.store().unmark(&row.event_id, by).await;
+                ledger.record(&r);
+            }
             return false;
         }
-        let r = ledger.store().dropped(&row.event_id).await;
+        let r = ledger.store().dropped(&row.event_id, by).await;
         ledger.record(&r);
         r.is_ok()
     }
 
     /// The sweep's dead letters: events held past `NOTIFIER_HOLD_FOR`
-    /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`).
-    /// Nothing expires while a configuration fault is held.
+    /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`),
+    /// marked as this sweep's in the statement that finds them (a release
+    /// leaves them). Nothing expires while a configuration fault is held.
     pub(crate) async fn drop_from_ledger(self: Arc<Self>, expire: bool) {
         let Some(ledger) = self.ledger.clone() else {
             return;
         };
         let s = ledger.settings().clone();
+        let expire = expire && !self.fault_held();
         let found = ledger
             .store()
-            .to_drop(s.hold_for, s.hold_max_events, 500)
+            .to_drop(s.hold_for, s.hold_max_events, 500, expire)
             .await;
         ledger.record(&found);
         let Ok((expired, over)) = found else { return };
         let mut users = Vec::new();
-        if expire && !self.fault_held() {
-            for (user, row) in &expired {
-                let errcode = row.errcode.map(i64::from);
-                let detail = format!(
-                    "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
-                    crate::settings::format_duration(s.hold_for),
-                    if row.reason == "no_openid" {
-                        "an openid"
-                    } else {
-                        "a subscription credit"
-                    }
-                );
-                if self
-                    .dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail)
-                    .await
-                {
-                    self.metrics().ledger_expiry(Reason::NoSubscription, 1);
-                    users.push(user.clone());
+        for (user, row) in &expired {
+            let errcode = row.errcode.map(i64::from);
+            let detail = format!(
+                "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
+                crate::settings::format_duration(s.hold_for),
+                if row.reason == "no_openid" {
+                    "an openid"
+                } else {
+                    "a subscription credit"
                 }
+            );
+            if self
+                .dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail)
+                .await
+            {
+                self.metrics().ledger_expiry(Reason::NoSubscription, 1);
+                users.push(user.clone());
             }
         }
         for (user, row) in &over {

@@ -13,6 +13,8 @@ use std::time::Duration;
 use common::ledger::{event, ledger_env, publish_subscription, store, subscription, TEMPLATE};
 use common::{eventually, fault_for, readyz, TestEnv};
 use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+use wechat_notifier::broker::header_str;
 use wechat_notifier::ledger::store::Store;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
@@ -138,6 +140,142 @@ async fn a_held_fault_re_send_of_a_release_settles_the_ledger_with_the_same_ids(
         0,
         "nothing dead-lettered"
     );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+fn schema(env: &TestEnv) -> String {
+    env.settings().ledger.expect("ledger on").schema.clone()
+}
+
+/// A connection of the test's own to the ledger's schema.
+async fn pg(env: &TestEnv) -> PgConnection {
+    let mut c = PgConnection::connect(&common::ledger::ledger_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("SET search_path TO {}", schema(env)))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
+/// Whether a statement of the service that begins with `statement` waits
+/// for a lock on `table` of the test's schema.
+async fn someone_waits_on(env: &TestEnv, table: &str, statement: &str) -> bool {
+    let n: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+         WHERE NOT l.granted AND a.query LIKE '{statement}%'
+           AND (l.relation = '{s}.{table}'::regclass OR l.locktype = 'transactionid')
+           AND a.query LIKE '%{table}%'",
+        s = schema(env)
+    ))
+    .fetch_one(&mut pg(env).await)
+    .await
+    .unwrap();
+    n > 0
+}
+
+/// The dead letters now in the test's dead queue: (event id, reason).
+async fn dead_ids(env: &TestEnv) -> Vec<(String, String)> {
+    env.drain(&env.dead_queue())
+        .await
+        .into_iter()
+        .map(|(body, p)| {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            (
+                v["event_id"].as_str().unwrap().to_string(),
+                header_str(&p, "x-notifier-reason").unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// M-B: the sweep takes two expired events (users A and B) and is kept,
+/// by a lock of the test's, in the middle of the first one's; meanwhile an
+/// accept for B releases B's held event. An event is either released in a
+/// notice or dead-lettered, never both: the rows a sweep is dead-lettering
+/// are marked as its own in one statement, and a release's claim leaves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_sweep_is_dead_lettering_is_not_also_released() {
+    let mut env = ledger_env("ack-sweep").await;
+    // The sweep every 5 s; the test makes the events old enough itself.
+    env.set("NOTIFIER_HOLD_FOR", "20s");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    let ha = event("as-a", "u-as-a", "c1");
+    let hb = event("as-b", "u-as-b", "c2");
+    for e in [&ha, &hb] {
+        env.sim
+            .push_fault(fault_for(e, FaultAction::FunctionErrcode(43101), Some(1)));
+    }
+    env.declare().await;
+    let svc = env.start_service().await;
+    let s = store(&env.settings()).await;
+    for (e, user) in [(&ha, "u-as-a"), (&hb, "u-as-b")] {
+        env.publish(std::slice::from_ref(e)).await;
+        assert!(
+            eventually(WAIT, || async {
+                held_count(&s, user).await == 1 && env.settled(&svc.http).await
+            })
+            .await,
+            "{user}'s event is held"
+        );
+    }
+    // The test holds A's spell: the sweep's removal of A's event waits for it.
+    let mut c = pg(&env).await;
+    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::query("SELECT 1 FROM spells WHERE user_id = 'u-as-a' FOR UPDATE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    // Both past NOTIFIER_HOLD_FOR for the next sweep, A's the older.
+    sqlx::query(
+        "UPDATE held SET held_at = now() - CASE user_id WHEN 'u-as-a' THEN interval '60 s'
+                                                         ELSE interval '59 s' END",
+    )
+    .execute(&mut pg(&env).await)
+    .await
+    .unwrap();
+    assert!(
+        eventually(WAIT, || async {
+            someone_waits_on(&env, "spells", "WITH d AS").await
+        })
+        .await,
+        "the sweep's removal of A's event waits for the test's lock"
+    );
+    publish_subscription(&env, &subscription("s-as", "u-as-b", TEMPLATE, "accept")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        eventually(WAIT, || async {
+            env.ready(&env.queue()).await == 0 && env.sim.in_flight() == 0
+        })
+        .await,
+        "the accept was handled"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-as-a").await == 0
+                && held_count(&s, "u-as-b").await == 0
+                && env.settled(&svc.http).await
+        })
+        .await,
+        "both left the ledger"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delivered = delivered_in(&env);
+    let dead = dead_ids(&env).await;
+    for id in ["as-a", "as-b"] {
+        let sent = delivered.contains_key(id);
+        let dead_lettered = dead.iter().filter(|(d, _)| d == id).count();
+        assert!(
+            sent != (dead_lettered > 0),
+            "{id}: released {sent}, dead-lettered {dead_lettered} times: {delivered:?} {dead:?}"
+        );
+    }
+    assert!(dead.contains(&("as-a".into(), "no_subscription".into())));
     svc.stop().await;
     env.cleanup().await;
 }
