@@ -125,6 +125,44 @@ fn prepend_held(closed: &mut Closed<Pending>, held: Vec<AssignmentEvent>) {
     closed.held = k;
 }
 
+/// Whether a delivery came back after this service had it: redelivered (a
+/// crash, a lost ack) or a copy from a retry queue. The grant ledger may
+/// hold or have settled its event.
+fn a_copy(p: &Pending) -> bool {
+    p.redelivered || p.first_failed_at.is_some()
+}
+
+/// Takes the events `take` marks (before any held part) out of the window,
+/// with every delivery of theirs, as a window of their own.
+fn split_off(closed: &mut Closed<Pending>, take: &[bool]) -> Closed<Pending> {
+    let mut out = Closed {
+        events: Vec::new(),
+        deliveries: Vec::new(),
+        reason: closed.reason,
+        held: 0,
+    };
+    let mut index = vec![usize::MAX; take.len()];
+    let mut kept = Vec::new();
+    for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
+        if take[i] {
+            index[i] = out.events.len();
+            out.events.push(e);
+        } else {
+            index[i] = kept.len();
+            kept.push(e);
+        }
+    }
+    for (i, p) in std::mem::take(&mut closed.deliveries) {
+        if take[i] {
+            out.deliveries.push((index[i], p));
+        } else {
+            closed.deliveries.push((index[i], p));
+        }
+    }
+    closed.events = kept;
+    out
+}
+
 /// A held row's event (its body was valid when it was held).
 fn parse_rows(rows: &[HeldRow]) -> Vec<AssignmentEvent> {
     rows.iter()
@@ -160,7 +198,9 @@ impl Dispatcher {
         let state = match ledger.user(user).await {
             Ok(s) => s,
             Err(_) => {
-                // Section 8.8: the notice goes without its held events.
+                // Section 8.8: the notice goes without its held events; a
+                // copy of an event the ledger may hold waits instead.
+                self.park_copies(&mut closed).await;
                 if closed.events.is_empty() {
                     return Ended::Parked;
                 }
@@ -176,7 +216,7 @@ impl Dispatcher {
                 return self.send(&mut closed, notice, Some(&mut ctx)).await;
             }
         };
-        if closed.deliveries.iter().any(|(_, p)| p.redelivered) {
+        if closed.deliveries.iter().any(|(_, p)| a_copy(p)) {
             self.ack_known(ledger, &mut closed).await;
         }
         let mut ctx = LedgerCtx {
@@ -279,41 +319,55 @@ impl Dispatcher {
         self.after(&mut ctx, &closed, ended).await
     }
 
-    /// Acks the redelivered copies of events the ledger holds or released
-    /// (a crash or a lost ack after the ledger's write) and takes them out
-    /// of the window; held ones are covered by the held part of the notice.
+    /// Acks the copies of events the ledger holds or released (a crash or
+    /// a lost ack after the ledger's write, a retry copy of an event whose
+    /// notice the ledger took) and takes them out of the window; held ones
+    /// are covered by the held part of the notice. When the ledger cannot
+    /// tell, the copies wait in a retry queue instead.
     async fn ack_known(&self, ledger: &Ledger, closed: &mut Closed<Pending>) {
         let ids: Vec<String> = closed.events.iter().map(|e| e.event_id.clone()).collect();
         let known = ledger.store().known(&ids).await;
         ledger.record(&known);
-        let Ok(known) = known else { return };
+        let Ok(known) = known else {
+            self.park_copies(closed).await;
+            return;
+        };
         if known.is_empty() {
             return;
         }
-        let keep: Vec<bool> = closed
+        let take: Vec<bool> = closed
             .events
             .iter()
-            .map(|e| !known.contains(&e.event_id))
+            .map(|e| known.contains(&e.event_id))
             .collect();
-        let mut index = vec![usize::MAX; keep.len()];
-        let mut events = Vec::new();
-        for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
-            if keep[i] {
-                index[i] = events.len();
-                events.push(e);
-            }
-        }
-        let mut deliveries = Vec::new();
-        for (i, mut p) in std::mem::take(&mut closed.deliveries) {
-            if keep[i] {
-                deliveries.push((index[i], p));
-            } else {
-                p.ack();
-            }
+        for (_, p) in &mut split_off(closed, &take).deliveries {
+            p.ack();
         }
         info!(event_ids = %known.join(","), "acked: redelivered copies of events the ledger already has");
-        closed.events = events;
-        closed.deliveries = deliveries;
+    }
+
+    /// The ledger cannot be read: whether it holds the events of the
+    /// window's copies (redelivered, or back from a retry queue) is
+    /// unknown, so they are neither sent (a second notice with other ids)
+    /// nor acked; they wait in a retry queue, not as a failed attempt.
+    async fn park_copies(&self, closed: &mut Closed<Pending>) {
+        let take: Vec<bool> = (0..closed.events.len())
+            .map(|i| closed.deliveries.iter().any(|(d, p)| *d == i && a_copy(p)))
+            .collect();
+        if !take.contains(&true) {
+            return;
+        }
+        let mut copies = split_off(closed, &take);
+        let notice = copies.notice();
+        self.settle
+            .park_unattempted(
+                &mut copies,
+                &notice,
+                self.settle.rules().rung(0),
+                "the grant ledger is unavailable; a copy of an event it may hold waits in a retry queue (not a failed attempt)".into(),
+                None,
+            )
+            .await;
     }
 
     /// The ledger remembers the openid the window carries; a window without

@@ -12,10 +12,13 @@ use std::time::Duration;
 
 use common::ledger::{event, ledger_env, publish_subscription, store, subscription, TEMPLATE};
 use common::{eventually, fault_for, readyz, TestEnv};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
 use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 use wechat_notifier::broker::header_str;
-use wechat_notifier::ledger::store::Store;
+use wechat_notifier::ledger::store::{Along, Store, ToHold};
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -276,6 +279,92 @@ async fn an_event_the_sweep_is_dead_lettering_is_not_also_released() {
         );
     }
     assert!(dead.contains(&("as-a".into(), "no_subscription".into())));
+    svc.stop().await;
+    env.cleanup().await;
+}
+
+/// M-C: a copy of a held event comes back from a retry queue (it carries
+/// `x-notifier-first-failed-at`) while the ledger cannot be read. Whether
+/// the ledger holds its event is unknown, so it is neither sent nor acked:
+/// it waits in a retry queue (not as a failed attempt); once the ledger
+/// answers, it is acked as an event the ledger holds, without a notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_copy_of_a_held_event_waits_while_the_ledger_cannot_be_read() {
+    let mut env = ledger_env("ack-copy").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    let e1 = event("ac-1", "u-ac", "c1");
+    env.declare().await;
+    let s = store(&env.settings()).await;
+    // The event is held at an exact 0 (as after a 43101 whose ack was lost).
+    s.hold(
+        "u-ac",
+        TEMPLATE,
+        "",
+        &[ToHold {
+            event_id: "ac-1".into(),
+            body: serde_json::to_vec(&e1).unwrap(),
+            traceparent: None,
+            attempts: 0,
+        }],
+        "no_credit",
+        Some(43101),
+        Some(0),
+        Along::default(),
+    )
+    .await
+    .unwrap();
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // The test locks the counts: reading the user fails (statement timeout).
+    let mut c = pg(&env).await;
+    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::query("LOCK TABLE credits IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-notifier-first-failed-at".into(),
+        AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
+    );
+    h.insert("x-notifier-attempts".into(), AMQPValue::LongLongInt(1));
+    env.channel
+        .basic_publish(
+            env.exchange().as_str().into(),
+            "customer.assigned".into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&e1).unwrap(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2)
+                .with_headers(h),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // Past the statement timeout (10 s): the read failed at least once.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        env.sim.delivered().is_empty(),
+        "not sent beside the ledger's copy: {:?}",
+        env.sim.delivered()
+    );
+    sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+    assert!(
+        eventually(WAIT, || async { env.settled(&svc.http).await }).await,
+        "the copy is acked once the ledger answers"
+    );
+    assert!(env.sim.delivered().is_empty(), "no notice for a held event");
+    assert_eq!(held_count(&s, "u-ac").await, 1, "still held");
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
     svc.stop().await;
     env.cleanup().await;
 }
