@@ -202,7 +202,7 @@ impl Dispatcher {
                 // copy of an event the ledger may hold waits instead.
                 self.park_copies(&mut closed).await;
                 if closed.events.is_empty() {
-                    return Ended::Parked;
+                    return Ended::ParkedForLedger;
                 }
                 let mut ctx = LedgerCtx {
                     ledger: ledger.clone(),
@@ -280,7 +280,13 @@ impl Dispatcher {
             }
         }
         if closed.events.is_empty() {
-            return Ended::Gone;
+            // A release that could not claim is not done: an accept waits
+            // for it (not as a failed attempt) rather than being acked.
+            return if ctx.down {
+                Ended::ParkedForLedger
+            } else {
+                Ended::Gone
+            };
         }
         let carried = self
             .openid_both_ways(ledger, user, &state.openid, &mut closed, !no_call)
@@ -302,7 +308,7 @@ impl Dispatcher {
                         .await
                     {
                         OnHold::Held => Ended::Held,
-                        _ => Ended::Parked,
+                        _ => Ended::ParkedForLedger,
                     };
                     return self.after(&mut ctx, &closed, ended).await;
                 }
@@ -582,7 +588,7 @@ impl Dispatcher {
                 tokio::spawn(async move { this.spent(user, template, id).await });
             }
             Ended::Held => {}
-            Ended::Parked | Ended::Gone => {
+            Ended::Parked | Ended::ParkedForLedger | Ended::Gone => {
                 if let Some(id) = ctx.claimed.take() {
                     let r = ledger.store().unclaim(&id, ctx.stale).await;
                     ledger.record(&r);
@@ -777,6 +783,16 @@ impl Dispatcher {
                     .park_one(
                         pending,
                         "the release of the user's held events failed for now; the accept comes back to try again".into(),
+                    )
+                    .await;
+            }
+            // Counted already (by event id): it comes back only to release.
+            Ended::ParkedForLedger => {
+                self.settle
+                    .park_one_unattempted(
+                        pending,
+                        self.settle.rules().rung(0),
+                        "the grant ledger could not take the release of the user's held events; the accept waits in a retry queue (not a failed attempt)".into(),
                     )
                     .await;
             }

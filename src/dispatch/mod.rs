@@ -95,6 +95,9 @@ pub(crate) enum Ended {
     Held,
     /// Parked in a retry queue (or released to the queue): it comes back.
     Parked,
+    /// The grant ledger did not answer: parked, not as a failed attempt (a
+    /// release with nothing else to send was not tried at all).
+    ParkedForLedger,
     /// Dead-lettered for good with this reason.
     DeadLettered(Reason, CallResult),
     /// Nothing was left to send (every event expired).
@@ -573,7 +576,7 @@ impl Dispatcher {
         let (outcome, errcode) = match ended {
             Ended::Accepted => ("accepted", None),
             Ended::Held => ("held", None),
-            Ended::Parked => ("parked", None),
+            Ended::Parked | Ended::ParkedForLedger => ("parked", None),
             Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
             Ended::Gone => ("expired", None),
         };
@@ -683,7 +686,7 @@ impl Dispatcher {
                     OnHold::NotAHold => {}
                     OnHold::Held => return Ended::Held,
                     OnHold::SendAgain => continue,
-                    OnHold::Parked => return Ended::Parked,
+                    OnHold::Parked => return Ended::ParkedForLedger,
                 }
             }
             match step {

@@ -368,3 +368,65 @@ async fn a_retry_copy_of_a_held_event_waits_while_the_ledger_cannot_be_read() {
     svc.stop().await;
     env.cleanup().await;
 }
+
+/// Minors: an accept whose release cannot claim the held events (the test
+/// locks the table against row locks; the count is still recorded) is not
+/// acked without its release, nor parked as a failed attempt: it waits in a
+/// retry queue and releases the held event once the ledger answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accept_whose_release_cannot_claim_waits_and_releases_once_the_ledger_answers() {
+    let mut env = ledger_env("ack-claim").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    let e1 = event("cl-1", "u-cl", "c1");
+    env.declare().await;
+    let s = store(&env.settings()).await;
+    s.hold(
+        "u-cl",
+        TEMPLATE,
+        "",
+        &[ToHold {
+            event_id: "cl-1".into(),
+            body: serde_json::to_vec(&e1).unwrap(),
+            traceparent: None,
+            attempts: 0,
+        }],
+        "no_credit",
+        Some(43101),
+        Some(0),
+        Along::default(),
+    )
+    .await
+    .unwrap();
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // Reads go on (the accept is counted); the claim's row locks wait and time out.
+    let mut c = pg(&env).await;
+    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::query("LOCK TABLE held IN EXCLUSIVE MODE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    publish_subscription(&env, &subscription("s-cl", "u-cl", TEMPLATE, "accept")).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+    // Well before the first sweep (30 s after the start) could release it.
+    assert!(
+        eventually(Duration::from_secs(8), || async {
+            env.sim.delivered().len() == 1 && env.settled(&svc.http).await
+        })
+        .await,
+        "the accept came back and released the held event: {:?}",
+        env.sim.delivered()
+    );
+    assert_eq!(env.sim.delivered()[0]["event_ids"], json!(["cl-1"]));
+    assert_eq!(
+        env.ready(&env.dead_queue()).await,
+        0,
+        "nothing dead-lettered"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
