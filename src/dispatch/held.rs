@@ -19,7 +19,7 @@ use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
 use crate::ledger::rules::{self, Plan, Status};
-use crate::ledger::store::{Along, HeldRow, HoldDone, ToHold};
+use crate::ledger::store::{Along, HeldRow, HoldDone, Spent, ToHold};
 use crate::ledger::Ledger;
 use crate::notice::{notice_id, Notice};
 use crate::reason::Reason;
@@ -43,6 +43,15 @@ pub(crate) struct LedgerCtx {
     /// window's deliveries may be acked already, so its rows are the only
     /// copy and an unclaim keeps them held.
     stale: bool,
+}
+
+/// What a notice held for a configuration fault leaves for its re-send by a
+/// later session (see `Dispatcher::retry_held`): the user, and the notice id
+/// its held events were claimed under (none: nothing claimed).
+#[derive(Debug, Clone)]
+pub(crate) struct HeldClaim {
+    pub user: String,
+    pub claimed: Option<String>,
 }
 
 /// What a `43101` (or a missing openid) did.
@@ -116,6 +125,44 @@ fn prepend_held(closed: &mut Closed<Pending>, held: Vec<AssignmentEvent>) {
     closed.held = k;
 }
 
+/// Whether a delivery came back after this service had it: redelivered (a
+/// crash, a lost ack) or a copy from a retry queue. The grant ledger may
+/// hold or have settled its event.
+fn a_copy(p: &Pending) -> bool {
+    p.redelivered || p.first_failed_at.is_some()
+}
+
+/// Takes the events `take` marks (before any held part) out of the window,
+/// with every delivery of theirs, as a window of their own.
+fn split_off(closed: &mut Closed<Pending>, take: &[bool]) -> Closed<Pending> {
+    let mut out = Closed {
+        events: Vec::new(),
+        deliveries: Vec::new(),
+        reason: closed.reason,
+        held: 0,
+    };
+    let mut index = vec![usize::MAX; take.len()];
+    let mut kept = Vec::new();
+    for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
+        if take[i] {
+            index[i] = out.events.len();
+            out.events.push(e);
+        } else {
+            index[i] = kept.len();
+            kept.push(e);
+        }
+    }
+    for (i, p) in std::mem::take(&mut closed.deliveries) {
+        if take[i] {
+            out.deliveries.push((index[i], p));
+        } else {
+            closed.deliveries.push((index[i], p));
+        }
+    }
+    closed.events = kept;
+    out
+}
+
 /// A held row's event (its body was valid when it was held).
 fn parse_rows(rows: &[HeldRow]) -> Vec<AssignmentEvent> {
     rows.iter()
@@ -151,9 +198,11 @@ impl Dispatcher {
         let state = match ledger.user(user).await {
             Ok(s) => s,
             Err(_) => {
-                // Section 8.8: the notice goes without its held events.
+                // Section 8.8: the notice goes without its held events; a
+                // copy of an event the ledger may hold waits instead.
+                self.park_copies(&mut closed).await;
                 if closed.events.is_empty() {
-                    return Ended::Parked;
+                    return Ended::ParkedForLedger;
                 }
                 let mut ctx = LedgerCtx {
                     ledger: ledger.clone(),
@@ -167,7 +216,7 @@ impl Dispatcher {
                 return self.send(&mut closed, notice, Some(&mut ctx)).await;
             }
         };
-        if closed.deliveries.iter().any(|(_, p)| p.redelivered) {
+        if closed.deliveries.iter().any(|(_, p)| a_copy(p)) {
             self.ack_known(ledger, &mut closed).await;
         }
         let mut ctx = LedgerCtx {
@@ -231,7 +280,13 @@ impl Dispatcher {
             }
         }
         if closed.events.is_empty() {
-            return Ended::Gone;
+            // A release that could not claim is not done: an accept waits
+            // for it (not as a failed attempt) rather than being acked.
+            return if ctx.down {
+                Ended::ParkedForLedger
+            } else {
+                Ended::Gone
+            };
         }
         let carried = self
             .openid_both_ways(ledger, user, &state.openid, &mut closed, !no_call)
@@ -253,7 +308,7 @@ impl Dispatcher {
                         .await
                     {
                         OnHold::Held => Ended::Held,
-                        _ => Ended::Parked,
+                        _ => Ended::ParkedForLedger,
                     };
                     return self.after(&mut ctx, &closed, ended).await;
                 }
@@ -270,41 +325,55 @@ impl Dispatcher {
         self.after(&mut ctx, &closed, ended).await
     }
 
-    /// Acks the redelivered copies of events the ledger holds or released
-    /// (a crash or a lost ack after the ledger's write) and takes them out
-    /// of the window; held ones are covered by the held part of the notice.
+    /// Acks the copies of events the ledger holds or released (a crash or
+    /// a lost ack after the ledger's write, a retry copy of an event whose
+    /// notice the ledger took) and takes them out of the window; held ones
+    /// are covered by the held part of the notice. When the ledger cannot
+    /// tell, the copies wait in a retry queue instead.
     async fn ack_known(&self, ledger: &Ledger, closed: &mut Closed<Pending>) {
         let ids: Vec<String> = closed.events.iter().map(|e| e.event_id.clone()).collect();
         let known = ledger.store().known(&ids).await;
         ledger.record(&known);
-        let Ok(known) = known else { return };
+        let Ok(known) = known else {
+            self.park_copies(closed).await;
+            return;
+        };
         if known.is_empty() {
             return;
         }
-        let keep: Vec<bool> = closed
+        let take: Vec<bool> = closed
             .events
             .iter()
-            .map(|e| !known.contains(&e.event_id))
+            .map(|e| known.contains(&e.event_id))
             .collect();
-        let mut index = vec![usize::MAX; keep.len()];
-        let mut events = Vec::new();
-        for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
-            if keep[i] {
-                index[i] = events.len();
-                events.push(e);
-            }
-        }
-        let mut deliveries = Vec::new();
-        for (i, mut p) in std::mem::take(&mut closed.deliveries) {
-            if keep[i] {
-                deliveries.push((index[i], p));
-            } else {
-                p.ack();
-            }
+        for (_, p) in &mut split_off(closed, &take).deliveries {
+            p.ack();
         }
         info!(event_ids = %known.join(","), "acked: redelivered copies of events the ledger already has");
-        closed.events = events;
-        closed.deliveries = deliveries;
+    }
+
+    /// The ledger cannot be read: whether it holds the events of the
+    /// window's copies (redelivered, or back from a retry queue) is
+    /// unknown, so they are neither sent (a second notice with other ids)
+    /// nor acked; they wait in a retry queue, not as a failed attempt.
+    async fn park_copies(&self, closed: &mut Closed<Pending>) {
+        let take: Vec<bool> = (0..closed.events.len())
+            .map(|i| closed.deliveries.iter().any(|(d, p)| *d == i && a_copy(p)))
+            .collect();
+        if !take.contains(&true) {
+            return;
+        }
+        let mut copies = split_off(closed, &take);
+        let notice = copies.notice();
+        self.settle
+            .park_unattempted(
+                &mut copies,
+                &notice,
+                self.settle.rules().rung(0),
+                "the grant ledger is unavailable; a copy of an event it may hold waits in a retry queue (not a failed attempt)".into(),
+                None,
+            )
+            .await;
     }
 
     /// The ledger remembers the openid the window carries; a window without
@@ -519,7 +588,7 @@ impl Dispatcher {
                 tokio::spawn(async move { this.spent(user, template, id).await });
             }
             Ended::Held => {}
-            Ended::Parked | Ended::Gone => {
+            Ended::Parked | Ended::ParkedForLedger | Ended::Gone => {
                 if let Some(id) = ctx.claimed.take() {
                     let r = ledger.store().unclaim(&id, ctx.stale).await;
                     ledger.record(&r);
@@ -552,6 +621,45 @@ impl Dispatcher {
         ended
     }
 
+    /// A notice held for a configuration fault, re-sent by a new session
+    /// before it consumes, was accepted: recorded as any accepted notice is
+    /// (the credit spent once by the claim's notice id, the claimed events
+    /// released), once here, so what comes back from the queue finds them
+    /// settled; if the ledger does not answer, retried in the background.
+    pub(crate) async fn resent_in_ledger(&self, claim: HeldClaim, notice_id: &str) {
+        let Some(ledger) = self.ledger.clone() else {
+            return;
+        };
+        let id = claim.claimed.unwrap_or_else(|| notice_id.to_string());
+        let template = ledger.template_id().to_string();
+        let r = ledger.store().accepted(&id, &claim.user, &template).await;
+        ledger.record(&r);
+        ledger.forget(&claim.user);
+        match r {
+            Ok(spent) => self.credits_low(&claim.user, &template, spent).await,
+            Err(e) => {
+                warn!(notice_id = %id, error = %e, "recording the accepted re-send in the ledger failed; retrying");
+                let this = self.me();
+                tokio::spawn(async move { this.spent(claim.user, template, id).await });
+            }
+        }
+    }
+
+    /// Publishes `notifier.credits_low` when an accepted notice left the
+    /// count low.
+    async fn credits_low(&self, user: &str, template: &str, spent: Spent) {
+        let Some(ledger) = &self.ledger else { return };
+        if let Some(c) = spent.credit {
+            if rules::credits_low(c, ledger.settings().credits_low) {
+                self.signal(
+                    "credits_low",
+                    json!({"user_id": user, "template_id": template, "credits": c.count}),
+                )
+                .await;
+            }
+        }
+    }
+
     /// Records an accepted notice in the ledger (decrement once per notice
     /// id, its claimed events released), retrying until the ledger answers;
     /// then publishes `notifier.credits_low` when the count is low.
@@ -564,15 +672,7 @@ impl Dispatcher {
             let r = ledger.accepted(notice_id.clone(), user.clone()).await;
             match r {
                 Ok(spent) => {
-                    if let Some(c) = spent.credit {
-                        if rules::credits_low(c, ledger.settings().credits_low) {
-                            self.signal(
-                                "credits_low",
-                                json!({"user_id": user, "template_id": template, "credits": c.count}),
-                            )
-                            .await;
-                        }
-                    }
+                    self.credits_low(&user, &template, spent).await;
                     return;
                 }
                 Err(e) => {
@@ -685,6 +785,16 @@ impl Dispatcher {
                     )
                     .await;
             }
+            // Counted already (by event id): it comes back only to release.
+            Ended::ParkedForLedger => {
+                self.settle
+                    .park_one_unattempted(
+                        pending,
+                        self.settle.rules().rung(0),
+                        "the grant ledger could not take the release of the user's held events; the accept waits in a retry queue (not a failed attempt)".into(),
+                    )
+                    .await;
+            }
             _ => {
                 pending.ack();
             }
@@ -748,6 +858,10 @@ impl Dispatcher {
         let Some((_, row)) = rows.into_iter().find(|(_, r)| r.event_id == event_id) else {
             return true;
         };
+        if row.claimed_by.is_some() {
+            // Claimed again, or a sweep is dead-lettering it: not ours now.
+            return true;
+        }
         self.dead_letter_row(ledger, &row, reason, errcode, detail)
             .await
     }
@@ -760,52 +874,58 @@ impl Dispatcher {
         errcode: Option<i64>,
         detail: &str,
     ) -> bool {
+        let by = row.claimed_by.as_deref();
         if !self
             .settle
             .dead_letter_body(row, reason, errcode, detail)
             .await
         {
+            // The sweep's mark goes: the event stays held, unclaimed.
+            if let Some(by) = by {
+                let r = ledger.store().unmark(&row.event_id, by).await;
+                ledger.record(&r);
+            }
             return false;
         }
-        let r = ledger.store().dropped(&row.event_id).await;
+        let r = ledger.store().dropped(&row.event_id, by).await;
         ledger.record(&r);
         r.is_ok()
     }
 
     /// The sweep's dead letters: events held past `NOTIFIER_HOLD_FOR`
-    /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`).
-    /// Nothing expires while a configuration fault is held.
+    /// (`no_subscription`) and beyond `NOTIFIER_HOLD_MAX_EVENTS` (`hold_full`),
+    /// marked as this sweep's in the statement that finds them (a release
+    /// leaves them). Nothing expires while a configuration fault is held.
     pub(crate) async fn drop_from_ledger(self: Arc<Self>, expire: bool) {
         let Some(ledger) = self.ledger.clone() else {
             return;
         };
         let s = ledger.settings().clone();
+        let expire = expire && !self.fault_held();
         let found = ledger
             .store()
-            .to_drop(s.hold_for, s.hold_max_events, 500)
+            .to_drop(s.hold_for, s.hold_max_events, 500, expire)
             .await;
         ledger.record(&found);
         let Ok((expired, over)) = found else { return };
         let mut users = Vec::new();
-        if expire && !self.fault_held() {
-            for (user, row) in &expired {
-                let errcode = row.errcode.map(i64::from);
-                let detail = format!(
-                    "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
-                    crate::settings::format_duration(s.hold_for),
-                    if row.reason == "no_openid" {
-                        "an openid"
-                    } else {
-                        "a subscription credit"
-                    }
-                );
-                if self
-                    .dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail)
-                    .await
-                {
-                    self.metrics().ledger_expiry(Reason::NoSubscription, 1);
-                    users.push(user.clone());
+        for (user, row) in &expired {
+            let errcode = row.errcode.map(i64::from);
+            let detail = format!(
+                "held {} for want of {} with no accept (NOTIFIER_HOLD_FOR)",
+                crate::settings::format_duration(s.hold_for),
+                if row.reason == "no_openid" {
+                    "an openid"
+                } else {
+                    "a subscription credit"
                 }
+            );
+            if self
+                .dead_letter_row(&ledger, row, Reason::NoSubscription, errcode, &detail)
+                .await
+            {
+                self.metrics().ledger_expiry(Reason::NoSubscription, 1);
+                users.push(user.clone());
             }
         }
         for (user, row) in &over {
@@ -906,6 +1026,15 @@ impl Dispatcher {
 }
 
 impl LedgerCtx {
+    /// What a re-send of this notice by a later session must tell the
+    /// ledger (`None`: the ledger did not answer, nothing to tell).
+    pub(crate) fn held_claim(&self) -> Option<HeldClaim> {
+        (!self.down).then(|| HeldClaim {
+            user: self.user.clone(),
+            claimed: self.claimed.clone(),
+        })
+    }
+
     /// A context for a release sent on its own (a notice of held events).
     fn clone_for_release(&self) -> LedgerCtx {
         LedgerCtx {

@@ -56,8 +56,9 @@ pub struct Dispatcher {
     /// session sends their notice again before it consumes (and does not
     /// consume while that fails: the messages rest in the queue, nothing
     /// churns). Kept as events, not as a notice, so the re-send leaves out
-    /// those past `NOTIFIER_MAX_AGE` when it is made.
-    held_events: Mutex<Option<Vec<AssignmentEvent>>>,
+    /// those past `NOTIFIER_MAX_AGE` when it is made (unless the grant
+    /// ledger marked them with the notice's id: see `held_notice_now`).
+    held_events: Mutex<Option<HeldNotice>>,
     /// The held fault was found on a real send (not by the start-up probe):
     /// only a real notice's retry ends it, never a probe, which cannot see it.
     fault_from_send: AtomicBool,
@@ -74,6 +75,16 @@ pub struct Dispatcher {
     me: Weak<Dispatcher>,
 }
 
+/// The notice whose send found the configuration fault being held, as a
+/// later session sends it again.
+struct HeldNotice {
+    events: Vec<AssignmentEvent>,
+    /// With the grant ledger: its user, and the claim its held events were
+    /// taken under (the re-send then carries exactly the claimed ids, and an
+    /// accepted re-send is recorded in the ledger as any accepted notice is).
+    ledger: Option<held::HeldClaim>,
+}
+
 /// How a notice's loop ended: what the grant ledger does next with the
 /// held events the notice claimed.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +95,9 @@ pub(crate) enum Ended {
     Held,
     /// Parked in a retry queue (or released to the queue): it comes back.
     Parked,
+    /// The grant ledger did not answer: parked, not as a failed attempt (a
+    /// release with nothing else to send was not tried at all).
+    ParkedForLedger,
     /// Dead-lettered for good with this reason.
     DeadLettered(Reason, CallResult),
     /// Nothing was left to send (every event expired).
@@ -245,16 +259,26 @@ impl Dispatcher {
             }
             QueueOwner::Nobody => {}
         }
-        let Some(notice) = self.held_notice_now() else {
+        let Some((notice, claim)) = self.held_notice_now() else {
             return Ok(());
         };
         let sent = match self.token_after_wait(token).await {
             Ok(token) => self.resend(&notice, &token).await,
             Err(e) => e,
         };
+        // Accepted: the ledger learns it first, whoever has the queue now
+        // (the accept or window that comes back, here or on another
+        // replica, then finds the events settled instead of re-sending them).
+        if sent.outcome == Outcome::Delivered {
+            if let Some(claim) = claim {
+                self.resent_in_ledger(claim, &notice.notice_id).await;
+            }
+        }
         // A replica that took the queue during the call has the events and
         // sends them itself: the re-send's effect is dropped (nothing acked
-        // for it here, no fault released or held by its answer).
+        // for it here, no fault released or held by its answer). With the
+        // ledger, a notice it sends again for the claimed events carries
+        // the same ids.
         match owner().await {
             QueueOwner::Others => {
                 self.not_the_active_one();
@@ -309,13 +333,20 @@ impl Dispatcher {
     /// The held notice as it would be sent now: its events older than
     /// `NOTIFIER_MAX_AGE` left out (they are dead-lettered `expired` when they
     /// come back from the queue, like any event that waited too long), `None`
-    /// when nothing is left.
-    fn held_notice_now(&self) -> Option<Notice> {
+    /// when nothing is left. A notice that claimed events in the grant
+    /// ledger goes with exactly the claimed ids: its rows are marked with
+    /// its notice id, and a notice sent again for them must carry the same
+    /// ids (section 8.8); the max age does not apply to held events (8.5).
+    fn held_notice_now(&self) -> Option<(Notice, Option<held::HeldClaim>)> {
         let mut held = self.held_events.lock().expect("not poisoned");
-        let events = held.as_mut()?;
+        let h = held.as_mut()?;
+        let claimed = h.ledger.as_ref().is_some_and(|c| c.claimed.is_some());
+        let events = &mut h.events;
         let now = chrono::Utc::now();
         let before = events.len();
-        events.retain(|e| !is_expired(e.occurred_at, now, self.settings.max_age));
+        if !claimed {
+            events.retain(|e| !is_expired(e.occurred_at, now, self.settings.max_age));
+        }
         if events.len() < before {
             info!(
                 expired = before - events.len(),
@@ -327,7 +358,7 @@ impl Dispatcher {
             return None;
         }
         let refs: Vec<&AssignmentEvent> = events.iter().collect();
-        Some(Notice::from_events(&refs))
+        Some((Notice::from_events(&refs), h.ledger.clone()))
     }
 
     /// Remembers an accepted re-send's events for `NOTIFIER_MAX_AGE` (older
@@ -386,8 +417,11 @@ impl Dispatcher {
     /// Forgets the held notice (not the fault): its events are not this
     /// replica's to send any more.
     fn forget_held_notice(&self, why: &str) {
-        if let Some(events) = self.held_events.lock().expect("not poisoned").take() {
-            info!(events = events.len(), why, "not re-sending the held notice");
+        if let Some(held) = self.held_events.lock().expect("not poisoned").take() {
+            info!(
+                events = held.events.len(),
+                why, "not re-sending the held notice"
+            );
         }
     }
 
@@ -542,7 +576,7 @@ impl Dispatcher {
         let (outcome, errcode) = match ended {
             Ended::Accepted => ("accepted", None),
             Ended::Held => ("held", None),
-            Ended::Parked => ("parked", None),
+            Ended::Parked | Ended::ParkedForLedger => ("parked", None),
             Ended::DeadLettered(reason, result) => (reason.as_str(), result.errcode),
             Ended::Gone => ("expired", None),
         };
@@ -652,7 +686,7 @@ impl Dispatcher {
                     OnHold::NotAHold => {}
                     OnHold::Held => return Ended::Held,
                     OnHold::SendAgain => continue,
-                    OnHold::Parked => return Ended::Parked,
+                    OnHold::Parked => return Ended::ParkedForLedger,
                 }
             }
             match step {
@@ -682,7 +716,10 @@ impl Dispatcher {
                 Step::Hold => {
                     let turn = self.budget.hold(&result.detail);
                     self.fault_from_send.store(true, Ordering::SeqCst);
-                    *self.held_events.lock().expect("not poisoned") = Some(closed.events.clone());
+                    *self.held_events.lock().expect("not poisoned") = Some(HeldNotice {
+                        events: closed.events.clone(),
+                        ledger: ledger.as_deref().and_then(LedgerCtx::held_claim),
+                    });
                     // Without the turn, another notice is the one retried: the
                     // next `take` waits for it (or takes over if it leaves).
                     if probe.is_none() {
@@ -751,7 +788,9 @@ impl Dispatcher {
                 *notice = closed.notice();
                 if probe.is_some() {
                     // A later session re-sends only what is still held.
-                    *self.held_events.lock().expect("not poisoned") = Some(closed.events.clone());
+                    if let Some(h) = self.held_events.lock().expect("not poisoned").as_mut() {
+                        h.events = closed.events.clone();
+                    }
                 }
                 return Attempt::Again;
             }
@@ -813,8 +852,11 @@ mod tests {
     async fn the_re_sent_notice_leaves_out_events_past_the_max_age() {
         let d = dispatcher();
         let held = events(3, 1);
-        *d.held_events.lock().unwrap() = Some(held.clone());
-        let notice = d.held_notice_now().expect("two events are fresh");
+        *d.held_events.lock().unwrap() = Some(HeldNotice {
+            events: held.clone(),
+            ledger: None,
+        });
+        let (notice, _) = d.held_notice_now().expect("two events are fresh");
         assert_eq!(
             notice.event_ids,
             [held[1].event_id.clone(), held[2].event_id.clone()]
@@ -825,7 +867,10 @@ mod tests {
             crate::notice::notice_id(&notice.event_ids)
         );
 
-        *d.held_events.lock().unwrap() = Some(events(2, 2));
+        *d.held_events.lock().unwrap() = Some(HeldNotice {
+            events: events(2, 2),
+            ledger: None,
+        });
         assert!(d.held_notice_now().is_none(), "nothing fresh to re-send");
         assert!(!d.holds_notice(), "an all-expired notice is no longer held");
     }

@@ -387,9 +387,12 @@ impl Store {
         make_id: impl FnOnce(&[HeldRow]) -> String,
     ) -> Result<Claim> {
         let mut tx = self.pool.begin().await?;
+        // Rows a sweep is dead-lettering are its own: left out (rechecked
+        // under the lock, so a row the sweep marks meanwhile is left too).
         let rows = sqlx::query(
             "SELECT event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
              FROM held WHERE user_id = $1 AND template_id = $2
+               AND (claimed_by IS NULL OR claimed_by NOT LIKE 'sweep:%')
              ORDER BY held_at, seq FOR UPDATE",
         )
         .bind(user_id)
@@ -856,7 +859,14 @@ impl Store {
 
     /// Held events past their time (`expired`: older than `hold_for`, not
     /// claimed, the user with no untried credit) or over the user's limit
-    /// (`over`: the oldest beyond `max`), at most `limit` of each.
+    /// (`over`: the oldest beyond `max`), at most `limit` of each, marked
+    /// as this sweep's own in the statement that finds them (`claimed_by` =
+    /// `sweep:<database epoch>:<mark>`, returned in each row): a release's
+    /// claim leaves them, so an event is never both released and
+    /// dead-lettered. Marks older than [`SWEEP_MARK_STALE`] are a sweep's
+    /// that died (a replica killed, a session's sweep aborted) and are taken
+    /// over; at worst a dead letter repeats. Without `expire`, no expired
+    /// event is looked for (none is marked).
     ///
     /// # Errors
     /// The ledger failed.
@@ -865,51 +875,87 @@ impl Store {
         hold_for: Duration,
         max: u32,
         limit: i64,
+        expire: bool,
     ) -> Result<(Vec<(String, HeldRow)>, Vec<(String, HeldRow)>)> {
         let started = Instant::now();
-        let expired = sqlx::query(
-            "SELECT h.template_id, h.user_id, h.event_id, h.body, h.reason, h.errcode, h.held_at,
-                    h.claimed_by, h.traceparent, h.attempts
-             FROM held h LEFT JOIN credits c ON c.user_id = h.user_id AND c.template_id = h.template_id
-             WHERE h.claimed_by IS NULL AND h.reason <> 'window'
-               AND h.held_at < now() - make_interval(secs => $1)
-               AND (h.reason = 'no_openid' OR (coalesce(c.exact, false) AND coalesce(c.count, 0) = 0))
-             ORDER BY h.held_at, h.seq LIMIT $2",
-        )
+        let mark = format!("{:08x}", fastrand::u32(..));
+        let expired = if !expire {
+            Ok(Vec::new())
+        } else {
+            sqlx::query(&format!(
+            "WITH e AS (
+                SELECT h.event_id
+                FROM held h LEFT JOIN credits c ON c.user_id = h.user_id AND c.template_id = h.template_id
+                WHERE {free} AND h.reason <> 'window'
+                  AND h.held_at < now() - make_interval(secs => $1)
+                  AND (h.reason = 'no_openid' OR (coalesce(c.exact, false) AND coalesce(c.count, 0) = 0))
+                ORDER BY h.held_at, h.seq LIMIT $2
+                FOR UPDATE OF h SKIP LOCKED)
+             UPDATE held SET claimed_by = {MARK} FROM e WHERE held.event_id = e.event_id
+             RETURNING held.template_id, held.user_id, held.event_id, held.body, held.reason,
+                       held.errcode, held.held_at, held.claimed_by, held.traceparent, held.attempts,
+                       held.seq",
+            free = unmarked("h"),
+        ))
         .bind(hold_for.as_secs_f64())
         .bind(limit)
+        .bind(&mark)
+        .bind(SWEEP_MARK_STALE.as_secs_f64())
         .fetch_all(&self.pool)
-        .await;
-        let over = sqlx::query(
-            "SELECT template_id, user_id, event_id, body, reason, errcode, held_at, claimed_by,
-                    traceparent, attempts
-             FROM (SELECT h.*, row_number() OVER (PARTITION BY user_id, template_id
-                                                   ORDER BY held_at DESC, seq DESC) AS n
-                   FROM held h WHERE reason <> 'window') x
-             WHERE n > $1 AND claimed_by IS NULL ORDER BY held_at, seq LIMIT $2",
-        )
+        .await
+        };
+        // After the expired ones (marked now, so not taken twice).
+        let over = sqlx::query(&format!(
+            "WITH o AS (
+                SELECT event_id FROM (
+                  SELECT h.event_id, h.claimed_by, h.held_at, h.seq,
+                         row_number() OVER (PARTITION BY user_id, template_id
+                                            ORDER BY held_at DESC, seq DESC) AS n
+                  FROM held h WHERE reason <> 'window') h
+                WHERE n > $1 AND {free} ORDER BY held_at, seq LIMIT $2)
+             UPDATE held SET claimed_by = {MARK} FROM o
+             WHERE held.event_id = o.event_id AND {held_free}
+             RETURNING held.template_id, held.user_id, held.event_id, held.body, held.reason,
+                       held.errcode, held.held_at, held.claimed_by, held.traceparent, held.attempts,
+                       held.seq",
+            free = unmarked("h"),
+            held_free = unmarked("held"),
+        ))
         .bind(i64::from(max))
         .bind(limit)
+        .bind(&mark)
+        .bind(SWEEP_MARK_STALE.as_secs_f64())
         .fetch_all(&self.pool)
         .await;
         self.timed(started);
+        // RETURNING keeps no order: oldest first again.
         let read = |rows: Vec<sqlx::postgres::PgRow>| -> Result<Vec<(String, HeldRow)>> {
-            rows.iter()
-                .map(|r| Ok((r.try_get("user_id")?, held_row(r)?)))
-                .collect()
+            let mut out = rows
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<i64, _>("seq")?,
+                        r.try_get("user_id")?,
+                        held_row(r)?,
+                    ))
+                })
+                .collect::<Result<Vec<(i64, String, HeldRow)>>>()?;
+            out.sort_by_key(|(seq, _, r)| (r.held_at, *seq));
+            Ok(out.into_iter().map(|(_, u, r)| (u, r)).collect())
         };
         Ok((read(expired?)?, read(over?)?))
     }
 
     /// A held event whose dead-letter copy was confirmed leaves the ledger
-    /// (its id kept as `expired`); a spell of holding ends with its last event.
+    /// (its id kept as `expired`); a spell of holding ends with its last
+    /// event. `by`: the sweep's mark on it (`None`: an unclaimed row).
     ///
     /// # Errors
     /// The ledger failed (the copy may be repeated: at worst a duplicate dead letter).
-    pub async fn dropped(&self, event_id: &str) -> Result<()> {
+    pub async fn dropped(&self, event_id: &str, by: Option<&str>) -> Result<()> {
         let started = Instant::now();
         let r = sqlx::query(
-            "WITH d AS (DELETE FROM held WHERE event_id = $1 AND claimed_by IS NULL
+            "WITH d AS (DELETE FROM held WHERE event_id = $1 AND claimed_by IS NOT DISTINCT FROM $2
                         RETURNING user_id, template_id),
              st AS (INSERT INTO settled (event_id, kind) SELECT $1, 'expired' FROM d
                     ON CONFLICT DO NOTHING)
@@ -919,6 +965,26 @@ impl Store {
                                AND h.template_id = d.template_id AND h.event_id <> $1)",
         )
         .bind(event_id)
+        .bind(by)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// A sweep's dead-letter copy of a held event was not confirmed: its
+    /// mark goes, and the event stays held (a later sweep tries again).
+    ///
+    /// # Errors
+    /// The ledger failed (the mark is taken over once it is stale).
+    pub async fn unmark(&self, event_id: &str, by: &str) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "UPDATE held SET claimed_by = NULL WHERE event_id = $1 AND claimed_by = $2",
+        )
+        .bind(event_id)
+        .bind(by)
         .execute(&self.pool)
         .await;
         self.timed(started);
@@ -1022,6 +1088,23 @@ impl Store {
         let n = |c: &str| -> Result<u64> { Ok(row.try_get::<i64, _>(c)?.max(0) as u64) };
         Ok((n("events")?, n("users")?, n("old")?))
     }
+}
+
+/// A sweep's mark on the held rows it dead-letters, computed by the
+/// database: `sweep:<epoch seconds>:<the pass's own mark, $3>`.
+const MARK: &str = "'sweep:' || floor(extract(epoch FROM now()))::bigint || ':' || $3";
+
+/// How old a sweep's mark is when its sweep is taken to be dead.
+pub const SWEEP_MARK_STALE: Duration = Duration::from_secs(600);
+
+/// A condition on the held row `h`: not claimed, or marked by a sweep that
+/// died (its mark older than `$4` seconds).
+fn unmarked(h: &str) -> String {
+    format!(
+        "({h}.claimed_by IS NULL OR CASE WHEN {h}.claimed_by LIKE 'sweep:%'
+           THEN split_part({h}.claimed_by, ':', 2)::bigint < extract(epoch FROM now()) - $4
+           ELSE false END)"
+    )
 }
 
 /// The claim a notice made before its call.

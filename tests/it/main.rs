@@ -30,6 +30,7 @@ mod faults;
 mod held_fault;
 mod held_fault_edges;
 mod ledger;
+mod ledger_ack;
 mod ledger_edges;
 mod node;
 mod operations;
