@@ -68,6 +68,12 @@ impl<D> Closed<D> {
         let refs: Vec<&AssignmentEvent> = self.events.iter().collect();
         Notice::from_events(&refs)
     }
+
+    /// The id [`Closed::notice`] would carry, without building the notice.
+    pub fn notice_id(&self) -> String {
+        let ids: Vec<&str> = self.events.iter().map(|e| e.event_id.as_str()).collect();
+        crate::notice::notice_id(&ids)
+    }
 }
 
 /// Events and deliveries are boxed while a window is open: the vectors grow by

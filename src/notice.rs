@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
 
 use crate::event::{AssignSource, AssignmentEvent, Customer, Person};
 
@@ -36,11 +37,11 @@ pub fn notice_id<S: AsRef<str>>(event_ids: &[S]) -> String {
         hasher.update(id.as_bytes());
         hasher.update(b"\n");
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hex = String::with_capacity(64);
+    for b in hasher.finalize() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
 impl Notice {

@@ -398,8 +398,9 @@ impl Dispatcher {
                 if !write {
                     return Some(openid);
                 }
-                let r = ledger.store().remember_openid(user, &openid).await;
-                ledger.record(&r);
+                let r = ledger
+                    .remember_openid(user.to_string(), openid.clone())
+                    .await;
                 if r.is_ok() {
                     ledger.update(user, |s| s.openid = Some(openid));
                 }
@@ -563,10 +564,7 @@ impl Dispatcher {
         let template = ledger.template_id().to_string();
         match &ended {
             Ended::Accepted => {
-                let id = ctx
-                    .claimed
-                    .clone()
-                    .unwrap_or_else(|| closed.notice().notice_id);
+                let id = ctx.claimed.clone().unwrap_or_else(|| closed.notice_id());
                 let state = ledger.user(&ctx.user).await.ok();
                 let counts = state
                     .as_ref()

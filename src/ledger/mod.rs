@@ -59,6 +59,8 @@ pub struct Ledger {
     reads: batch::Batcher<String, store::UserRow>,
     /// Accepted notices (notice id, user id), many in one statement.
     spends: batch::Batcher<(String, String), store::Spent>,
+    /// Openids assignment events carried (user id, openid).
+    openids: batch::Batcher<(String, String), ()>,
 }
 
 /// Requests one batched statement carries at most.
@@ -83,7 +85,7 @@ impl Ledger {
         health: Arc<Health>,
     ) -> Result<Ledger, LedgerError> {
         let store = Store::connect(settings, Some(metrics.clone()))?;
-        let (s1, s2) = (store.clone(), store.clone());
+        let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
         let (t1, t2) = (settings.template_id.clone(), settings.template_id.clone());
         Ok(Ledger {
             reads: batch::Batcher::new(BATCH_MAX, move |users: Vec<String>| {
@@ -93,6 +95,10 @@ impl Ledger {
             spends: batch::Batcher::new(BATCH_MAX, move |notices: Vec<(String, String)>| {
                 let (s, t) = (s2.clone(), t2.clone());
                 async move { s.accepted_many(&notices, &t).await }
+            }),
+            openids: batch::Batcher::new(BATCH_MAX, move |pairs: Vec<(String, String)>| {
+                let s = s3.clone();
+                async move { s.remember_openids(&pairs).await }
             }),
             store,
             settings: settings.clone(),
@@ -196,6 +202,20 @@ impl Ledger {
         user_id: String,
     ) -> Result<store::Spent, LedgerError> {
         let r = self.spends.call((notice_id, user_id)).await;
+        self.record(&r);
+        r
+    }
+
+    /// Remembers the openid an assignment event carried, batched.
+    ///
+    /// # Errors
+    /// The ledger failed.
+    pub async fn remember_openid(
+        &self,
+        user_id: String,
+        openid: String,
+    ) -> Result<(), LedgerError> {
+        let r = self.openids.call((user_id, openid)).await;
         self.record(&r);
         r
     }

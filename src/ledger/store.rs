@@ -337,23 +337,29 @@ impl Store {
         Ok(rows?.iter().map(|r| r.get::<String, _>(0)).collect())
     }
 
-    /// Remembers the openid an assignment event carried.
+    /// Remembers the openids assignment events carried, (user id, openid)
+    /// pairs in one statement (a user's last pair wins).
     ///
     /// # Errors
     /// The ledger failed.
-    pub async fn remember_openid(&self, user_id: &str, openid: &str) -> Result<()> {
+    pub async fn remember_openids(&self, pairs: &[(String, String)]) -> Result<Vec<()>> {
         let started = Instant::now();
+        let (users, openids): (Vec<&str>, Vec<&str>) =
+            pairs.iter().map(|(u, o)| (u.as_str(), o.as_str())).unzip();
         let r = sqlx::query(
-            "INSERT INTO users (user_id, openid) VALUES ($1, $2)
+            "INSERT INTO users (user_id, openid)
+             SELECT DISTINCT ON (user_id) user_id, openid
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(user_id, openid, i)
+             ORDER BY user_id, i DESC
              ON CONFLICT (user_id) DO UPDATE SET openid = excluded.openid, seen_at = now()",
         )
-        .bind(user_id)
-        .bind(openid)
+        .bind(&users)
+        .bind(&openids)
         .execute(&self.pool)
         .await;
         self.timed(started);
         r?;
-        Ok(())
+        Ok(vec![(); pairs.len()])
     }
 
     /// Claims the user's held events for a notice before its call, in one

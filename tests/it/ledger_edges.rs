@@ -531,7 +531,13 @@ async fn a_kill_9_between_a_release_s_send_and_its_ledger_update_repeats_it_only
     publish_subscription(&env, &accept("s-kr", "u-kr")).await;
     assert!(
         eventually(WAIT, || async {
-            someone_waits_on(&mut pg(&env).await, &env, "sends", "WITH q AS (%INSERT INTO sends").await
+            someone_waits_on(
+                &mut pg(&env).await,
+                &env,
+                "sends",
+                "WITH q AS (%INSERT INTO sends",
+            )
+            .await
         })
         .await,
         "the release's ledger update waits for the test's lock"
