@@ -193,8 +193,19 @@ impl Dispatcher {
         &self,
         ledger: &Arc<Ledger>,
         user: &str,
-        mut closed: Closed<Pending>,
+        closed: Closed<Pending>,
     ) -> Ended {
+        self.deliver_with_held(ledger, user, closed).await.0
+    }
+
+    /// [`Dispatcher::deliver_ledgered`], and whether the user's held events
+    /// were left out because the ledger did not answer (a release not done).
+    async fn deliver_with_held(
+        &self,
+        ledger: &Arc<Ledger>,
+        user: &str,
+        mut closed: Closed<Pending>,
+    ) -> (Ended, bool) {
         let state = match ledger.user(user).await {
             Ok(s) => s,
             Err(_) => {
@@ -202,7 +213,7 @@ impl Dispatcher {
                 // copy of an event the ledger may hold waits instead.
                 self.park_copies(&mut closed).await;
                 if closed.events.is_empty() {
-                    return Ended::ParkedForLedger;
+                    return (Ended::ParkedForLedger, true);
                 }
                 let mut ctx = LedgerCtx {
                     ledger: ledger.clone(),
@@ -213,7 +224,7 @@ impl Dispatcher {
                     stale: false,
                 };
                 let notice = closed.notice();
-                return self.send(&mut closed, notice, Some(&mut ctx)).await;
+                return (self.send(&mut closed, notice, Some(&mut ctx)).await, true);
             }
         };
         if closed.deliveries.iter().any(|(_, p)| a_copy(p)) {
@@ -283,9 +294,9 @@ impl Dispatcher {
             // A release that could not claim is not done: an accept waits
             // for it (not as a failed attempt) rather than being acked.
             return if ctx.down {
-                Ended::ParkedForLedger
+                (Ended::ParkedForLedger, true)
             } else {
-                Ended::Gone
+                (Ended::Gone, false)
             };
         }
         let carried = self
@@ -310,7 +321,7 @@ impl Dispatcher {
                         OnHold::Held => Ended::Held,
                         _ => Ended::ParkedForLedger,
                     };
-                    return self.after(&mut ctx, &closed, ended).await;
+                    return (self.after(&mut ctx, &closed, ended).await, false);
                 }
                 Plan::Call if state.credit.exact && state.credit.count == 0 => {
                     info!(assignee = %user, "credit probe: one real call for a user held at an exact 0");
@@ -322,7 +333,8 @@ impl Dispatcher {
             }
         }
         let ended = self.send(&mut closed, notice, Some(&mut ctx)).await;
-        self.after(&mut ctx, &closed, ended).await
+        let left_out = ctx.down;
+        (self.after(&mut ctx, &closed, ended).await, left_out)
     }
 
     /// Acks the copies of events the ledger holds or released (a crash or
@@ -771,10 +783,17 @@ impl Dispatcher {
         }
         let window = window.unwrap_or_else(empty_window);
         let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
-        let ended = self
-            .deliver_ledgered(&ledger, &event.user_id, window)
+        let (ended, left_out) = self
+            .deliver_with_held(&ledger, &event.user_id, window)
             .instrument(span.clone())
             .await;
+        // The window went without the held events (the ledger did not
+        // answer): the release is not done, the accept waits for it.
+        let ended = match ended {
+            Ended::Parked => Ended::Parked,
+            _ if release && left_out => Ended::ParkedForLedger,
+            ended => ended,
+        };
         self.end_span(&span, &ended);
         match ended {
             Ended::Parked => {
