@@ -262,7 +262,7 @@ impl Dispatcher {
                     notice_id(&ids)
                 })
                 .await;
-            ledger.record(&claim);
+            ledger.record(&claim.as_ref().map(|_| ()).map_err(|f| f.error.clone()));
             match claim {
                 Ok(claim) => {
                     // Notices whose outcome a crash left unknown go again
@@ -284,9 +284,30 @@ impl Dispatcher {
                     crate::trace::released(claim.rows.iter().map(|r| r.traceparent.as_deref()));
                     ctx.claimed = Some(claim.notice_id);
                 }
-                Err(_) => {
+                Err(failed) => {
                     // Unclaimed, nothing changed: the window goes alone.
                     ctx.down = true;
+                    // A COMMIT whose answer was lost may have claimed: undone
+                    // by its notice id first, or the window waits (its events
+                    // may be the claim's, sent again with its ids).
+                    if let Some(id) = failed.commit_lost {
+                        let r = ledger.store().unclaim(&id, false).await;
+                        ledger.record(&r);
+                        ledger.forget(user);
+                        if r.is_err() && !closed.events.is_empty() {
+                            let notice = closed.notice();
+                            self.settle
+                                .park_unattempted(
+                                    &mut closed,
+                                    &notice,
+                                    self.settle.rules().rung(0),
+                                    "the grant ledger lost the answer to a claim and could not undo it; the window waits in a retry queue (not a failed attempt)".into(),
+                                    None,
+                                )
+                                .await;
+                            return (Ended::ParkedForLedger, true);
+                        }
+                    }
                 }
             }
         }
