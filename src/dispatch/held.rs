@@ -567,6 +567,42 @@ impl Dispatcher {
         }
     }
 
+    /// Window events of a claimed notice expired before its call and the
+    /// notice goes with the rest as `now`: the claim follows it (marked
+    /// with the new id, the expired events' window rows gone), so a notice
+    /// sent again for it carries the same ids (section 8.8). `false`: the
+    /// ledger did not answer, and the notice must not go under another id.
+    pub(crate) async fn follow_claim(
+        &self,
+        ctx: &mut LedgerCtx,
+        before: &Notice,
+        now: &Notice,
+    ) -> bool {
+        let Some(from) = ctx.claimed.clone() else {
+            return true;
+        };
+        if ctx.down || from == now.notice_id {
+            return true;
+        }
+        let expired: Vec<String> = before
+            .event_ids
+            .iter()
+            .filter(|id| !now.event_ids.contains(id))
+            .cloned()
+            .collect();
+        let r = ctx
+            .ledger
+            .store()
+            .reclaim(&from, &now.notice_id, &expired)
+            .await;
+        ctx.ledger.record(&r);
+        if r.is_err() {
+            return false;
+        }
+        ctx.claimed = Some(now.notice_id.clone());
+        true
+    }
+
     /// Parks a notice the ledger could not take, as not a failed attempt.
     async fn park_for_ledger(
         &self,

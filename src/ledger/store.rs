@@ -560,6 +560,32 @@ impl Store {
         Ok(())
     }
 
+    /// A claimed notice lost window events to `NOTIFIER_MAX_AGE` before its
+    /// call and goes with the rest under the id `to`: in one statement, the
+    /// claim follows it (its rows marked `from` are marked `to`) and the
+    /// expired events' window rows leave the ledger, so a notice sent again
+    /// for the claim carries exactly the ids sent.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing changed).
+    pub async fn reclaim(&self, from: &str, to: &str, expired: &[String]) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window'
+                        AND event_id = ANY($3))
+             UPDATE held SET claimed_by = $2
+             WHERE claimed_by = $1 AND NOT (reason = 'window' AND event_id = ANY($3))",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(expired)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
     /// Holds a notice's events, in one statement: with `guard_version`, the
     /// count becomes an exact 0 only if it is still at that version (no
     /// credit counted since the notice read the ledger), else nothing is

@@ -1,7 +1,8 @@
 //! A notice's claim on the grant ledger (contract 8.4 and 8.8): the ids a
-//! claim records are the ids the notice is sent with, even when the claim's
-//! commit answer is lost; and an accept that took a window along is acked
-//! only once its release was done. Real RabbitMQ, real PostgreSQL (each test its own schema, the lost
+//! claim records are the ids the notice is sent with, even when window
+//! events expire before the call or the claim's commit answer is lost; and
+//! an accept that took a window along is acked only once its release was
+//! done. Real RabbitMQ, real PostgreSQL (each test its own schema, the lost
 //! commit through a proxy of the test's), the in-process simulator.
 
 use crate::common;
@@ -15,14 +16,17 @@ use std::time::Duration;
 use common::ledger::{
     event, ledger_env, ledger_url, publish_subscription, store, subscription, TEMPLATE,
 };
-use common::{eventually, readyz, TestEnv};
+use common::{eventually, fault_for, readyz, TestEnv};
 use serde_json::{json, Value};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use wechat_notifier::broker::header_str;
 use wechat_notifier::ledger::store::{Along, Store, ToHold};
+use wechat_notifier::notice::notice_id;
+use wechat_notifier::sim::FaultAction;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -57,6 +61,13 @@ fn delivered_in(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// `e` made `ms` older than now.
+fn aged(mut e: Value, ms: i64) -> Value {
+    let at = chrono::Local::now().fixed_offset() - chrono::Duration::milliseconds(ms);
+    e["occurred_at"] = json!(at.to_rfc3339());
+    e
+}
+
 /// Holds `e` for `user` at an exact 0, as after a `43101`.
 async fn held_at_zero(s: &Store, user: &str, e: &Value) {
     s.hold(
@@ -76,6 +87,92 @@ async fn held_at_zero(s: &Store, user: &str, e: &Value) {
     )
     .await
     .unwrap();
+}
+
+/// X1: a release takes an open window along whose first event is past
+/// `NOTIFIER_MAX_AGE` when the call would go: it is dead-lettered and the
+/// notice goes with the rest under a new id. The ledger's claim follows it
+/// (the rows are claimed by the id actually sent, the expired one's row is
+/// gone), so a crash during the call could repeat the notice only with the
+/// same ids, and the accepted notice is recorded under its own id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_events_expiring_before_the_call_leave_the_claim_which_follows_the_sent_notice() {
+    let mut env = ledger_env("claim-expiry").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
+    env.set("NOTIFIER_MAX_AGE", "20s");
+    let h1 = event("xe-1", "u-xe", "c1");
+    env.declare().await;
+    let s = store(&env.settings()).await;
+    held_at_zero(&s, "u-xe", &h1).await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // The release is slow at WeChat: the test reads the claim during the call.
+    env.sim
+        .push_fault(fault_for(&h1, FaultAction::DelayMs(3000), Some(1)));
+    env.publish(&[
+        aged(event("xe-old", "u-xe", "c2"), 60_000),
+        event("xe-new", "u-xe", "c3"),
+    ])
+    .await;
+    publish_subscription(&env, &subscription("s-xe", "u-xe", TEMPLATE, "accept")).await;
+    assert!(
+        eventually(WAIT, || async { env.sim.in_flight() == 1 }).await,
+        "the release is at WeChat"
+    );
+    let sent_id = notice_id(&["xe-1", "xe-new"]);
+    let claimed: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT event_id, claimed_by FROM held WHERE user_id = 'u-xe' ORDER BY event_id",
+    )
+    .fetch_all(&mut pg(&env).await)
+    .await
+    .unwrap();
+    assert_eq!(
+        claimed,
+        [
+            ("xe-1".to_string(), Some(sent_id.clone())),
+            ("xe-new".to_string(), Some(sent_id.clone())),
+        ],
+        "during the call the ledger claims exactly the notice sent"
+    );
+    assert!(
+        eventually(WAIT, || async {
+            held_count(&s, "u-xe").await == 0 && env.settled(&svc.http).await
+        })
+        .await,
+        "released and settled"
+    );
+    let delivered = env.sim.delivered();
+    assert_eq!(delivered.len(), 1, "{delivered:?}");
+    assert_eq!(delivered[0]["event_ids"], json!(["xe-1", "xe-new"]));
+    assert_eq!(delivered[0]["notice_id"], json!(sent_id));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM held")
+        .fetch_one(&mut pg(&env).await)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "no row left, the expired window event's neither");
+    let sends: Vec<String> = sqlx::query_scalar("SELECT notice_id FROM sends")
+        .fetch_all(&mut pg(&env).await)
+        .await
+        .unwrap();
+    assert_eq!(sends, [sent_id], "the credit spent under the id sent");
+    let dead: Vec<(String, String)> = env
+        .drain(&env.dead_queue())
+        .await
+        .into_iter()
+        .map(|(body, p)| {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            (
+                v["event_id"].as_str().unwrap().to_string(),
+                header_str(&p, "x-notifier-reason").unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(dead, [("xe-old".to_string(), "expired".to_string())]);
+    svc.stop().await;
+    env.cleanup().await;
 }
 
 /// 8.4: an accept takes the user's open window along, and the claim of the
