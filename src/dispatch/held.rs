@@ -193,8 +193,19 @@ impl Dispatcher {
         &self,
         ledger: &Arc<Ledger>,
         user: &str,
-        mut closed: Closed<Pending>,
+        closed: Closed<Pending>,
     ) -> Ended {
+        self.deliver_with_held(ledger, user, closed).await.0
+    }
+
+    /// [`Dispatcher::deliver_ledgered`], and whether the user's held events
+    /// were left out because the ledger did not answer (a release not done).
+    async fn deliver_with_held(
+        &self,
+        ledger: &Arc<Ledger>,
+        user: &str,
+        mut closed: Closed<Pending>,
+    ) -> (Ended, bool) {
         let state = match ledger.user(user).await {
             Ok(s) => s,
             Err(_) => {
@@ -202,7 +213,7 @@ impl Dispatcher {
                 // copy of an event the ledger may hold waits instead.
                 self.park_copies(&mut closed).await;
                 if closed.events.is_empty() {
-                    return Ended::ParkedForLedger;
+                    return (Ended::ParkedForLedger, true);
                 }
                 let mut ctx = LedgerCtx {
                     ledger: ledger.clone(),
@@ -213,7 +224,7 @@ impl Dispatcher {
                     stale: false,
                 };
                 let notice = closed.notice();
-                return self.send(&mut closed, notice, Some(&mut ctx)).await;
+                return (self.send(&mut closed, notice, Some(&mut ctx)).await, true);
             }
         };
         if closed.deliveries.iter().any(|(_, p)| a_copy(p)) {
@@ -251,7 +262,7 @@ impl Dispatcher {
                     notice_id(&ids)
                 })
                 .await;
-            ledger.record(&claim);
+            ledger.record(&claim.as_ref().map(|_| ()).map_err(|f| f.error.clone()));
             match claim {
                 Ok(claim) => {
                     // Notices whose outcome a crash left unknown go again
@@ -273,9 +284,30 @@ impl Dispatcher {
                     crate::trace::released(claim.rows.iter().map(|r| r.traceparent.as_deref()));
                     ctx.claimed = Some(claim.notice_id);
                 }
-                Err(_) => {
+                Err(failed) => {
                     // Unclaimed, nothing changed: the window goes alone.
                     ctx.down = true;
+                    // A COMMIT whose answer was lost may have claimed: undone
+                    // by its notice id first, or the window waits (its events
+                    // may be the claim's, sent again with its ids).
+                    if let Some(id) = failed.commit_lost {
+                        let r = ledger.store().unclaim(&id, false).await;
+                        ledger.record(&r);
+                        ledger.forget(user);
+                        if r.is_err() && !closed.events.is_empty() {
+                            let notice = closed.notice();
+                            self.settle
+                                .park_unattempted(
+                                    &mut closed,
+                                    &notice,
+                                    self.settle.rules().rung(0),
+                                    "the grant ledger lost the answer to a claim and could not undo it; the window waits in a retry queue (not a failed attempt)".into(),
+                                    None,
+                                )
+                                .await;
+                            return (Ended::ParkedForLedger, true);
+                        }
+                    }
                 }
             }
         }
@@ -283,9 +315,9 @@ impl Dispatcher {
             // A release that could not claim is not done: an accept waits
             // for it (not as a failed attempt) rather than being acked.
             return if ctx.down {
-                Ended::ParkedForLedger
+                (Ended::ParkedForLedger, true)
             } else {
-                Ended::Gone
+                (Ended::Gone, false)
             };
         }
         let carried = self
@@ -310,7 +342,7 @@ impl Dispatcher {
                         OnHold::Held => Ended::Held,
                         _ => Ended::ParkedForLedger,
                     };
-                    return self.after(&mut ctx, &closed, ended).await;
+                    return (self.after(&mut ctx, &closed, ended).await, false);
                 }
                 Plan::Call if state.credit.exact && state.credit.count == 0 => {
                     info!(assignee = %user, "credit probe: one real call for a user held at an exact 0");
@@ -322,7 +354,8 @@ impl Dispatcher {
             }
         }
         let ended = self.send(&mut closed, notice, Some(&mut ctx)).await;
-        self.after(&mut ctx, &closed, ended).await
+        let left_out = ctx.down;
+        (self.after(&mut ctx, &closed, ended).await, left_out)
     }
 
     /// Acks the copies of events the ledger holds or released (a crash or
@@ -533,6 +566,42 @@ impl Dispatcher {
                     .await
             }
         }
+    }
+
+    /// Window events of a claimed notice expired before its call and the
+    /// notice goes with the rest as `now`: the claim follows it (marked
+    /// with the new id, the expired events' window rows gone), so a notice
+    /// sent again for it carries the same ids (section 8.8). `false`: the
+    /// ledger did not answer, and the notice must not go under another id.
+    pub(crate) async fn follow_claim(
+        &self,
+        ctx: &mut LedgerCtx,
+        before: &Notice,
+        now: &Notice,
+    ) -> bool {
+        let Some(from) = ctx.claimed.clone() else {
+            return true;
+        };
+        if ctx.down || from == now.notice_id {
+            return true;
+        }
+        let expired: Vec<String> = before
+            .event_ids
+            .iter()
+            .filter(|id| !now.event_ids.contains(id))
+            .cloned()
+            .collect();
+        let r = ctx
+            .ledger
+            .store()
+            .reclaim(&from, &now.notice_id, &expired)
+            .await;
+        ctx.ledger.record(&r);
+        if r.is_err() {
+            return false;
+        }
+        ctx.claimed = Some(now.notice_id.clone());
+        true
     }
 
     /// Parks a notice the ledger could not take, as not a failed attempt.
@@ -769,10 +838,17 @@ impl Dispatcher {
         }
         let window = window.unwrap_or_else(empty_window);
         let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
-        let ended = self
-            .deliver_ledgered(&ledger, &event.user_id, window)
+        let (ended, left_out) = self
+            .deliver_with_held(&ledger, &event.user_id, window)
             .instrument(span.clone())
             .await;
+        // The window went without the held events (the ledger did not
+        // answer): the release is not done, the accept waits for it.
+        let ended = match ended {
+            Ended::Parked => Ended::Parked,
+            _ if release && left_out => Ended::ParkedForLedger,
+            ended => ended,
+        };
         self.end_span(&span, &ended);
         match ended {
             Ended::Parked => {

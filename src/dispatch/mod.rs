@@ -117,6 +117,9 @@ enum Attempt {
     Again,
     /// Nothing left to send (expired, or parked during a quota pause).
     Done,
+    /// Parked, not as a failed attempt: events expired and the ledger's
+    /// claim could not follow the notice's new id.
+    ParkedForLedger,
 }
 
 /// Who has the work queue, as the broker answers right before (and again
@@ -627,7 +630,10 @@ impl Dispatcher {
         // Calls judged in this round (span events), after the rounds before.
         let mut judged: i64 = 0;
         loop {
-            let (result, answered) = match self.attempt(closed, &mut notice, probe.as_ref()).await {
+            let (result, answered) = match self
+                .attempt(closed, &mut notice, probe.as_ref(), ledger.as_deref_mut())
+                .await
+            {
                 Attempt::Local(r) => (r, false),
                 Attempt::Answered(r) => (r, true),
                 Attempt::Probe(turn) => {
@@ -636,6 +642,7 @@ impl Dispatcher {
                 }
                 Attempt::Again => continue,
                 Attempt::Done => return Ended::Gone,
+                Attempt::ParkedForLedger => return Ended::ParkedForLedger,
             };
             judged += 1;
             crate::trace::event("attempt", {
@@ -739,6 +746,7 @@ impl Dispatcher {
         closed: &mut Closed<Pending>,
         notice: &mut Notice,
         probe: Option<&ProbeTurn>,
+        ledger: Option<&mut LedgerCtx>,
     ) -> Attempt {
         if let Err(local) = self.wechat.prepare(notice) {
             return Attempt::Local(local);
@@ -785,11 +793,30 @@ impl Dispatcher {
             // unused, and the rest of the notice takes a new one (a call goes
             // out right after its slot, never bunched behind a late one).
             Expiry::Some => {
-                *notice = closed.notice();
+                let before = std::mem::replace(notice, closed.notice());
+                let mut claim = None;
+                if let Some(ctx) = ledger {
+                    if !self.follow_claim(ctx, &before, notice).await {
+                        self.settle
+                            .park_unattempted(
+                                closed,
+                                notice,
+                                self.settle.rules().rung(0),
+                                "the grant ledger is unavailable and the notice's claim could not follow its events' expiry; the notice waits in a retry queue (not a failed attempt)".into(),
+                                None,
+                            )
+                            .await;
+                        return Attempt::ParkedForLedger;
+                    }
+                    claim = ctx.held_claim();
+                }
                 if probe.is_some() {
                     // A later session re-sends only what is still held.
                     if let Some(h) = self.held_events.lock().expect("not poisoned").as_mut() {
                         h.events = closed.events.clone();
+                        if claim.is_some() {
+                            h.ledger = claim;
+                        }
                     }
                 }
                 return Attempt::Again;

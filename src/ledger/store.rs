@@ -371,14 +371,15 @@ impl Store {
     /// only with the same ids).
     ///
     /// # Errors
-    /// The ledger failed (nothing is claimed).
+    /// The ledger failed: nothing is claimed, unless the COMMIT's answer was
+    /// lost (`commit_lost`: the claim may stand under that notice id).
     pub async fn claim(
         &self,
         user_id: &str,
         template_id: &str,
         window: &[ToHold],
         make_id: impl FnOnce(&[HeldRow]) -> String,
-    ) -> Result<Claim> {
+    ) -> std::result::Result<Claim, ClaimError> {
         let started = Instant::now();
         let r = self.claim_tx(user_id, template_id, window, make_id).await;
         self.timed(started);
@@ -391,7 +392,7 @@ impl Store {
         template_id: &str,
         window: &[ToHold],
         make_id: impl FnOnce(&[HeldRow]) -> String,
-    ) -> Result<Claim> {
+    ) -> std::result::Result<Claim, ClaimError> {
         let mut tx = self.pool.begin().await?;
         // Rows a sweep is dead-lettering are its own: left out (rechecked
         // under the lock, so a row the sweep marks meanwhile is left too).
@@ -436,7 +437,14 @@ impl Store {
             )
             .await?;
         }
-        tx.commit().await?;
+        // A COMMIT whose answer is lost (the connection dropped) may have
+        // been carried out: the caller undoes it by the notice id.
+        if let Err(e) = tx.commit().await {
+            return Err(ClaimError {
+                error: e.into(),
+                commit_lost: Some(notice_id),
+            });
+        }
         Ok(Claim {
             notice_id,
             rows: free,
@@ -551,6 +559,32 @@ impl Store {
         )
         .bind(notice_id)
         .bind(keep_window)
+        .execute(&self.pool)
+        .await;
+        self.timed(started);
+        r?;
+        Ok(())
+    }
+
+    /// A claimed notice lost window events to `NOTIFIER_MAX_AGE` before its
+    /// call and goes with the rest under the id `to`: in one statement, the
+    /// claim follows it (its rows marked `from` are marked `to`) and the
+    /// expired events' window rows leave the ledger, so a notice sent again
+    /// for the claim carries exactly the ids sent.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing changed).
+    pub async fn reclaim(&self, from: &str, to: &str, expired: &[String]) -> Result<()> {
+        let started = Instant::now();
+        let r = sqlx::query(
+            "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window'
+                        AND event_id = ANY($3))
+             UPDATE held SET claimed_by = $2
+             WHERE claimed_by = $1 AND NOT (reason = 'window' AND event_id = ANY($3))",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(expired)
         .execute(&self.pool)
         .await;
         self.timed(started);
@@ -1121,6 +1155,32 @@ pub struct Claim {
     pub rows: Vec<HeldRow>,
     /// Rows claimed by earlier notices whose outcome is unknown, per notice id.
     pub stale: Vec<(String, Vec<HeldRow>)>,
+}
+
+/// Why a claim failed.
+#[derive(Debug, Clone)]
+pub struct ClaimError {
+    pub error: LedgerError,
+    /// The COMMIT's answer was lost: the claim may stand under this notice id.
+    pub commit_lost: Option<String>,
+}
+
+impl From<sqlx::Error> for ClaimError {
+    fn from(e: sqlx::Error) -> Self {
+        ClaimError {
+            error: e.into(),
+            commit_lost: None,
+        }
+    }
+}
+
+impl From<LedgerError> for ClaimError {
+    fn from(error: LedgerError) -> Self {
+        ClaimError {
+            error,
+            commit_lost: None,
+        }
+    }
 }
 
 fn held_row(r: &sqlx::postgres::PgRow) -> Result<HeldRow> {

@@ -31,6 +31,7 @@ mod held_fault;
 mod held_fault_edges;
 mod ledger;
 mod ledger_ack;
+mod ledger_claim;
 mod ledger_edges;
 mod node;
 mod operations;
