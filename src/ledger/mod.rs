@@ -71,6 +71,9 @@ struct Confirmed {
     spells: Vec<(String, String)>,
     /// A task will write what is left.
     flushing: bool,
+    /// When a hold's statement last took confirmations along: while holds
+    /// keep coming, the next one will carry the rest.
+    carried_at: Option<Instant>,
 }
 
 /// How long confirmations wait for a hold to carry them.
@@ -242,8 +245,9 @@ impl Ledger {
 
     /// Records that the broker confirmed the spell's `notifier.notice_held`
     /// (user, template): with the next hold's statement, else on its own
-    /// soon. A write that fails leaves the spell unconfirmed, and the sweep
-    /// publishes the signal again.
+    /// once no hold has come for [`CONFIRM_AFTER`]. A write that fails
+    /// leaves the spell unconfirmed, and the sweep publishes the signal
+    /// again.
     pub fn signal_confirmed(self: &Arc<Self>, user_id: String, template_id: String) {
         let mut c = self.confirmed.lock().expect("not poisoned");
         c.spells.push((user_id, template_id));
@@ -253,11 +257,19 @@ impl Ledger {
         c.flushing = true;
         let this = self.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(CONFIRM_AFTER).await;
-            let spells = {
+            let mut wait = CONFIRM_AFTER;
+            let spells = loop {
+                tokio::time::sleep(wait).await;
                 let mut c = this.confirmed.lock().expect("not poisoned");
-                c.flushing = false;
-                std::mem::take(&mut c.spells)
+                match c.carried_at.map(|at| at.elapsed()) {
+                    Some(since) if since < CONFIRM_AFTER && !c.spells.is_empty() => {
+                        wait = CONFIRM_AFTER - since;
+                    }
+                    _ => {
+                        c.flushing = false;
+                        break std::mem::take(&mut c.spells);
+                    }
+                }
             };
             if !spells.is_empty() {
                 let r = this.store.signals_confirmed(&spells).await;
@@ -268,7 +280,9 @@ impl Ledger {
 
     /// The confirmations a hold's statement takes along.
     pub fn take_confirmed(&self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.confirmed.lock().expect("not poisoned").spells)
+        let mut c = self.confirmed.lock().expect("not poisoned");
+        c.carried_at = Some(Instant::now());
+        std::mem::take(&mut c.spells)
     }
 
     /// Since the last real call for this user (for the credit probe).
