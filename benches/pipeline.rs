@@ -1465,27 +1465,7 @@ async fn publish_subscriptions(env: &TestEnv, users: &[String], status: &str) {
     for chunk in users.chunks(1000) {
         let mut confirms = Vec::with_capacity(chunk.len());
         for u in chunk {
-            let body = json!({
-                "event_id": publish::event_id(),
-                "event_type": "subscription.changed",
-                "occurred_at": chrono::Utc::now().to_rfc3339(),
-                "user": {"user_id": u},
-                "template_id": BENCH_TEMPLATE,
-                "status": status,
-            });
-            let confirm = channel
-                .basic_publish(
-                    env.exchange().as_str().into(),
-                    "subscription.changed".into(),
-                    lapin::options::BasicPublishOptions::default(),
-                    &serde_json::to_vec(&body).unwrap(),
-                    BasicProperties::default()
-                        .with_content_type("application/json".into())
-                        .with_delivery_mode(2),
-                )
-                .await
-                .unwrap();
-            confirms.push(confirm);
+            confirms.push(publish_subscription(env, &channel, u, status).await);
         }
         for c in confirms {
             assert!(
@@ -1494,6 +1474,36 @@ async fn publish_subscriptions(env: &TestEnv, users: &[String], status: &str) {
             );
         }
     }
+}
+
+/// Publishes one `subscription.changed` event; the broker's confirm is
+/// left to the caller.
+async fn publish_subscription(
+    env: &TestEnv,
+    channel: &lapin::Channel,
+    user: &str,
+    status: &str,
+) -> lapin::PublisherConfirm {
+    let body = json!({
+        "event_id": publish::event_id(),
+        "event_type": "subscription.changed",
+        "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "user": {"user_id": user},
+        "template_id": BENCH_TEMPLATE,
+        "status": status,
+    });
+    channel
+        .basic_publish(
+            env.exchange().as_str().into(),
+            "subscription.changed".into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(&body).unwrap(),
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
 }
 
 /// The replica has nothing waiting and holds nothing unacked.
@@ -1526,7 +1536,9 @@ async fn hold() -> Row {
         "the off events were counted"
     );
     let statement = "wechat_notifier_ledger_statement_duration_seconds_count";
+    let statement_secs = "wechat_notifier_ledger_statement_duration_seconds_sum";
     let before = metric(&replica.http, statement, "").await;
+    let secs_before = metric(&replica.http, statement_secs, "").await;
     let bodies = grouped_bodies(USERS * PER, PER, &prefix);
     let t0 = Instant::now();
     env.publish_bodies(&bodies).await;
@@ -1540,6 +1552,7 @@ async fn hold() -> Row {
     }
     let secs = t0.elapsed().as_secs_f64() - QUIET_MS / 1000.0;
     let statements = metric(&replica.http, statement, "").await - before;
+    let in_statements = metric(&replica.http, statement_secs, "").await - secs_before;
     let held_notices = metric(
         &replica.http,
         "wechat_notifier_ledger_holds_total",
@@ -1568,6 +1581,7 @@ async fn hold() -> Row {
             "held_notices": held_notices,
             "ledger_statements": statements,
             "statements_per_notice": per_notice,
+            "statement_mean_ms": in_statements * 1000.0 / statements.max(1.0),
             "wechat_calls": calls,
         }),
     }
@@ -1606,11 +1620,12 @@ async fn release() -> Row {
         "every user held"
     );
     let mut latencies = Vec::new();
+    let channel = broker::confirm_channel(&env.conn).await.unwrap();
     for i in 0..USERS {
         let user = format!("{prefix}{i}");
         let calls_before = env.sim.calls().len();
         let t0 = Instant::now();
-        publish_subscriptions(&env, std::slice::from_ref(&user), "accept").await;
+        let confirm = publish_subscription(&env, &channel, &user, "accept").await;
         let release = |calls: &[Call]| {
             calls[calls_before..]
                 .iter()
@@ -1627,6 +1642,10 @@ async fn release() -> Row {
             let at = env.sim.started() + Duration::from_secs_f64(at_ms / 1000.0);
             latencies.push(at.duration_since(t0).as_secs_f64() * 1000.0);
         }
+        assert!(
+            confirm.await.unwrap().is_ack(),
+            "the broker took the accept"
+        );
     }
     drop(replica);
     env.cleanup().await;

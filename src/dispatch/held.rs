@@ -19,7 +19,7 @@ use crate::coalescer::{CloseReason, Closed};
 use crate::event::{self, AssignmentEvent};
 use crate::event::{SubscriptionEvent, SubscriptionStatus};
 use crate::ledger::rules::{self, Plan, Status};
-use crate::ledger::store::{Along, HeldRow, HoldDone, Spent, ToHold};
+use crate::ledger::store::{HeldRow, HoldArgs, HoldDone, Spent, ToHold};
 use crate::ledger::Ledger;
 use crate::notice::{notice_id, Notice};
 use crate::reason::Reason;
@@ -490,22 +490,17 @@ impl Dispatcher {
         let errcode = matches!(reason, HoldReason::NoCredit).then_some(NO_CREDIT as i32);
         let confirmed = ledger.take_confirmed();
         let done = ledger
-            .store()
-            .hold(
-                &ctx.user,
-                ledger.template_id(),
-                ctx.claimed.as_deref().unwrap_or(""),
-                &window,
-                reason.as_str(),
+            .hold(HoldArgs {
+                user_id: ctx.user.clone(),
+                notice_id: ctx.claimed.clone().unwrap_or_default(),
+                events: window,
+                reason: reason.as_str(),
                 errcode,
-                guard,
-                Along {
-                    openid,
-                    confirmed: &confirmed,
-                },
-            )
+                guard_version: guard,
+                openid: openid.map(str::to_string),
+                confirmed: confirmed.clone(),
+            })
             .await;
-        ledger.record(&done);
         if done.is_err() {
             // Not written: they wait for the next statement.
             for (user, template) in confirmed {

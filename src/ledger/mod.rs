@@ -61,7 +61,13 @@ pub struct Ledger {
     spends: batch::Batcher<(String, String), store::Spent>,
     /// Openids assignment events carried (user id, openid).
     openids: batch::Batcher<(String, String), ()>,
+    /// Holds, many in one transaction.
+    holds: batch::Batcher<store::HoldArgs, store::HoldDone>,
 }
+
+/// Holds one transaction carries at most (its row locks last until the
+/// commit).
+const HOLDS_MAX: usize = 100;
 
 /// Requests one batched statement carries at most.
 const BATCH_MAX: usize = 500;
@@ -88,7 +94,8 @@ impl Ledger {
         health: Arc<Health>,
     ) -> Result<Ledger, LedgerError> {
         let store = Store::connect(settings, Some(metrics.clone()))?;
-        let (s1, s2, s3) = (store.clone(), store.clone(), store.clone());
+        let (s1, s2, s3, s4) = (store.clone(), store.clone(), store.clone(), store.clone());
+        let t4 = settings.template_id.clone();
         let (t1, t2) = (settings.template_id.clone(), settings.template_id.clone());
         Ok(Ledger {
             reads: batch::Batcher::new(BATCH_MAX, move |users: Vec<String>| {
@@ -102,6 +109,10 @@ impl Ledger {
             openids: batch::Batcher::new(BATCH_MAX, move |pairs: Vec<(String, String)>| {
                 let s = s3.clone();
                 async move { s.remember_openids(&pairs).await }
+            }),
+            holds: batch::Batcher::new(HOLDS_MAX, move |args: Vec<store::HoldArgs>| {
+                let (s, t) = (s4.clone(), t4.clone());
+                async move { s.hold_many(&args, &t).await }
             }),
             store,
             settings: settings.clone(),
@@ -205,6 +216,17 @@ impl Ledger {
         user_id: String,
     ) -> Result<store::Spent, LedgerError> {
         let r = self.spends.call((notice_id, user_id)).await;
+        self.record(&r);
+        r
+    }
+
+    /// Holds a notice's events (see [`Store::hold`]), in one transaction
+    /// with the other holds that arrived meanwhile.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing is written).
+    pub async fn hold(&self, args: store::HoldArgs) -> Result<store::HoldDone, LedgerError> {
+        let r = self.holds.call(args).await;
         self.record(&r);
         r
     }

@@ -98,6 +98,22 @@ pub struct Along<'a> {
     pub confirmed: &'a [(String, String)],
 }
 
+/// One notice's hold, owned (carried in a batch; see [`Store::hold`]).
+#[derive(Debug, Clone)]
+pub struct HoldArgs {
+    pub user_id: String,
+    /// The claim the notice made (`""`: none).
+    pub notice_id: String,
+    pub events: Vec<ToHold>,
+    pub reason: &'static str,
+    pub errcode: Option<i32>,
+    /// Set the count to an exact 0 only at this version.
+    pub guard_version: Option<i64>,
+    pub openid: Option<String>,
+    /// Spells whose `notifier.notice_held` the broker confirmed.
+    pub confirmed: Vec<(String, String)>,
+}
+
 /// What a hold did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldDone {
@@ -608,21 +624,58 @@ impl Store {
         template_id: &str,
         notice_id: &str,
         events: &[ToHold],
-        reason: &str,
+        reason: &'static str,
         errcode: Option<i32>,
         guard_version: Option<i64>,
         along: Along<'_>,
     ) -> Result<HoldDone> {
+        let args = HoldArgs {
+            user_id: user_id.to_string(),
+            notice_id: notice_id.to_string(),
+            events: events.to_vec(),
+            reason,
+            errcode,
+            guard_version,
+            openid: along.openid.map(str::to_string),
+            confirmed: along.confirmed.to_vec(),
+        };
+        self.hold_in(&self.pool, template_id, &args).await
+    }
+
+    /// [`Store::hold`] for many notices in one transaction (one commit, so
+    /// one flush of PostgreSQL's log, for the lot), answered in their order.
+    /// A user's notices in one batch are held one after the other, each
+    /// seeing the one before.
+    ///
+    /// # Errors
+    /// The ledger failed (nothing is written).
+    pub async fn hold_many(&self, args: &[HoldArgs], template_id: &str) -> Result<Vec<HoldDone>> {
+        if let [one] = args {
+            return Ok(vec![self.hold_in(&self.pool, template_id, one).await?]);
+        }
+        let mut tx = self.pool.begin().await?;
+        let mut done = Vec::with_capacity(args.len());
+        for a in args {
+            done.push(self.hold_in(&mut *tx, template_id, a).await?);
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn hold_in<'e, E>(&self, ex: E, template_id: &str, a: &HoldArgs) -> Result<HoldDone>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+    {
         let started = Instant::now();
-        let (conf_users, conf_templates): (Vec<&str>, Vec<&str>) = along
+        let (conf_users, conf_templates): (Vec<&str>, Vec<&str>) = a
             .confirmed
             .iter()
             .map(|(u, t)| (u.as_str(), t.as_str()))
             .unzip();
-        let ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
-        let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
-        let traces: Vec<Option<&str>> = events.iter().map(|e| e.traceparent.as_deref()).collect();
-        let attempts: Vec<i32> = events.iter().map(|e| e.attempts).collect();
+        let ids: Vec<&str> = a.events.iter().map(|e| e.event_id.as_str()).collect();
+        let bodies: Vec<&[u8]> = a.events.iter().map(|e| e.body.as_slice()).collect();
+        let traces: Vec<Option<&str>> = a.events.iter().map(|e| e.traceparent.as_deref()).collect();
+        let attempts: Vec<i32> = a.events.iter().map(|e| e.attempts).collect();
         let row = sqlx::query(
             "WITH g AS (
                 INSERT INTO credits AS c (user_id, template_id, count, exact, version)
@@ -662,21 +715,21 @@ impl Store {
                     coalesce((SELECT min(held_at) FROM held WHERE user_id = $1 AND template_id = $2),
                              now()) AS oldest",
         )
-        .bind(user_id)
+        .bind(&a.user_id)
         .bind(template_id)
-        .bind(guard_version.unwrap_or(0))
-        .bind(guard_version.is_some())
-        .bind(reason)
-        .bind(errcode)
-        .bind(notice_id)
+        .bind(a.guard_version.unwrap_or(0))
+        .bind(a.guard_version.is_some())
+        .bind(a.reason)
+        .bind(a.errcode)
+        .bind(&a.notice_id)
         .bind(&ids)
         .bind(&bodies)
         .bind(&traces)
         .bind(&attempts)
-        .bind(along.openid)
+        .bind(a.openid.as_deref())
         .bind(&conf_users)
         .bind(&conf_templates)
-        .fetch_one(&self.pool)
+        .fetch_one(ex)
         .await;
         self.timed(started);
         let row = row?;
