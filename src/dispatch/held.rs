@@ -303,6 +303,7 @@ impl Dispatcher {
                                     self.settle.rules().rung(0),
                                     "the grant ledger lost the answer to a claim and could not undo it; the window waits in a retry queue (not a failed attempt)".into(),
                                     None,
+                                    "ledger",
                                 )
                                 .await;
                             return (Ended::ParkedForLedger, true);
@@ -405,6 +406,7 @@ impl Dispatcher {
                 self.settle.rules().rung(0),
                 "the grant ledger is unavailable; a copy of an event it may hold waits in a retry queue (not a failed attempt)".into(),
                 None,
+                "ledger",
             )
             .await;
     }
@@ -614,6 +616,7 @@ impl Dispatcher {
                 delay,
                 "the grant ledger is unavailable; the notice waits in a retry queue (not a failed attempt)".into(),
                 errcode,
+                "ledger",
             )
             .await;
         OnHold::Parked

@@ -804,6 +804,7 @@ impl Dispatcher {
                                 self.settle.rules().rung(0),
                                 "the grant ledger is unavailable and the notice's claim could not follow its events' expiry; the notice waits in a retry queue (not a failed attempt)".into(),
                                 None,
+                                "ledger",
                             )
                             .await;
                         return Attempt::ParkedForLedger;

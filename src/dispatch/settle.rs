@@ -310,15 +310,14 @@ impl Settler {
             "every WeChat call is paused for another {} s (quota, errcode {errcode}); not a failed attempt",
             left.as_secs()
         );
-        let moved = self
-            .park_unattempted(closed, notice, delay, detail, Some(errcode))
+        self.park_unattempted(closed, notice, delay, detail, Some(errcode), "quota_pause")
             .await;
-        self.metrics.retry("quota_pause", moved as u64);
     }
 
     /// Parks every delivery of a window in the retry queue of `delay`
     /// without counting a failed attempt (a quota pause, the grant ledger
     /// unavailable): the messages come back, their attempts unchanged.
+    /// Counted in `retries_total` under `why`.
     pub async fn park_unattempted(
         &self,
         closed: &mut Closed<Pending>,
@@ -326,6 +325,7 @@ impl Settler {
         delay: Duration,
         detail: String,
         errcode: Option<i64>,
+        why: &'static str,
     ) -> usize {
         let now = Utc::now();
         let queue = self.settings.retry_queue(delay);
@@ -351,6 +351,7 @@ impl Settler {
             event_ids = %ids.join(","),
             "parked, not as a failed attempt"
         );
+        self.metrics.retry(why, moved.len() as u64);
         moved.len()
     }
 
@@ -363,8 +364,10 @@ impl Settler {
     }
 
     /// Parks one delivery (a subscription event) in a retry queue without
-    /// counting a failed attempt.
+    /// counting a failed attempt (the grant ledger unavailable: counted in
+    /// `retries_total` as `ledger`).
     pub async fn park_one_unattempted(&self, p: Pending, delay: Duration, detail: String) {
+        self.metrics.retry("ledger", 1);
         let mut one = single(p);
         let queue = self.settings.retry_queue(delay);
         let now = Utc::now();

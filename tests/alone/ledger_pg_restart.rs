@@ -158,9 +158,18 @@ async fn postgresql_stopped_during_a_hold_and_a_release_dead_letters_nothing_and
         eventually(WAIT, || async { env.notified_ids().contains("p-3") }).await,
         "a notice answered 0 goes while the ledger is away"
     );
+    // Parked (not an attempt), and its copy parked again while the ledger
+    // cannot say whether it holds the event: round the retry queue, never
+    // dead-lettered (with MAX_ATTEMPTS=2, counted attempts would be).
     assert!(
-        eventually(WAIT, || async { calls_for(&env, "u-hold") >= 3 }).await,
-        "the notice that cannot be held goes round the retry queue, tried again"
+        eventually(WAIT, || async {
+            calls_for(&env, "u-hold") >= 1
+                && common::metric(&svc.http, "wechat_notifier_retries_total", "").await >= 3.0
+        })
+        .await,
+        "the notice that cannot be held goes round the retry queue: {} calls, {} parked",
+        calls_for(&env, "u-hold"),
+        common::metric(&svc.http, "wechat_notifier_retries_total", "").await
     );
     let (code, body) = common::readyz(&svc.http).await;
     assert_eq!(code, 503, "/readyz: {body}");
