@@ -671,12 +671,13 @@ impl Dispatcher {
             return;
         }
         let window = window.unwrap_or_else(empty_window);
-        let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
-        let ended = self
+        let (span, otel) =
+            self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
+        let sent = self
             .deliver_ledgered(&ledger, &event.user_id, window)
-            .instrument(span.clone())
-            .await;
-        self.end_span(&span, &ended);
+            .instrument(span);
+        let ended = crate::trace::within(otel.as_ref(), sent).await;
+        self.end_span(otel, &ended);
         match ended {
             Ended::Parked => {
                 self.settle
