@@ -7,15 +7,18 @@
 //! always run together, alternated pair by pair: drain and cpu are judged
 //! against the ceiling of the same pair; `cpu_ledger` adds a drain with the
 //! grant ledger on to each pair); `BENCH_EVENTS` changes the drain size (100,000),
-//! `BENCH_PAIRS` the number of ceiling/drain pairs (3), `BENCH_LATENCY_RUNS`
-//! the latency runs (3). For development: `BENCH_CEILING_PREFETCH`,
+//! `BENCH_PAIRS` the number of ceiling/drain pairs (3, also the trace row's
+//! off/on pairs), `BENCH_LATENCY_RUNS` the latency runs (3). For development: `BENCH_CEILING_PREFETCH`,
 //! `BENCH_CEILING_ACK_EVERY` and `BENCH_DRAIN_PREFETCH` change the consumers'
-//! settings, `BENCH_PERF=file` records the draining replica with perf.
+//! settings, `BENCH_PERF=file` records the draining replica with perf (in
+//! the trace row, the tracing-on replica; the tracing-off one goes to `file.off`).
 
 #[path = "../tests/it/common/mod.rs"]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, metric, most_in_any_window, try_metric, wait_until, Replica, TestEnv};
@@ -89,11 +92,12 @@ fn main() {
 }
 
 /// The table's order.
-const ORDER: [&str; 15] = [
+const ORDER: [&str; 16] = [
     "ceiling",
     "drain",
     "cpu",
     "cpu_ledger",
+    "trace",
     "latency",
     "rate",
     "memory",
@@ -141,6 +145,11 @@ async fn run_rows() -> Vec<Row> {
     }
     if wanted("release") {
         rows.push(release().await);
+    }
+    if wanted("trace") {
+        let n: usize = env_num("BENCH_EVENTS", 100_000);
+        let pairs: usize = env_num("BENCH_PAIRS", 3);
+        rows.push(trace_row(n, pairs).await);
     }
     if wanted("ceiling") || wanted("drain") || wanted("cpu") || wanted("cpu_ledger") {
         let n: usize = env_num("BENCH_EVENTS", 100_000);
@@ -404,7 +413,15 @@ async fn ceiling_once(
 /// (start-up has its own row). Stops at the simulator's receipt of the notice
 /// that covers the last event; CPU is the replica's own (user + system).
 async fn drain_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
-    drain_in(TestEnv::new("bench-drain").await, bodies, prefetch).await
+    let perf = std::env::var("BENCH_PERF").ok();
+    drain_in(
+        TestEnv::new("bench-drain").await,
+        bodies,
+        prefetch,
+        Traced::default(),
+        perf,
+    )
+    .await
 }
 
 /// The drain with the grant ledger on and every assignee in credit: a first
@@ -432,12 +449,28 @@ async fn drain_ledger_once(bodies: &[(String, Vec<u8>)], prefetch: usize) -> Val
             "every accept was counted"
         );
     }
-    let mut out = drain_in(env, bodies, prefetch).await;
+    let perf = std::env::var("BENCH_PERF").ok();
+    let mut out = drain_in(env, bodies, prefetch, Traced::default(), perf).await;
     out["users_in_credit"] = json!(users.len());
     out
 }
 
-async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usize) -> Value {
+/// What the trace row adds to a drain: the CRM's `traceparent` on each
+/// event (in order with the bodies), and with tracing on the collector the
+/// replica exports to, whose spans are awaited before its CPU is read.
+#[derive(Default, Clone, Copy)]
+struct Traced<'a> {
+    traceparents: Option<&'a [String]>,
+    sink: Option<&'a OtlpSink>,
+}
+
+async fn drain_in(
+    mut env: TestEnv,
+    bodies: &[(String, Vec<u8>)],
+    prefetch: usize,
+    traced: Traced<'_>,
+    perf: Option<String>,
+) -> Value {
     let n = bodies.len();
     env.set("NOTIFIER_RATE_PER_SEC", "1000000");
     env.set("NOTIFIER_RATE_BURST", "10000");
@@ -468,12 +501,15 @@ async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usiz
         )
         .await
         .unwrap();
-    env.publish_bodies(bodies).await;
+    match traced.traceparents {
+        Some(tps) => publish_traced_bodies(&env, bodies, tps).await,
+        None => env.publish_bodies(bodies).await,
+    }
     let replica = env.spawn_process();
     wait_ready(std::slice::from_ref(&replica)).await;
     let pid = replica.child.id();
     // BENCH_PERF=path records the replica with perf while it drains.
-    let perf = std::env::var("BENCH_PERF").ok().map(|out| {
+    let perf = perf.map(|out| {
         std::process::Command::new("perf")
             .args([
                 "record",
@@ -498,6 +534,7 @@ async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usiz
     let bench_before = cpu_secs(std::process::id());
     let broker = broker_pid();
     let broker_before = broker.map(cpu_secs);
+    let spans_before = traced.sink.map(OtlpSink::counts);
     let t0 = Instant::now();
     // Closing the channel cancels the placeholder and returns its one message.
     holder.close(200, "handover".into()).await.unwrap();
@@ -505,6 +542,44 @@ async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usiz
         env.sim.delivered_event_count() >= n
     })
     .await;
+    let drained_cpu = cpu_secs(pid) - cpu_before;
+    // With tracing on, the export of the last spans is part of the cost: the
+    // replica's CPU is read once every span it should send has arrived (one
+    // per event, per notice and per WeChat call), or when none came for
+    // longer than the batch processor's default schedule (5 s).
+    let spans = match (traced.sink, spans_before) {
+        (Some(sink), Some(before)) => {
+            let expected = (n + 2 * notice_calls(&env.sim.calls()).len()) as u64;
+            let t = Instant::now();
+            let mut last = sink.counts();
+            let mut since = Instant::now();
+            while last.spans - before.spans < expected
+                && since.elapsed() < Duration::from_secs(6)
+                && t.elapsed() < Duration::from_secs(60)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let now = sink.counts();
+                if now.spans != last.spans {
+                    since = Instant::now();
+                }
+                last = now;
+            }
+            let got = last.minus(&before);
+            Some(json!({
+                "expected": expected,
+                "received": got.spans,
+                "receive_spans": got.receive,
+                "notice_spans": got.notice,
+                "client_spans": got.client,
+                "requests": got.requests,
+                "bytes": got.bytes,
+                "all_received": got.spans >= expected,
+                "settle_secs": t.elapsed().as_secs_f64(),
+                "lost_by_the_exporter": try_metric(&replica.http, "wechat_notifier_spans_lost_total", "").await,
+            }))
+        }
+        _ => None,
+    };
     let cpu = cpu_secs(pid) - cpu_before;
     let bench_cpu = cpu_secs(std::process::id()) - bench_before;
     let broker_cpu = broker.zip(broker_before).map(|(p, b)| cpu_secs(p) - b);
@@ -527,7 +602,7 @@ async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usiz
     .await;
     drop(replica);
     env.cleanup().await;
-    json!({
+    let mut out = json!({
         "rate": if done { n as f64 / secs } else { 0.0 },
         "secs": secs,
         "cpu_secs": cpu,
@@ -537,7 +612,15 @@ async fn drain_in(mut env: TestEnv, bodies: &[(String, Vec<u8>)], prefetch: usiz
         "prefetch": prefetch,
         "all_notified": done,
         "queue_empty_after": drained,
-    })
+    });
+    if traced.traceparents.is_some() {
+        out["traceparents"] = json!(true);
+        out["cpu_secs_at_last_notice"] = json!(drained_cpu);
+    }
+    if let Some(spans) = spans {
+        out["spans"] = spans;
+    }
+    out
 }
 
 /// ceiling and drain, alternated (ceiling, drain, ceiling, drain, ...) so
@@ -708,6 +791,256 @@ async fn ceiling_and_drain(
         }
     });
     (ceiling, drain, cpu, cpu_ledger)
+}
+
+/// An OTLP/HTTP collector that keeps nothing: it decodes each request only
+/// to count its spans (by kind of span), and answers 200.
+#[derive(Default)]
+struct OtlpSink {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    spans: AtomicU64,
+    receive: AtomicU64,
+    notice: AtomicU64,
+    client: AtomicU64,
+}
+
+/// The sink's counters at one moment.
+#[derive(Clone, Copy)]
+struct SinkCounts {
+    requests: u64,
+    bytes: u64,
+    spans: u64,
+    receive: u64,
+    notice: u64,
+    client: u64,
+}
+
+impl SinkCounts {
+    fn minus(&self, before: &SinkCounts) -> SinkCounts {
+        SinkCounts {
+            requests: self.requests - before.requests,
+            bytes: self.bytes - before.bytes,
+            spans: self.spans - before.spans,
+            receive: self.receive - before.receive,
+            notice: self.notice - before.notice,
+            client: self.client - before.client,
+        }
+    }
+}
+
+impl OtlpSink {
+    /// Serves `POST /v1/traces` on 127.0.0.1: the value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    async fn start() -> (Arc<OtlpSink>, String) {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let sink = Arc::new(OtlpSink::default());
+        let state = sink.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let s = state.clone();
+                async move {
+                    s.requests.fetch_add(1, Ordering::Relaxed);
+                    s.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                    if let Ok(req) = ExportTraceServiceRequest::decode(body) {
+                        for span in req
+                            .resource_spans
+                            .iter()
+                            .flat_map(|r| &r.scope_spans)
+                            .flat_map(|s| &s.spans)
+                        {
+                            s.spans.fetch_add(1, Ordering::Relaxed);
+                            let kind = if span.name.ends_with(" receive") {
+                                &s.receive
+                            } else if span.name.starts_with("notice") {
+                                &s.notice
+                            } else {
+                                &s.client
+                            };
+                            kind.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (sink, format!("http://{addr}"))
+    }
+
+    fn counts(&self) -> SinkCounts {
+        SinkCounts {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            spans: self.spans.load(Ordering::Relaxed),
+            receive: self.receive.load(Ordering::Relaxed),
+            notice: self.notice.load(Ordering::Relaxed),
+            client: self.client.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Publishes `bodies` as `publish_bodies` does (256 confirms in flight),
+/// each with the CRM's `traceparent` header (a long string, as amqplib
+/// writes it).
+async fn publish_traced_bodies(env: &TestEnv, bodies: &[(String, Vec<u8>)], tps: &[String]) {
+    let exchange = env.exchange();
+    let mut confirms = futures_util::stream::FuturesOrdered::new();
+    for ((id, body), tp) in bodies.iter().zip(tps) {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(tp.as_str().into()),
+        );
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(id.as_str().into())
+            .with_headers(headers);
+        confirms.push_back(broker::publish_confirmed(
+            &env.channel,
+            &exchange,
+            ROUTING_KEY,
+            body,
+            props,
+        ));
+        if confirms.len() >= 256 {
+            confirms.next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(r) = confirms.next().await {
+        r.unwrap();
+    }
+}
+
+/// One trace-row drain: the cpu row's drain of the same backlog (each event
+/// with its CRM `traceparent`), tracing off, or on (every span sampled,
+/// exported to `sink`).
+async fn trace_drain_once(
+    bodies: &[(String, Vec<u8>)],
+    tps: &[String],
+    prefetch: usize,
+    on: Option<(&OtlpSink, &str)>,
+) -> Value {
+    let mut env = TestEnv::new("bench-trace").await;
+    let perf = std::env::var("BENCH_PERF").ok();
+    let perf = match on {
+        Some((_, endpoint)) => {
+            env.set("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+            env.set("OTEL_TRACES_SAMPLER", "always_on");
+            env.set("OTEL_SERVICE_NAME", "wechat-notifier-bench");
+            perf
+        }
+        None => perf.map(|p| format!("{p}.off")),
+    };
+    let traced = Traced {
+        traceparents: Some(tps),
+        sink: on.map(|(s, _)| s),
+    };
+    drain_in(env, bodies, prefetch, traced, perf).await
+}
+
+/// The trace row: the cpu row's work (the replica draining `n` queued events
+/// over n/10 assignees) with tracing off and on, alternated pair by pair
+/// (off then on, then on then off, ...) so both see the same machine; each
+/// pair gives one ratio of the replica's CPU per event, on over off.
+async fn trace_row(n: usize, pairs: usize) -> Row {
+    let (sink, endpoint) = OtlpSink::start().await;
+    let bodies = grouped_bodies(n, 10, &format!("bench-trace-{:08x}-a", fastrand::u32(..)));
+    // Each event from its own CRM trace, as a bulk assignment's events are.
+    let tps: Vec<String> = (0..n)
+        .map(|_| {
+            format!(
+                "00-{:032x}-{:016x}-01",
+                fastrand::u128(1..),
+                fastrand::u64(1..)
+            )
+        })
+        .collect();
+    let prefetch = env_num("BENCH_DRAIN_PREFETCH", usize::from(CEILING_PREFETCH));
+    let mut offs = Vec::new();
+    let mut ons = Vec::new();
+    for i in 0..pairs {
+        let pair = |on: bool| {
+            let (bodies, tps, sink, endpoint) = (&bodies, &tps, &sink, &endpoint);
+            async move {
+                let at = on.then_some((sink.as_ref(), endpoint.as_str()));
+                let r = trace_drain_once(bodies, tps, prefetch, at).await;
+                eprintln!(
+                    "trace pair {}: tracing {} {:.0}/s, {:.2} CPU s{}",
+                    i + 1,
+                    if on { "on " } else { "off" },
+                    r["rate"].as_f64().unwrap_or(0.0),
+                    r["cpu_secs"].as_f64().unwrap_or(0.0),
+                    if on {
+                        format!(", spans {}", r["spans"])
+                    } else {
+                        String::new()
+                    }
+                );
+                r
+            }
+        };
+        if i % 2 == 0 {
+            offs.push(pair(false).await);
+            ons.push(pair(true).await);
+        } else {
+            ons.push(pair(true).await);
+            offs.push(pair(false).await);
+        }
+    }
+    let field = |runs: &[Value], k: &str| -> Vec<f64> {
+        runs.iter().map(|r| r[k].as_f64().unwrap_or(0.0)).collect()
+    };
+    let per = 10_000.0 / n as f64;
+    let off: Vec<f64> = field(&offs, "cpu_secs").iter().map(|c| c * per).collect();
+    let on: Vec<f64> = field(&ons, "cpu_secs").iter().map(|c| c * per).collect();
+    let ratios: Vec<f64> = on.iter().zip(&off).map(|(a, b)| a / b).collect();
+    let ratio = median(&ratios);
+    let delivered = offs.iter().chain(&ons).all(|d| {
+        d["all_notified"].as_bool() == Some(true) && d["queue_empty_after"].as_bool() == Some(true)
+    });
+    let exported = ons
+        .iter()
+        .all(|d| d["spans"]["all_received"].as_bool() == Some(true));
+    let received: Vec<f64> = ons
+        .iter()
+        .map(|d| d["spans"]["received"].as_f64().unwrap_or(0.0))
+        .collect();
+    let expected: Vec<f64> = ons
+        .iter()
+        .map(|d| d["spans"]["expected"].as_f64().unwrap_or(0.0))
+        .collect();
+    Row {
+        row: "trace",
+        what: format!(
+            "the cpu row's drain ({n} events, each with a CRM traceparent) with tracing on (always_on, OTLP/HTTP to a local collector that drops what it gets) against off: the replica's CPU per event, median of {pairs} per-pair ratios; on: {} CPU s per 10,000, spans received {}/{} per run (median)",
+            format_args!("{:.3}", median(&on)),
+            median(&received),
+            median(&expected),
+        ),
+        figure: ratio,
+        unit: "x off",
+        target: "<= 1.3 x off, all spans received".into(),
+        pass: Some(delivered && exported && ratio <= 1.3),
+        details: json!({
+            "events_per_run": n, "pairs": pairs, "prefetch": prefetch,
+            "ratio_on_over_off": spread(&ratios),
+            "off_per_10k_events": spread(&off),
+            "on_per_10k_events": spread(&on),
+            "spans_received": received,
+            "spans_expected": expected,
+            "all_spans_received": exported,
+            "all_notified_and_acked": delivered,
+            "off_runs": offs,
+            "on_runs": ons,
+        }),
+    }
 }
 
 /// Publish -> simulator receipt at 100 events/s, one event per assignee:

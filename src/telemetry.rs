@@ -65,8 +65,9 @@ pub fn init(format: LogFormat, default_level: &str) {
     let dropped = writer.error_counter();
     let said = writer.clone();
     let ansi = std::io::stderr().is_terminal();
-    // With span export on (`trace::init` ran first), the notice's span is
-    // exported too, and JSON lines name its trace and span.
+    // With span export on (`trace::init` ran first), JSON lines name the
+    // trace and span current where they are written (a notice's, a call's),
+    // and warnings become events of that span.
     let (json, text) = match format {
         LogFormat::Json => (
             Some(
@@ -93,7 +94,7 @@ pub fn init(format: LogFormat, default_level: &str) {
         .with(filter)
         .with(json)
         .with(text)
-        .with(crate::trace::layer())
+        .with(crate::trace::enabled().then_some(crate::trace::Warnings))
         .try_init();
     if installed.is_ok() {
         let _ = DROPPED.set(dropped);
@@ -103,8 +104,8 @@ pub fn init(format: LogFormat, default_level: &str) {
 }
 
 /// The JSON event format with `trace_id` and `span_id` first, when the line
-/// is written inside an exported span (a notice's), so a log line leads to
-/// its trace.
+/// is written inside an exported span (a notice's, or its call's), so a log
+/// line leads to its trace.
 struct WithTraceIds<F>(F);
 
 impl<S, N, F> FormatEvent<S, N> for WithTraceIds<F>
@@ -120,7 +121,7 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         let ids = if crate::trace::enabled() {
-            crate::trace::ids_in(ctx.lookup_current())
+            crate::trace::ids()
         } else {
             None
         };

@@ -835,11 +835,12 @@ impl Dispatcher {
             return;
         }
         let window = window.unwrap_or_else(empty_window);
-        let span = self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
-        let (ended, left_out) = self
+        let (span, otel) =
+            self.release_span(&event.user_id, &window, pending.trace.as_deref().copied());
+        let sent = self
             .deliver_with_held(&ledger, &event.user_id, window)
-            .instrument(span.clone())
-            .await;
+            .instrument(span);
+        let (ended, left_out) = crate::trace::within(otel.as_ref(), sent).await;
         // The window went without the held events (the ledger did not
         // answer): the release is not done, the accept waits for it.
         let ended = match ended {
@@ -847,7 +848,7 @@ impl Dispatcher {
             _ if release && left_out => Ended::ParkedForLedger,
             ended => ended,
         };
-        self.end_span(&span, &ended);
+        self.end_span(otel, &ended);
         match ended {
             Ended::Parked => {
                 self.settle

@@ -498,25 +498,26 @@ impl Dispatcher {
     pub async fn deliver(&self, mut closed: Closed<Pending>, ticket: Ticket) {
         let _turn = ticket.wait().await;
         let notice = closed.notice();
-        // With export on, this span is also the notice's OpenTelemetry span
-        // (tracing-opentelemetry): linked to each event's receive span, its
-        // log lines become its events and carry its ids.
         let span = tracing::info_span!(
             "notice",
-            otel.name = if closed.held > 0 { "notice release" } else { "notice" },
             notice_id = %notice.notice_id,
             assignee = %notice.assignee.user_id,
             events = notice.customer_count,
         );
-        let traced = crate::trace::enabled();
-        if traced {
+        // With export on, the notice's OpenTelemetry span (src/trace.rs),
+        // linked to each event's receive span and current while it is sent.
+        let otel = if crate::trace::enabled() {
             let events: Vec<crate::trace::Ctx> = closed
                 .deliveries
                 .iter()
                 .filter_map(|(_, p)| p.trace.as_deref().copied())
                 .collect();
             crate::trace::open_notice(
-                &span,
+                if closed.held > 0 {
+                    "notice release"
+                } else {
+                    "notice"
+                },
                 &events,
                 vec![
                     KeyValue::new("notifier.notice_id", notice.notice_id.clone()),
@@ -525,9 +526,11 @@ impl Dispatcher {
                     KeyValue::new("notifier.summary", notice.summary),
                     KeyValue::new("notifier.held_events", closed.held as i64),
                 ],
-            );
-        }
-        let ended = async {
+            )
+        } else {
+            None
+        };
+        let sent = async {
             match self.ledger.clone() {
                 Some(ledger) => {
                     let user = notice.assignee.user_id.clone();
@@ -536,44 +539,46 @@ impl Dispatcher {
                 None => self.send(&mut closed, notice, None).await,
             }
         }
-        .instrument(span.clone())
-        .await;
-        self.end_span(&span, &ended);
+        .instrument(span);
+        let ended = crate::trace::within(otel.as_ref(), sent).await;
+        self.end_span(otel, &ended);
     }
 
-    /// The span of a release by an accept (its `tracing` span, exported with
-    /// export on): a child of the accept's receive span, linked to the open
-    /// window's events here and to the held events once they are claimed.
+    /// The spans of a release by an accept: the `tracing` span of its log
+    /// lines and, with export on, its OpenTelemetry span: a child of the
+    /// accept's receive span, linked to the open window's events here and to
+    /// the held events once they are claimed.
     pub(crate) fn release_span(
         &self,
         user: &str,
         window: &Closed<Pending>,
         accept: Option<crate::trace::Ctx>,
-    ) -> tracing::Span {
-        let span = tracing::info_span!("notice", otel.name = "notice release", assignee = %user);
-        if crate::trace::enabled() {
-            let mut events: Vec<crate::trace::Ctx> = accept.into_iter().collect();
-            events.extend(
-                window
-                    .deliveries
-                    .iter()
-                    .filter_map(|(_, p)| p.trace.as_deref().copied()),
-            );
-            crate::trace::open_notice(
-                &span,
-                &events,
-                vec![
-                    KeyValue::new("notifier.assignee_id", user.to_string()),
-                    KeyValue::new("notifier.event_count", window.events.len() as i64),
-                ],
-            );
+    ) -> (tracing::Span, Option<opentelemetry::Context>) {
+        let span = tracing::info_span!("notice", assignee = %user);
+        if !crate::trace::enabled() {
+            return (span, None);
         }
-        span
+        let mut events: Vec<crate::trace::Ctx> = accept.into_iter().collect();
+        events.extend(
+            window
+                .deliveries
+                .iter()
+                .filter_map(|(_, p)| p.trace.as_deref().copied()),
+        );
+        let otel = crate::trace::open_notice(
+            "notice release",
+            &events,
+            vec![
+                KeyValue::new("notifier.assignee_id", user.to_string()),
+                KeyValue::new("notifier.event_count", window.events.len() as i64),
+            ],
+        );
+        (span, otel)
     }
 
-    /// Sets the outcome on a notice's span (export on).
-    pub(crate) fn end_span(&self, span: &tracing::Span, ended: &Ended) {
-        if !crate::trace::enabled() {
+    /// Sets the outcome on a notice's span and ends it (export on).
+    pub(crate) fn end_span(&self, otel: Option<opentelemetry::Context>, ended: &Ended) {
+        if otel.is_none() {
             return;
         }
         let (outcome, errcode) = match ended {
@@ -587,7 +592,7 @@ impl Dispatcher {
         if let Some(code) = errcode {
             attrs.push(KeyValue::new("wechat.errcode", code));
         }
-        crate::trace::close_notice(span, attrs);
+        crate::trace::close_notice(otel, attrs);
     }
 
     /// Dead-letters an event that breaks the schema.

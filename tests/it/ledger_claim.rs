@@ -184,6 +184,9 @@ async fn window_events_expiring_before_the_call_leave_the_claim_which_follows_th
 async fn an_accept_that_took_a_window_along_is_not_acked_before_its_release() {
     let mut env = ledger_env("claim-window").await;
     env.set("NOTIFIER_BATCH_WINDOW_MS", "2000");
+    // The accept's retry queue: 1 s, so its return is far from the first
+    // sweep's, even on a loaded machine.
+    env.set("NOTIFIER_RETRY_DELAYS", "1s,5s,30s");
     let h1 = event("cw-1", "u-cw", "c1");
     env.declare().await;
     let s = store(&env.settings()).await;

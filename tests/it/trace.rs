@@ -605,3 +605,271 @@ async fn a_hold_s_signal_and_its_release_stay_in_the_event_s_trace() {
     replica.sigterm();
     env.cleanup().await;
 }
+
+/// An attribute value as a short text, for the printed tree.
+fn show(v: &AnyValue) -> String {
+    match v {
+        AnyValue::StringValue(s) => s.clone(),
+        AnyValue::IntValue(i) => i.to_string(),
+        AnyValue::DoubleValue(d) => format!("{d:.3}"),
+        AnyValue::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn show_attrs(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> String {
+    attrs
+        .iter()
+        .map(|a| {
+            let v = a.value.as_ref().and_then(|v| v.value.as_ref());
+            format!("{}={}", a.key, v.map(show).unwrap_or_default())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The exported spans as an indented tree, trace by trace (the earliest
+/// first): each span's name, kind, short ids, start (ms after the first
+/// span) and length, its attributes, its events and its links. A span whose
+/// parent was not exported here (the CRM's) is shown under that parent's id.
+fn span_tree(spans: &[Span]) -> String {
+    use std::fmt::Write as _;
+    let short = |b: &[u8]| hex(b).chars().take(8).collect::<String>();
+    let t0 = spans
+        .iter()
+        .map(|s| s.start_time_unix_nano)
+        .min()
+        .unwrap_or(0);
+    let ms = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6;
+    let kind = |k: i32| match k {
+        2 => "server",
+        3 => "client",
+        4 => "producer",
+        5 => "consumer",
+        _ => "internal",
+    };
+    let ids: BTreeSet<Vec<u8>> = spans.iter().map(|s| s.span_id.clone()).collect();
+    let mut traces: Vec<Vec<u8>> = Vec::new();
+    let mut by_start: Vec<&Span> = spans.iter().collect();
+    by_start.sort_by_key(|s| s.start_time_unix_nano);
+    for s in &by_start {
+        if !traces.contains(&s.trace_id) {
+            traces.push(s.trace_id.clone());
+        }
+    }
+    fn walk(
+        out: &mut String,
+        all: &[&Span],
+        span: &Span,
+        depth: usize,
+        line: &dyn Fn(&mut String, &Span, usize),
+    ) {
+        line(out, span, depth);
+        for c in all.iter().filter(|c| c.parent_span_id == span.span_id) {
+            walk(out, all, c, depth + 1, line);
+        }
+    }
+    let line = |out: &mut String, s: &Span, depth: usize| {
+        let pad = "    ".repeat(depth);
+        let _ = writeln!(
+            out,
+            "{pad}└── {}  [{}]  span {}  at +{:.1} ms, {:.1} ms long",
+            s.name,
+            kind(s.kind),
+            short(&s.span_id),
+            ms(s.start_time_unix_nano),
+            (s.end_time_unix_nano - s.start_time_unix_nano) as f64 / 1e6
+        );
+        if !s.attributes.is_empty() {
+            let _ = writeln!(out, "{pad}      {}", show_attrs(&s.attributes));
+        }
+        for e in &s.events {
+            let _ = writeln!(
+                out,
+                "{pad}      event at +{:.1} ms: {}  {}",
+                ms(e.time_unix_nano),
+                e.name,
+                show_attrs(&e.attributes)
+            );
+        }
+        for l in &s.links {
+            let _ = writeln!(
+                out,
+                "{pad}      link → trace {} span {}",
+                short(&l.trace_id),
+                short(&l.span_id)
+            );
+        }
+    };
+    let mut out = String::new();
+    for t in &traces {
+        let in_trace: Vec<&Span> = by_start
+            .iter()
+            .copied()
+            .filter(|s| &s.trace_id == t)
+            .collect();
+        let _ = writeln!(out, "trace {}", short(t));
+        for root in in_trace
+            .iter()
+            .filter(|s| s.parent_span_id.is_empty() || !ids.contains(&s.parent_span_id))
+        {
+            if root.parent_span_id.is_empty() {
+                walk(&mut out, &in_trace, root, 0, &line);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "└── (span {}: the CRM's publish, not exported here)",
+                    short(&root.parent_span_id)
+                );
+                walk(&mut out, &in_trace, root, 1, &line);
+            }
+        }
+    }
+    out
+}
+
+/// A bulk assignment (five customers to one salesperson, each event from its
+/// own CRM trace) as a collector sees it: five receive spans, each a child
+/// of its CRM span; one notice span linked to those five receive spans; the
+/// WeChat call a client span under the notice; the notice's JSON log line
+/// names the notice's trace; no access token, secret or name in any exported
+/// byte. Prints the tree (`cargo test --test it bulk_assignment -- --nocapture`):
+/// docs/design.md shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_assignment_s_span_tree() {
+    const N: usize = 5;
+    let (collector, endpoint) = Collector::start().await;
+    let mut env = traced_env("trace-bulk", &endpoint).await;
+    env.set("NOTIFIER_LOG_FORMAT", "json");
+    env.declare().await;
+    let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
+    let replica = env.spawn_process_logging(Some(&log));
+    assert!(eventually(WAIT, || async { readyz(&replica.http).await.0 == 200 }).await);
+    let events = env.bulk(N, 1, true);
+    let mut crm = Vec::new();
+    let mut published = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let (tp, trace, span) = traceparent(500 + i as u32);
+        crm.push((trace, span));
+        published.push((e.clone(), Some(AMQPValue::LongString(tp.as_str().into()))));
+    }
+    publish_traced(&env, &published).await;
+    assert!(
+        wait_until(WAIT, || env.notified_ids().len() == N).await,
+        "every event delivered"
+    );
+    assert_eq!(
+        env.sim.delivered().len(),
+        1,
+        "one notice for the assignment"
+    );
+    let receive = format!("{} receive", env.queue());
+    assert!(
+        eventually(WAIT, || async {
+            collector.named(&receive).len() >= N
+                && !collector.named("notice").is_empty()
+                && !collector.named("POST").is_empty()
+        })
+        .await,
+        "spans exported: {:?}",
+        collector
+            .spans()
+            .iter()
+            .map(|s| &s.name)
+            .collect::<Vec<_>>()
+    );
+    let spans = collector.spans();
+    println!(
+        "the span tree of one bulk assignment ({N} events, one assignee), as exported:\n{}",
+        span_tree(&spans)
+    );
+    assert_eq!(spans.len(), N + 2, "N receive spans, a notice, a call");
+
+    // Each receive span: a consumer span, child of its CRM span, in the CRM's trace.
+    let receives = collector.named(&receive);
+    assert_eq!(receives.len(), N);
+    for ((trace, span), e) in crm.iter().zip(&events) {
+        let r = receives
+            .iter()
+            .find(|s| hex(&s.trace_id) == *trace)
+            .unwrap_or_else(|| panic!("a receive span in the CRM trace {trace}"));
+        assert_eq!(hex(&r.parent_span_id), *span, "child of the CRM's span");
+        assert_eq!(r.kind, 5, "a consumer span");
+        assert_eq!(
+            attr(r, "messaging.message.id"),
+            Some(AnyValue::StringValue(
+                e["event_id"].as_str().unwrap().to_string()
+            ))
+        );
+    }
+    // One notice span: a root of its own trace, one link to each receive span.
+    let notices = collector.named("notice");
+    assert_eq!(notices.len(), 1);
+    let notice = &notices[0];
+    assert!(
+        notice.parent_span_id.is_empty(),
+        "a coalesced notice is a root"
+    );
+    let links: BTreeSet<(String, String)> = notice
+        .links
+        .iter()
+        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+        .collect();
+    let received: BTreeSet<(String, String)> = receives
+        .iter()
+        .map(|s| (hex(&s.trace_id), hex(&s.span_id)))
+        .collect();
+    assert_eq!(notice.links.len(), N);
+    assert_eq!(links, received, "a link to each event's receive span");
+    assert_eq!(
+        attr(notice, "notifier.event_count"),
+        Some(AnyValue::IntValue(N as i64))
+    );
+    assert_eq!(
+        attr(notice, "notifier.outcome"),
+        Some(AnyValue::StringValue("accepted".into()))
+    );
+    assert_eq!(
+        attr(notice, "notifier.links_dropped"),
+        Some(AnyValue::IntValue(0))
+    );
+    // The WeChat call: a client span, the notice's child.
+    let posts = collector.named("POST");
+    assert_eq!(posts.len(), 1);
+    let post = &posts[0];
+    assert_eq!(post.kind, 3);
+    assert_eq!(post.trace_id, notice.trace_id);
+    assert_eq!(post.parent_span_id, notice.span_id);
+    // The notice's log line leads to its trace, and names every event.
+    let delivered: Value = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "notice delivered")
+        .expect("a JSON line for the notice");
+    assert_eq!(delivered["trace_id"], hex(&notice.trace_id).as_str());
+    assert_eq!(delivered["span_id"], hex(&notice.span_id).as_str());
+    for e in &events {
+        assert!(delivered["event_ids"]
+            .as_str()
+            .unwrap()
+            .contains(e["event_id"].as_str().unwrap()));
+    }
+    // No access token, secret or name in any exported byte.
+    let bytes = collector.bytes();
+    let tokens = env.sim.issued_tokens();
+    assert!(!tokens.is_empty());
+    for t in &tokens {
+        assert!(!contains(&bytes, t), "an access token was exported");
+    }
+    assert!(!contains(&bytes, &env.sim.config().secret));
+    for e in &events {
+        for who in [&e["customer"], &e["assignee"], &e["assigned_by"]] {
+            let name = who["name"].as_str().unwrap();
+            assert!(!contains(&bytes, name), "a name was exported: {name}");
+        }
+    }
+    replica.sigterm();
+    let _ = std::fs::remove_file(&log);
+    env.cleanup().await;
+}
