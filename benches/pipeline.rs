@@ -868,6 +868,9 @@ impl OtlpSink {
                 }
             }),
         );
+        // A request of a few thousand spans is over axum's 2 MB default limit
+        // (its spans would be refused, and lost).
+        let app = app.layer(axum::extract::DefaultBodyLimit::disable());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
