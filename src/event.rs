@@ -128,9 +128,11 @@ const CUSTOMER_NAME_MAX_CHARS: usize = 200;
 const EVENT_TYPE: &str = "customer.assigned";
 
 /// Whether `s` has 1..=`max` characters: the contract counts Unicode
-/// characters, not bytes.
+/// characters, not bytes. U+0000 is refused: PostgreSQL's text (the grant
+/// ledger keeps ids and openids) cannot hold it, so one such event would fail
+/// every ledger statement it rides in; no CRM id or name has one.
 fn has_chars(s: &str, max: usize) -> bool {
-    (1..=max).contains(&s.chars().count())
+    !s.contains('\0') && (1..=max).contains(&s.chars().count())
 }
 
 /// `source` by its wire name.
@@ -462,6 +464,25 @@ mod tests {
         v["assignee"]["name"] = Value::Null;
         let e = parse_json(&v).unwrap();
         assert!(e.assigned_by.is_none() && e.batch.is_none() && e.assignee.name.is_none());
+    }
+
+    #[test]
+    fn a_nul_character_is_refused_by_both_paths() {
+        for (field, set) in [
+            (
+                "event_id",
+                Box::new(|v: &mut Value| v["event_id"] = json!("e\u{0}1")) as Mutation,
+            ),
+            (
+                "assignee.user_id",
+                Box::new(|v: &mut Value| v["assignee"]["user_id"] = json!("u\u{0}")),
+            ),
+        ] {
+            let mut v = valid();
+            set(&mut v);
+            let e = parse_json(&v).expect_err(field);
+            assert!(e.detail.contains(field), "{field}: {}", e.detail);
+        }
     }
 
     #[test]

@@ -741,6 +741,8 @@ async fn a_bulk_assignment_s_span_tree() {
     let (collector, endpoint) = Collector::start().await;
     let mut env = traced_env("trace-bulk", &endpoint).await;
     env.set("NOTIFIER_LOG_FORMAT", "json");
+    // One notice for the five even when the full suite slows the publishes.
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "1000");
     env.declare().await;
     let log = std::env::temp_dir().join(format!("{}.log", env.prefix));
     let replica = env.spawn_process_logging(Some(&log));
