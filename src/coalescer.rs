@@ -64,6 +64,37 @@ pub struct Closed<D> {
 }
 
 impl<D> Closed<D> {
+    /// Takes the events `take` marks (none of the held part) out of the
+    /// window, with every delivery of theirs, as a window of their own.
+    pub fn split_off(&mut self, take: &[bool]) -> Closed<D> {
+        let mut out = Closed {
+            events: Vec::new(),
+            deliveries: Vec::new(),
+            reason: self.reason,
+            held: 0,
+        };
+        let mut index = vec![usize::MAX; take.len()];
+        let mut kept = Vec::new();
+        for (i, e) in std::mem::take(&mut self.events).into_iter().enumerate() {
+            if take[i] {
+                index[i] = out.events.len();
+                out.events.push(e);
+            } else {
+                index[i] = kept.len();
+                kept.push(e);
+            }
+        }
+        for (i, d) in std::mem::take(&mut self.deliveries) {
+            if take[i] {
+                out.deliveries.push((index[i], d));
+            } else {
+                self.deliveries.push((index[i], d));
+            }
+        }
+        self.events = kept;
+        out
+    }
+
     pub fn notice(&self) -> Notice {
         let refs: Vec<&AssignmentEvent> = self.events.iter().collect();
         Notice::from_events(&refs)

@@ -132,37 +132,6 @@ fn a_copy(p: &Pending) -> bool {
     p.redelivered || p.first_failed_at.is_some()
 }
 
-/// Takes the events `take` marks (before any held part) out of the window,
-/// with every delivery of theirs, as a window of their own.
-fn split_off(closed: &mut Closed<Pending>, take: &[bool]) -> Closed<Pending> {
-    let mut out = Closed {
-        events: Vec::new(),
-        deliveries: Vec::new(),
-        reason: closed.reason,
-        held: 0,
-    };
-    let mut index = vec![usize::MAX; take.len()];
-    let mut kept = Vec::new();
-    for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
-        if take[i] {
-            index[i] = out.events.len();
-            out.events.push(e);
-        } else {
-            index[i] = kept.len();
-            kept.push(e);
-        }
-    }
-    for (i, p) in std::mem::take(&mut closed.deliveries) {
-        if take[i] {
-            out.deliveries.push((index[i], p));
-        } else {
-            closed.deliveries.push((index[i], p));
-        }
-    }
-    closed.events = kept;
-    out
-}
-
 /// A held row's event (its body was valid when it was held).
 fn parse_rows(rows: &[HeldRow]) -> Vec<AssignmentEvent> {
     rows.iter()
@@ -380,7 +349,7 @@ impl Dispatcher {
             .iter()
             .map(|e| known.contains(&e.event_id))
             .collect();
-        for (_, p) in &mut split_off(closed, &take).deliveries {
+        for (_, p) in &mut closed.split_off(&take).deliveries {
             p.ack();
         }
         info!(event_ids = %known.join(","), "acked: redelivered copies of events the ledger already has");
@@ -397,7 +366,7 @@ impl Dispatcher {
         if !take.contains(&true) {
             return;
         }
-        let mut copies = split_off(closed, &take);
+        let mut copies = closed.split_off(&take);
         let notice = copies.notice();
         self.settle
             .park_unattempted(

@@ -534,31 +534,7 @@ impl Settler {
             format_duration(max_age)
         );
         // The expired part as a window of its own, moved to the dead-letter queue.
-        let mut old = Closed {
-            events: Vec::new(),
-            deliveries: Vec::new(),
-            reason: closed.reason,
-            held: 0,
-        };
-        let mut kept_events = Vec::new();
-        let mut new_index = vec![usize::MAX; closed.events.len()];
-        for (i, e) in std::mem::take(&mut closed.events).into_iter().enumerate() {
-            if expired[i] {
-                new_index[i] = old.events.len();
-                old.events.push(e);
-            } else {
-                new_index[i] = kept_events.len();
-                kept_events.push(e);
-            }
-        }
-        for (i, p) in std::mem::take(&mut closed.deliveries) {
-            if expired[i] {
-                old.deliveries.push((new_index[i], p));
-            } else {
-                closed.deliveries.push((new_index[i], p));
-            }
-        }
-        closed.events = kept_events;
+        let mut old = closed.split_off(&expired);
         let dead_queue = self.settings.dead_queue.clone();
         let moved = self
             .move_all(&mut old, |p| {

@@ -89,17 +89,11 @@ pub struct ToHold {
     pub attempts: i32,
 }
 
-/// What a hold's statement writes along with the hold, saving a statement of
-/// its own: the openid the held window carried, and spells whose
-/// `notifier.notice_held` the broker has confirmed since the last write.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Along<'a> {
-    pub openid: Option<&'a str>,
-    pub confirmed: &'a [(String, String)],
-}
-
-/// One notice's hold, owned (carried in a batch; see [`Store::hold`]).
-#[derive(Debug, Clone)]
+/// One notice's hold (see [`Store::hold`]). Besides the events, its
+/// statement writes the openid the window carried and the spells whose
+/// `notifier.notice_held` the broker confirmed since the last write, saving
+/// statements of their own.
+#[derive(Debug, Clone, Default)]
 pub struct HoldArgs {
     pub user_id: String,
     /// The claim the notice made (`""`: none).
@@ -617,29 +611,8 @@ impl Store {
     ///
     /// # Errors
     /// The ledger failed (nothing is written).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn hold(
-        &self,
-        user_id: &str,
-        template_id: &str,
-        notice_id: &str,
-        events: &[ToHold],
-        reason: &'static str,
-        errcode: Option<i32>,
-        guard_version: Option<i64>,
-        along: Along<'_>,
-    ) -> Result<HoldDone> {
-        let args = HoldArgs {
-            user_id: user_id.to_string(),
-            notice_id: notice_id.to_string(),
-            events: events.to_vec(),
-            reason,
-            errcode,
-            guard_version,
-            openid: along.openid.map(str::to_string),
-            confirmed: along.confirmed.to_vec(),
-        };
-        self.hold_in(&self.pool, template_id, &args).await
+    pub async fn hold(&self, template_id: &str, args: &HoldArgs) -> Result<HoldDone> {
+        self.hold_in(&self.pool, template_id, args).await
     }
 
     /// [`Store::hold`] for many notices in one transaction (one commit, so

@@ -12,7 +12,7 @@ use common::ledger::{
 };
 use common::{eventually, fault_for, TestEnv};
 use serde_json::{json, Value};
-use wechat_notifier::ledger::store::{Along, HoldDone, ToHold};
+use wechat_notifier::ledger::store::{HoldArgs, HoldDone, ToHold};
 use wechat_notifier::ledger::Status;
 use wechat_notifier::sim::FaultAction;
 
@@ -202,19 +202,16 @@ async fn a_hold_after_a_credit_was_counted_is_refused_and_a_decrement_counts_onc
         traceparent: None,
         attempts: 0,
     };
-    let refused = s
-        .hold(
-            "u-g",
-            TEMPLATE,
-            "n-0",
-            std::slice::from_ref(&ev),
-            "no_credit",
-            Some(43101),
-            Some(read.credit.version),
-            Along::default(),
-        )
-        .await
-        .unwrap();
+    let hold = |version: i64| HoldArgs {
+        user_id: "u-g".into(),
+        notice_id: "n-0".into(),
+        events: vec![ev.clone()],
+        reason: "no_credit",
+        errcode: Some(43101),
+        guard_version: Some(version),
+        ..HoldArgs::default()
+    };
+    let refused = s.hold(TEMPLATE, &hold(read.credit.version)).await.unwrap();
     assert_eq!(refused, HoldDone::CreditCounted);
     assert!(
         s.held_of("u-g").await.unwrap().is_empty(),
@@ -223,19 +220,7 @@ async fn a_hold_after_a_credit_was_counted_is_refused_and_a_decrement_counts_onc
     // With the current version it holds, once per event id.
     let v = s.user("u-g", TEMPLATE).await.unwrap().credit.version;
     for _ in 0..2 {
-        let done = s
-            .hold(
-                "u-g",
-                TEMPLATE,
-                "n-0",
-                std::slice::from_ref(&ev),
-                "no_credit",
-                Some(43101),
-                Some(v),
-                Along::default(),
-            )
-            .await
-            .unwrap();
+        let done = s.hold(TEMPLATE, &hold(v)).await.unwrap();
         assert!(matches!(done, HoldDone::Held { held: 1, .. }), "{done:?}");
     }
     // A decrement is keyed by its notice id.

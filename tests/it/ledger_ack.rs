@@ -7,45 +7,20 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::ledger::{event, ledger_env, publish_subscription, store, subscription, TEMPLATE};
-use common::{eventually, fault_for, readyz, TestEnv};
+use common::ledger::{
+    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, pg,
+    publish_subscription, someone_waits_on, store, subscription, TEMPLATE,
+};
+use common::{eventually, fault_for, readyz};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection};
-use wechat_notifier::broker::header_str;
-use wechat_notifier::ledger::store::{Along, Store, ToHold};
+use serde_json::json;
 use wechat_notifier::sim::{Api, Fault, FaultAction};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn held_count(s: &Store, user: &str) -> usize {
-    s.held_of(user).await.map(|h| h.len()).unwrap_or(usize::MAX)
-}
-
-/// Per event id, the notice ids WeChat accepted it in.
-fn delivered_in(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for n in env.sim.delivered() {
-        for id in n["event_ids"].as_array().into_iter().flatten() {
-            out.entry(id.as_str().unwrap().to_string())
-                .or_default()
-                .push(n["notice_id"].as_str().unwrap().to_string());
-        }
-    }
-    out
-}
-
-/// `e` made `ms` older than now.
-fn aged(mut e: Value, ms: i64) -> Value {
-    let at = chrono::Local::now().fixed_offset() - chrono::Duration::milliseconds(ms);
-    e["occurred_at"] = json!(at.to_rfc3339());
-    e
-}
 
 /// M-A: a release (two held events, one of them past `NOTIFIER_MAX_AGE`)
 /// meets a configuration fault found on its send, and the session is lost.
@@ -145,53 +120,6 @@ async fn a_held_fault_re_send_of_a_release_settles_the_ledger_with_the_same_ids(
     );
     svc.stop().await;
     env.cleanup().await;
-}
-
-fn schema(env: &TestEnv) -> String {
-    env.settings().ledger.expect("ledger on").schema.clone()
-}
-
-/// A connection of the test's own to the ledger's schema.
-async fn pg(env: &TestEnv) -> PgConnection {
-    let mut c = PgConnection::connect(&common::ledger::ledger_url())
-        .await
-        .unwrap();
-    sqlx::query(&format!("SET search_path TO {}", schema(env)))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c
-}
-
-/// Whether a statement of the service that begins with `statement` waits
-/// for a lock on `table` of the test's schema.
-async fn someone_waits_on(env: &TestEnv, table: &str, statement: &str) -> bool {
-    let n: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-         WHERE NOT l.granted AND a.query LIKE '{statement}%'
-           AND (l.relation = '{s}.{table}'::regclass OR l.locktype = 'transactionid')
-           AND a.query LIKE '%{table}%'",
-        s = schema(env)
-    ))
-    .fetch_one(&mut pg(env).await)
-    .await
-    .unwrap();
-    n > 0
-}
-
-/// The dead letters now in the test's dead queue: (event id, reason).
-async fn dead_ids(env: &TestEnv) -> Vec<(String, String)> {
-    env.drain(&env.dead_queue())
-        .await
-        .into_iter()
-        .map(|(body, p)| {
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            (
-                v["event_id"].as_str().unwrap().to_string(),
-                header_str(&p, "x-notifier-reason").unwrap_or_default(),
-            )
-        })
-        .collect()
 }
 
 /// M-B: the sweep takes two expired events (users A and B) and is kept,
@@ -296,23 +224,7 @@ async fn a_retry_copy_of_a_held_event_waits_while_the_ledger_cannot_be_read() {
     env.declare().await;
     let s = store(&env.settings()).await;
     // The event is held at an exact 0 (as after a 43101 whose ack was lost).
-    s.hold(
-        "u-ac",
-        TEMPLATE,
-        "",
-        &[ToHold {
-            event_id: "ac-1".into(),
-            body: serde_json::to_vec(&e1).unwrap(),
-            traceparent: None,
-            attempts: 0,
-        }],
-        "no_credit",
-        Some(43101),
-        Some(0),
-        Along::default(),
-    )
-    .await
-    .unwrap();
+    held_at_zero(&s, "u-ac", &e1).await;
     let svc = env.start_service().await;
     assert!(
         eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
@@ -380,23 +292,7 @@ async fn an_accept_whose_release_cannot_claim_waits_and_releases_once_the_ledger
     let e1 = event("cl-1", "u-cl", "c1");
     env.declare().await;
     let s = store(&env.settings()).await;
-    s.hold(
-        "u-cl",
-        TEMPLATE,
-        "",
-        &[ToHold {
-            event_id: "cl-1".into(),
-            body: serde_json::to_vec(&e1).unwrap(),
-            traceparent: None,
-            attempts: 0,
-        }],
-        "no_credit",
-        Some(43101),
-        Some(0),
-        Along::default(),
-    )
-    .await
-    .unwrap();
+    held_at_zero(&s, "u-cl", &e1).await;
     let svc = env.start_service().await;
     assert!(
         eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,

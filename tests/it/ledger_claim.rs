@@ -7,87 +7,25 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::ledger::{
-    event, ledger_env, ledger_url, publish_subscription, store, subscription, TEMPLATE,
+    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, ledger_url, pg,
+    publish_subscription, store, subscription, TEMPLATE,
 };
 use common::{eventually, fault_for, readyz, TestEnv};
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use wechat_notifier::broker::header_str;
-use wechat_notifier::ledger::store::{Along, Store, ToHold};
 use wechat_notifier::notice::notice_id;
 use wechat_notifier::sim::FaultAction;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn held_count(s: &Store, user: &str) -> usize {
-    s.held_of(user).await.map(|h| h.len()).unwrap_or(usize::MAX)
-}
-
-fn schema(env: &TestEnv) -> String {
-    env.settings().ledger.expect("ledger on").schema.clone()
-}
-
-/// A connection of the test's own to the ledger's schema.
-async fn pg(env: &TestEnv) -> PgConnection {
-    let mut c = PgConnection::connect(&ledger_url()).await.unwrap();
-    sqlx::query(&format!("SET search_path TO {}", schema(env)))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c
-}
-
-/// Per event id, the notice ids WeChat accepted it in.
-fn delivered_in(env: &TestEnv) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for n in env.sim.delivered() {
-        for id in n["event_ids"].as_array().into_iter().flatten() {
-            out.entry(id.as_str().unwrap().to_string())
-                .or_default()
-                .push(n["notice_id"].as_str().unwrap().to_string());
-        }
-    }
-    out
-}
-
-/// `e` made `ms` older than now.
-fn aged(mut e: Value, ms: i64) -> Value {
-    let at = chrono::Local::now().fixed_offset() - chrono::Duration::milliseconds(ms);
-    e["occurred_at"] = json!(at.to_rfc3339());
-    e
-}
-
-/// Holds `e` for `user` at an exact 0, as after a `43101`.
-async fn held_at_zero(s: &Store, user: &str, e: &Value) {
-    s.hold(
-        user,
-        TEMPLATE,
-        "",
-        &[ToHold {
-            event_id: e["event_id"].as_str().unwrap().into(),
-            body: serde_json::to_vec(e).unwrap(),
-            traceparent: None,
-            attempts: 0,
-        }],
-        "no_credit",
-        Some(43101),
-        Some(0),
-        Along::default(),
-    )
-    .await
-    .unwrap();
-}
 
 /// X1: a release takes an open window along whose first event is past
 /// `NOTIFIER_MAX_AGE` when the call would go: it is dead-lettered and the
@@ -158,18 +96,7 @@ async fn window_events_expiring_before_the_call_leave_the_claim_which_follows_th
         .await
         .unwrap();
     assert_eq!(sends, [sent_id], "the credit spent under the id sent");
-    let dead: Vec<(String, String)> = env
-        .drain(&env.dead_queue())
-        .await
-        .into_iter()
-        .map(|(body, p)| {
-            let v: Value = serde_json::from_slice(&body).unwrap();
-            (
-                v["event_id"].as_str().unwrap().to_string(),
-                header_str(&p, "x-notifier-reason").unwrap_or_default(),
-            )
-        })
-        .collect();
+    let dead = dead_ids(&env).await;
     assert_eq!(dead, [("xe-old".to_string(), "expired".to_string())]);
     svc.stop().await;
     env.cleanup().await;

@@ -11,14 +11,13 @@ use crate::common;
 use std::time::Duration;
 
 use common::ledger::{
-    event, ledger_env, ledger_url, notice_calls_for, publish_subscription, store, subscription,
-    TEMPLATE,
+    event, held_count, ledger_env, notice_calls_for, pg, publish_subscription, schema,
+    someone_waits_on, store, subscription, TEMPLATE,
 };
 use common::{eventually, fault_for, TestEnv};
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
-use sqlx::{Connection, PgConnection};
 use wechat_notifier::broker::{header_int, header_str};
 use wechat_notifier::ledger::store::Store;
 use wechat_notifier::ledger::Status;
@@ -26,16 +25,8 @@ use wechat_notifier::sim::{Api, FaultAction};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn schema(env: &TestEnv) -> String {
-    env.settings().ledger.expect("ledger on").schema.clone()
-}
-
 fn accept(id: &str, user: &str) -> Value {
     subscription(id, user, TEMPLATE, "accept")
-}
-
-async fn held_count(s: &Store, user: &str) -> usize {
-    s.held_of(user).await.map(|h| h.len()).unwrap_or(usize::MAX)
 }
 
 /// The dead letters now in the test's dead queue: (reason, errcode, body).
@@ -394,36 +385,6 @@ fn signal(r: &common::Replica, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
-/// A connection of the test's own to the ledger's schema.
-async fn pg(env: &TestEnv) -> PgConnection {
-    let mut c = PgConnection::connect(&ledger_url()).await.unwrap();
-    sqlx::query(&format!("SET search_path TO {}", schema(env)))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    c
-}
-
-/// Whether a statement of the service that begins with `statement` waits
-/// for a lock on `table` of the test's schema.
-async fn someone_waits_on(
-    c: &mut PgConnection,
-    env: &TestEnv,
-    table: &str,
-    statement: &str,
-) -> bool {
-    let n: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-         WHERE NOT l.granted AND l.relation = '{}.{table}'::regclass
-           AND a.query LIKE '{statement}%'",
-        schema(env)
-    ))
-    .fetch_one(c)
-    .await
-    .unwrap();
-    n > 0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_between_the_ledger_s_hold_and_the_ack_loses_nothing_and_sends_nothing_twice() {
     let env = ledger_env("kill-hold").await;
@@ -531,13 +492,7 @@ async fn a_kill_9_between_a_release_s_send_and_its_ledger_update_repeats_it_only
     publish_subscription(&env, &accept("s-kr", "u-kr")).await;
     assert!(
         eventually(WAIT, || async {
-            someone_waits_on(
-                &mut pg(&env).await,
-                &env,
-                "sends",
-                "WITH q AS (%INSERT INTO sends",
-            )
-            .await
+            someone_waits_on(&env, "sends", "WITH q AS (%INSERT INTO sends").await
         })
         .await,
         "the release's ledger update waits for the test's lock"

@@ -475,11 +475,6 @@ async fn an_unreachable_collector_loses_spans_never_deliveries() {
     env.cleanup().await;
 }
 
-fn ledger_url() -> String {
-    std::env::var("NOTIFIER_TEST_LEDGER_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// With the grant ledger on: a 43101 holds the notice, whose span says so and
 /// whose `notifier.notice_held` signal names the hold's span; the accept's
 /// release links to the held event's trace.
@@ -487,7 +482,7 @@ fn ledger_url() -> String {
 async fn a_hold_s_signal_and_its_release_stay_in_the_event_s_trace() {
     let (collector, endpoint) = Collector::start().await;
     let mut env = traced_env("trace-hold", &endpoint).await;
-    env.set("NOTIFIER_LEDGER_URL", &ledger_url());
+    env.set("NOTIFIER_LEDGER_URL", &common::ledger::ledger_url());
     env.set(
         "NOTIFIER_LEDGER_SCHEMA",
         &format!("t_trace_hold_{:08x}", fastrand::u32(..)),
