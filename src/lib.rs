@@ -31,6 +31,7 @@ pub mod dispatch;
 pub mod event;
 pub mod http;
 pub mod ledger;
+pub mod log_writer;
 pub mod metrics;
 pub mod notice;
 pub mod progress;

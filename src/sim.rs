@@ -124,6 +124,8 @@ struct Inner {
     serial: u64,
     /// Notice calls received and not yet answered.
     in_flight: usize,
+    /// The most notice calls that were in flight at once.
+    peak_in_flight: usize,
     /// Notice calls in flight per assignee, and how often a call came while
     /// another for the same assignee was still in flight (WeChat's 43108).
     in_flight_by_user: HashMap<String, usize>,
@@ -217,6 +219,11 @@ impl Sim {
     /// Notice calls received and not answered yet (held by a delay fault).
     pub fn in_flight(&self) -> usize {
         self.state.lock().in_flight
+    }
+
+    /// The most notice calls that were in flight at once so far.
+    pub fn peak_in_flight(&self) -> usize {
+        self.state.lock().peak_in_flight
     }
 
     /// How many notice calls arrived while another call for the same
@@ -413,6 +420,7 @@ impl<'a> InFlight<'a> {
     fn enter(s: &'a SimState, user: Option<String>) -> Self {
         let mut inner = s.lock();
         inner.in_flight += 1;
+        inner.peak_in_flight = inner.peak_in_flight.max(inner.in_flight);
         if let Some(u) = &user {
             let n = inner.in_flight_by_user.entry(u.clone()).or_default();
             *n += 1;

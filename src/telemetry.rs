@@ -1,12 +1,11 @@
 //! The tracing subscriber: text or JSON (`NOTIFIER_LOG_FORMAT`), level from
 //! `RUST_LOG`. Logs go to stderr so command output (demo, dlq list) stays clean.
 //!
-//! Lines are handed to a writer thread, never written on the caller's thread:
-//! the service has one runtime thread, and a stderr pipe that stalls (a log
-//! collector that stopped reading) must not stop its heartbeats and acks. When
-//! that thread falls `BUFFERED_LINES` behind, lines are dropped and counted
-//! (`log_lines_dropped`, exported by `/metrics`); `flush` writes the rest at exit.
-//! `say` prints a line through the same thread, in order with the logs.
+//! Lines are handed to a writer thread ([`crate::log_writer`]), never written
+//! on the caller's thread. When that thread falls `BUFFERED_BYTES` behind,
+//! lines are dropped and counted (`log_lines_dropped`, exported by
+//! `/metrics`); `flush` writes the rest at exit. `say` prints a line through
+//! the same thread, in order with the logs.
 //!
 //! Two defaults protect operators: colour codes only when stderr is a terminal
 //! (a file or a log collector gets plain text), and lapin's own lines are
@@ -15,10 +14,9 @@
 //! multi-field debug dumps of failures this crate reports anyway, in one line
 //! (a refused login, a closed channel).
 
-use std::io::{IsTerminal, Write};
-use std::sync::{Mutex, OnceLock};
-
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -27,20 +25,15 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
+use crate::log_writer::LineWriter;
 use crate::settings::LogFormat;
 
-/// Lines the writer thread may be behind before new ones are dropped (each
-/// slot of the queue is allocated up front: 32 bytes).
-const BUFFERED_LINES: usize = 16_384;
+/// How far (in bytes of lines) the writer thread may be behind before new
+/// lines are dropped: some 16,000 lines.
+const BUFFERED_BYTES: usize = 4 * 1024 * 1024;
 
-/// The writer thread's guard, dropped by `flush` (which writes what is buffered).
-static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
-
-/// The lines dropped because stderr did not keep up.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
-
-/// The log writer, for the lines `say` prints in order with the logs.
-static WRITER: OnceLock<NonBlocking> = OnceLock::new();
+/// The log writer: for `say`, the dropped count, and the flush at exit.
+static WRITER: OnceLock<LineWriter> = OnceLock::new();
 
 /// The filter used when `RUST_LOG` is not set: `level` for us, nothing from lapin
 /// (`RUST_LOG=info,lapin=warn` brings it back).
@@ -52,17 +45,8 @@ pub fn default_filter(level: &str) -> String {
 pub fn init(format: LogFormat, default_level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default_filter(default_level)));
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("wechat-notifier-log")
-        // Buffered: the writer thread flushes after each burst of lines it
-        // drains, so a burst costs one write instead of one per line.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let dropped = writer.error_counter();
+    let writer = LineWriter::start(std::io::stderr(), BUFFERED_BYTES, "wechat-notifier-log")
+        .expect("the log writer's thread starts");
     let said = writer.clone();
     let ansi = std::io::stderr().is_terminal();
     // With span export on (`trace::init` ran first), JSON lines name the
@@ -97,9 +81,7 @@ pub fn init(format: LogFormat, default_level: &str) {
         .with(crate::trace::enabled().then_some(crate::trace::Warnings))
         .try_init();
     if installed.is_ok() {
-        let _ = DROPPED.set(dropped);
         let _ = WRITER.set(said);
-        *GUARD.lock().unwrap_or_else(|p| p.into_inner()) = Some(guard);
     }
 }
 
@@ -146,16 +128,14 @@ where
 pub fn say(line: &str) {
     match WRITER.get() {
         // One write, one message: no log line can land inside it.
-        Some(w) => {
-            let _ = w.clone().write_all(format!("{line}\n").as_bytes());
-        }
+        Some(w) => w.append(format!("{line}\n").as_bytes()),
         None => eprintln!("{line}"),
     }
 }
 
 /// Log lines dropped so far because stderr did not keep up.
 pub fn log_lines_dropped() -> u64 {
-    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+    WRITER.get().map_or(0, LineWriter::dropped)
 }
 
 /// Writes out the lines still buffered (waiting at most about a second for
@@ -163,8 +143,9 @@ pub fn log_lines_dropped() -> u64 {
 pub fn flush() {
     // The last spans first: their export may log.
     crate::trace::shutdown();
-    let guard = GUARD.lock().unwrap_or_else(|p| p.into_inner()).take();
-    drop(guard);
+    if let Some(w) = WRITER.get() {
+        w.close(Duration::from_secs(1));
+    }
 }
 
 /// The log format asked for, before settings are fully read (for early errors).

@@ -29,10 +29,11 @@ use super::{
     BATCH_ID_MAX_CHARS, CUSTOMER_NAME_MAX_CHARS, EVENT_ID_MAX_CHARS, EVENT_TYPE, ID_MAX_CHARS,
 };
 
-/// The event in `text`, or `None` when anything about it is not plainly valid
+/// The event in `body`, or `None` when anything about it is not plainly valid
 /// (the caller then asks the reference path, which words the rejection).
-pub(super) fn parse(text: &str) -> Option<AssignmentEvent> {
-    serde_json::from_str::<RawEvent>(text).ok()?.validate()
+/// Bytes, not `&str`: a body serde_json reads whole is valid UTF-8.
+pub(super) fn parse(body: &[u8]) -> Option<AssignmentEvent> {
+    serde_json::from_slice::<RawEvent>(body).ok()?.validate()
 }
 
 /// The fields of the top-level object this service reads; `None` is absent or `null`.

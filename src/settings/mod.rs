@@ -79,6 +79,9 @@ pub struct Settings {
     pub batch_max_wait: Duration,
     pub batch_max: usize,
     pub prefetch: u16,
+    /// WeChat calls one replica has under way at once (each waiting for its
+    /// rate slot or its answer).
+    pub max_in_flight: usize,
     pub retry_delays: Vec<Duration>,
     pub max_attempts: u32,
     pub max_age: Duration,
@@ -275,6 +278,7 @@ impl Settings {
             batch_max_wait,
             batch_max: integer(svc, "NOTIFIER_BATCH_MAX", "50", 1usize, 1000)?,
             prefetch: integer(svc, "NOTIFIER_PREFETCH", "2000", 1u16, u16::MAX)?,
+            max_in_flight: integer(svc, "NOTIFIER_MAX_IN_FLIGHT", "64", 1usize, 10_000)?,
             retry_delays: broker::retry_delays(src)?,
             max_attempts: integer(svc, "NOTIFIER_MAX_ATTEMPTS", "10", 1u32, 1000)?,
             max_age: duration(svc, "NOTIFIER_MAX_AGE", "24h")?,
@@ -339,6 +343,7 @@ mod tests {
         assert_eq!(s.batch_max_wait, Duration::from_millis(10000));
         assert_eq!(s.batch_max, 50);
         assert_eq!(s.prefetch, 2000);
+        assert_eq!(s.max_in_flight, 64);
         assert_eq!(s.retry_delays.len(), 5);
         assert_eq!(s.retry_queue(s.retry_delays[2]), "wechat-notifier.retry.2m");
         assert_eq!(s.max_attempts, 10);
@@ -359,6 +364,7 @@ mod tests {
             ("NOTIFIER_BATCH_MAX", "1001"),
             ("NOTIFIER_BATCH_WINDOW_MS", "soon"),
             ("NOTIFIER_PREFETCH", "70000"),
+            ("NOTIFIER_MAX_IN_FLIGHT", "0"),
             ("NOTIFIER_RETRY_DELAYS", "5s,,2m"),
             ("NOTIFIER_MAX_AGE", "1w"),
             ("WECHAT_CALL_TIMEOUT", "15"),

@@ -112,6 +112,11 @@ pub const VARIABLES: &[Variable] = &[
         "unacked deliveries a replica holds",
     ),
     var(
+        "NOTIFIER_MAX_IN_FLIGHT",
+        "64",
+        "WeChat calls a replica has under way",
+    ),
+    var(
         "NOTIFIER_RETRY_DELAYS",
         "5s,30s,2m,10m,30m",
         "the retry ladder, one queue per step",

@@ -462,6 +462,42 @@ async fn calls_are_spaced_by_the_rate_budget() {
     env.cleanup().await;
 }
 
+/// `NOTIFIER_MAX_IN_FLIGHT` bounds the calls under way: 12 assignees' notices,
+/// a rate budget out of the way, WeChat holding each call 400 ms. WeChat sees
+/// exactly 3 at once at most (so calls for different assignees still overlap),
+/// and every notice arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_under_way_never_exceed_notifier_max_in_flight() {
+    let mut env = TestEnv::new("inflight").await;
+    env.set("NOTIFIER_MAX_IN_FLIGHT", "3");
+    env.set("NOTIFIER_RATE_PER_SEC", "1000");
+    env.set("NOTIFIER_RATE_BURST", "100");
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    let svc = env.start_service().await;
+    env.declare().await;
+    env.sim.push_fault(wechat_notifier::sim::Fault {
+        api: Some(Api::InvokeCloudFunction),
+        user_id: None,
+        action: FaultAction::DelayMs(400),
+        times: None,
+    });
+    let events = env.bulk(12, 12, false);
+    env.publish(&events).await;
+
+    assert!(
+        wait_until(WAIT, || env.notified_ids() == ids(&events)).await,
+        "every notice arrives"
+    );
+    assert_eq!(env.sim.delivered().len(), 12);
+    assert_eq!(
+        env.sim.peak_in_flight(),
+        3,
+        "WeChat saw this many calls at once"
+    );
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 /// The broker cancels the consumer (the work queue was deleted) while the
 /// replica holds a backlog in open windows: the session ends, the replica
 /// declares the queue again and consumes what arrives next.
