@@ -585,6 +585,43 @@ mod tests {
         }
     }
 
+    /// Reading bytes, the fast path takes no body with invalid UTF-8 anywhere
+    /// (a value, a key, an unknown field's string, an overlong encoding, an
+    /// encoded surrogate), and `parse` words it as not UTF-8.
+    #[test]
+    fn invalid_utf8_inside_strings_is_never_taken_by_the_fast_path() {
+        let good = valid().to_string();
+        assert!(borrowed::parse(good.as_bytes()).is_some());
+        let spots = [
+            ("\"name\":\"", "a customer's name"),
+            ("\"event_id\":\"", "the event id"),
+            ("{\"", "a key"),
+        ];
+        for bad in [&[0xff][..], &[0xc0, 0x80], &[0xed, 0xa0, 0x80]] {
+            for (spot, what) in spots {
+                let at = good.find(spot).unwrap() + spot.len();
+                let mut body = good.as_bytes().to_vec();
+                body.splice(at..at, bad.iter().copied());
+                assert!(borrowed::parse(&body).is_none(), "{what}, {bad:?}");
+                assert_eq!(
+                    parse(&body).unwrap_err().kind,
+                    InvalidKind::NotUtf8,
+                    "{what}"
+                );
+            }
+            let mut extra = good.clone().into_bytes();
+            extra.pop(); // the closing brace
+            extra.extend_from_slice(b",\"crm\":{\"note\":[\"");
+            extra.extend_from_slice(bad);
+            extra.extend_from_slice(b"\"]}}");
+            assert!(
+                borrowed::parse(&extra).is_none(),
+                "an unknown field, {bad:?}"
+            );
+            assert_eq!(parse(&extra).unwrap_err().kind, InvalidKind::NotUtf8);
+        }
+    }
+
     #[test]
     fn bytes_that_are_not_an_event() {
         assert_eq!(parse(b"{not json").unwrap_err().kind, InvalidKind::NotJson);

@@ -11,7 +11,8 @@
 //! benchmark (one "notice delivered" line per ten events).
 //!
 //! When the writer is `max_buffered` bytes behind, new lines are dropped and
-//! counted ([`LineWriter::dropped`]); [`LineWriter::close`] writes the rest.
+//! counted ([`LineWriter::dropped`]), as are lines whose write failed;
+//! [`LineWriter::close`] writes the rest.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +46,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     lines: Vec<u8>,
+    /// How many appends `lines` holds (counted as dropped if their write fails).
+    count: u64,
     closing: bool,
     finished: bool,
 }
@@ -94,13 +97,14 @@ impl LineWriter {
         }
         let first = s.lines.is_empty();
         s.lines.extend_from_slice(line);
+        s.count += 1;
         drop(s);
         if first {
             self.shared.lines_came.notify_one();
         }
     }
 
-    /// Lines dropped so far because the buffer was full.
+    /// Lines dropped so far: the buffer was full, or their write failed.
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
@@ -144,10 +148,13 @@ fn write_out<W: Write>(shared: &Shared, mut out: W) {
             s = shared.state();
         }
         std::mem::swap(&mut s.lines, &mut spare);
+        let count = std::mem::take(&mut s.count);
         drop(s);
         // A write that fails (stderr closed) loses its lines, as an
-        // unwritable stderr must.
-        let _ = out.write_all(&spare).and_then(|()| out.flush());
+        // unwritable stderr must; they count as dropped.
+        if out.write_all(&spare).and_then(|()| out.flush()).is_err() {
+            shared.dropped.fetch_add(count, Ordering::Relaxed);
+        }
         spare.clear();
         if spare.capacity() > KEEP_CAPACITY {
             spare = Vec::new();
@@ -214,6 +221,28 @@ mod tests {
         // Closed: later lines are lost, not written.
         w.append(b"late\n");
         assert_eq!(sink.0.lock().unwrap().concat(), expected.as_bytes());
+    }
+
+    /// stderr closed: every write fails.
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_whose_write_fails_count_as_dropped() {
+        let w = LineWriter::start(Closed, 1 << 20, "test-log").unwrap();
+        for i in 0..7 {
+            w.append(format!("line {i}\n").as_bytes());
+        }
+        w.close(Duration::from_secs(5));
+        assert_eq!(w.dropped(), 7);
     }
 
     /// stderr nobody reads: the writer thread is stuck in its write.

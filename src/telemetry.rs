@@ -80,8 +80,12 @@ pub fn init(format: LogFormat, default_level: &str) {
         .with(text)
         .with(crate::trace::enabled().then_some(crate::trace::Warnings))
         .try_init();
-    if installed.is_ok() {
-        let _ = WRITER.set(said);
+    match installed {
+        Ok(()) => {
+            let _ = WRITER.set(said);
+        }
+        // Another subscriber was installed first: this writer is not used.
+        Err(_) => said.close(Duration::ZERO),
     }
 }
 

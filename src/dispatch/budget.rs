@@ -123,18 +123,9 @@ impl Budget {
     /// probe turn instead: its notice becomes the one retried.
     pub async fn take(&self) -> Turn {
         let entered = Instant::now();
-        let mut fault = self.fault.subscribe();
         loop {
-            if fault.borrow_and_update().is_some() {
-                tokio::select! {
-                    _ = fault.changed() => {}
-                    probe = self.probe.clone().lock_owned() => {
-                        if self.fault.borrow().is_some() {
-                            return Turn::Probe(probe);
-                        }
-                    }
-                }
-                continue;
+            if let Some(probe) = self.wait_while_held().await {
+                return Turn::Probe(probe);
             }
             let turn = self.turn.lock().await;
             if self.fault.borrow().is_some() {
@@ -149,6 +140,24 @@ impl Budget {
                 Err((left, errcode)) => Turn::Paused { left, errcode },
             };
         }
+    }
+
+    /// Waits while a configuration fault is held, without taking a call
+    /// from the budget: `None` once it is released, or the probe turn when
+    /// nobody retries a notice for it (its notice becomes the one retried).
+    pub async fn wait_while_held(&self) -> Option<ProbeTurn> {
+        let mut fault = self.fault.subscribe();
+        while fault.borrow_and_update().is_some() {
+            tokio::select! {
+                _ = fault.changed() => {}
+                probe = self.probe.clone().lock_owned() => {
+                    if self.fault.borrow().is_some() {
+                        return Some(probe);
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Whether a configuration fault is held.

@@ -769,7 +769,7 @@ impl Dispatcher {
         // A place among the calls in flight, before the token and the slot
         // (so the call still goes out right after its slot). The probe of a
         // held fault takes none: the calls holding places wait for its answer.
-        let _place = match probe {
+        let place = match probe {
             Some(_) => None,
             None => Some(
                 self.in_flight
@@ -779,6 +779,14 @@ impl Dispatcher {
                     .expect("never closed"),
             ),
         };
+        // While a fault is held only the retried notice fetches a token (a
+        // fetch that found the fault, 40125 after a secret rotation, would
+        // otherwise be asked again at once by every window).
+        if probe.is_none() {
+            if let Some(turn) = self.budget.wait_while_held().await {
+                return Attempt::Probe(turn);
+            }
+        }
         // A token before the slot (no slot held during a fetch); the call
         // takes the freshest one after the slot.
         let token = match self.wechat.token().await {
@@ -805,6 +813,7 @@ impl Dispatcher {
             );
         }
         if let Some((left, errcode)) = paused {
+            drop(place); // parking makes no call
             self.settle
                 .park_for_pause(closed, notice, left, errcode)
                 .await;

@@ -187,6 +187,58 @@ async fn a_transient_answer_to_the_retried_notice_does_not_end_a_held_fault() {
     env.cleanup().await;
 }
 
+/// The fault found by a token fetch (the AppSecret rotated, the cached token
+/// rejected): only the retried notice fetches again, once every
+/// `NOTIFIER_CONFIG_RETRY`; the other held windows wait without asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_the_token_fetch_finds_is_retried_once_per_config_retry_not_by_every_window() {
+    let mut env = TestEnv::new("held-token").await;
+    env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
+    env.set("NOTIFIER_CONFIG_RETRY", "1s");
+    env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
+    env.declare().await;
+    let svc = env.start_service().await;
+    assert!(
+        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
+        "ready"
+    );
+    // Every fetch from now on answers 40125 (invalid AppSecret), and the
+    // token in hand is rejected at its next use.
+    env.sim
+        .push_fault(on(Api::StableToken, FaultAction::Errcode(40125), None));
+    env.sim
+        .push_fault(on(Api::Token, FaultAction::Errcode(40125), None));
+    env.sim.expire_tokens();
+    let fetches = || {
+        env.sim
+            .calls()
+            .iter()
+            .filter(|c| matches!(c.api, Api::StableToken | Api::Token))
+            .count()
+    };
+    let events = env.bulk(8, 8, false);
+    env.publish(&events).await;
+    wait_for_fault(&svc.http).await;
+    // Windows that close while the fault is held: no token is cached now.
+    let mut later = env.bulk(8, 8, false);
+    for e in &mut later {
+        let user = format!("later-{}", e["assignee"]["user_id"].as_str().unwrap());
+        e["assignee"]["user_id"] = json!(user);
+    }
+    env.publish(&later).await;
+    let at_hold = fetches();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let in_3s = fetches() - at_hold;
+    assert!(
+        in_3s <= 5,
+        "{in_3s} token fetches in 3 s with NOTIFIER_CONFIG_RETRY=1s (16 windows held)"
+    );
+    assert!(in_3s >= 1, "the retried notice still fetches");
+    assert!(env.sim.delivered().is_empty());
+    svc.stop().await;
+    env.cleanup().await;
+}
+
 /// In the direct mode an event without an openid is judged before any call:
 /// it is dead-lettered `no_openid`, and it never ends a held fault (only
 /// WeChat's answer may), even when it would have been the notice retried.
