@@ -66,11 +66,7 @@ async fn after_a_reconnect_during_a_held_fault_each_event_is_accepted_once() {
     env.set("NOTIFIER_BATCH_WINDOW_MS", "50");
     env.set("NOTIFIER_CONFIG_RETRY", "300ms");
     env.declare().await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     // Only a real send finds it (the function's own template check).
     env.sim.push_fault(on(
         Api::InvokeCloudFunction,
@@ -126,11 +122,7 @@ async fn a_transient_answer_to_the_retried_notice_does_not_end_a_held_fault() {
     // The held windows cannot be sent: the stop gives up on them quickly.
     env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
     env.declare().await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     let held = on(
         Api::InvokeCloudFunction,
         FaultAction::NoticeFunctionErrcode(85088),
@@ -197,11 +189,7 @@ async fn a_fault_the_token_fetch_finds_is_retried_once_per_config_retry_not_by_e
     env.set("NOTIFIER_CONFIG_RETRY", "1s");
     env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
     env.declare().await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     // Every fetch from now on answers 40125 (invalid AppSecret), and the
     // token in hand is rejected at its next use.
     env.sim
@@ -257,11 +245,7 @@ async fn a_local_no_openid_verdict_does_not_end_a_held_fault() {
     env.set("NOTIFIER_MAX_AGE", "4s");
     env.set("NOTIFIER_SHUTDOWN_GRACE", "1s");
     env.declare().await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     env.sim
         .push_fault(on(Api::SubscribeSend, FaultAction::Errcode(40164), None));
     // The first notice finds the fault and is the one retried until it expires.

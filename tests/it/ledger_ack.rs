@@ -10,7 +10,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::ledger::{
-    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, pg,
+    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, locked, pg,
     publish_subscription, someone_waits_on, store, subscription, TEMPLATE,
 };
 use common::{eventually, fault_for, readyz};
@@ -225,18 +225,9 @@ async fn a_retry_copy_of_a_held_event_waits_while_the_ledger_cannot_be_read() {
     let s = store(&env.settings()).await;
     // The event is held at an exact 0 (as after a 43101 whose ack was lost).
     held_at_zero(&s, "u-ac", &e1).await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     // The test locks the counts: reading the user fails (statement timeout).
-    let mut c = pg(&env).await;
-    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-    sqlx::query("LOCK TABLE credits IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    let mut c = locked(&env, "credits", "ACCESS EXCLUSIVE").await;
     let mut h = FieldTable::default();
     h.insert(
         "x-notifier-first-failed-at".into(),
@@ -293,18 +284,9 @@ async fn an_accept_whose_release_cannot_claim_waits_and_releases_once_the_ledger
     env.declare().await;
     let s = store(&env.settings()).await;
     held_at_zero(&s, "u-cl", &e1).await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     // Reads go on (the accept is counted); the claim's row locks wait and time out.
-    let mut c = pg(&env).await;
-    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-    sqlx::query("LOCK TABLE held IN EXCLUSIVE MODE")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    let mut c = locked(&env, "held", "EXCLUSIVE").await;
     publish_subscription(&env, &subscription("s-cl", "u-cl", TEMPLATE, "accept")).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::ledger::{
-    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, ledger_url, pg,
-    publish_subscription, store, subscription, TEMPLATE,
+    aged, dead_ids, delivered_in, event, held_at_zero, held_count, ledger_env, ledger_url, locked,
+    pg, publish_subscription, store, subscription, TEMPLATE,
 };
-use common::{eventually, fault_for, readyz, TestEnv};
+use common::{eventually, fault_for, TestEnv};
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,11 +42,7 @@ async fn window_events_expiring_before_the_call_leave_the_claim_which_follows_th
     env.declare().await;
     let s = store(&env.settings()).await;
     held_at_zero(&s, "u-xe", &h1).await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     // The release is slow at WeChat: the test reads the claim during the call.
     env.sim
         .push_fault(fault_for(&h1, FaultAction::DelayMs(3000), Some(1)));
@@ -118,17 +114,8 @@ async fn an_accept_that_took_a_window_along_is_not_acked_before_its_release() {
     env.declare().await;
     let s = store(&env.settings()).await;
     held_at_zero(&s, "u-cw", &h1).await;
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
-    let mut c = pg(&env).await;
-    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-    sqlx::query("LOCK TABLE held IN EXCLUSIVE MODE")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    let svc = env.start_ready().await;
+    let mut c = locked(&env, "held", "EXCLUSIVE").await;
     env.publish(&[event("cw-2", "u-cw", "c2")]).await;
     publish_subscription(&env, &subscription("s-cw", "u-cw", TEMPLATE, "accept")).await;
     assert!(
@@ -309,11 +296,7 @@ async fn a_claim_whose_commit_answer_is_lost_is_undone_before_the_window_goes_al
     held_at_zero(&s, "u-lc", &h1).await;
     let proxy = LostCommit::start(Duration::ZERO).await;
     env.set("NOTIFIER_LEDGER_URL", &proxy.url());
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     env.publish(&[event("lc-2", "u-lc", "c2")]).await;
     publish_subscription(&env, &subscription("s-lc", "u-lc", TEMPLATE, "accept")).await;
     assert!(
@@ -365,11 +348,7 @@ async fn a_claim_whose_commit_answer_is_lost_and_cannot_be_undone_parks_the_wind
     held_at_zero(&s, "u-lp", &h1).await;
     let proxy = LostCommit::start(Duration::from_secs(5)).await;
     env.set("NOTIFIER_LEDGER_URL", &proxy.url());
-    let svc = env.start_service().await;
-    assert!(
-        eventually(WAIT, || async { readyz(&svc.http).await.0 == 200 }).await,
-        "ready"
-    );
+    let svc = env.start_ready().await;
     env.publish(&[event("lp-2", "u-lp", "c2")]).await;
     publish_subscription(&env, &subscription("s-lp", "u-lp", TEMPLATE, "accept")).await;
     assert!(

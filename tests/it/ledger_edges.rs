@@ -11,7 +11,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::ledger::{
-    event, held_count, ledger_env, notice_calls_for, pg, publish_subscription, schema,
+    event, held_count, ledger_env, locked, notice_calls_for, pg, publish_subscription, schema,
     someone_waits_on, store, subscription, TEMPLATE,
 };
 use common::{eventually, fault_for, TestEnv};
@@ -483,12 +483,7 @@ async fn a_kill_9_between_a_release_s_send_and_its_ledger_update_repeats_it_only
         .await
     );
     // The test holds `sends`: the release's decrement waits for it, after WeChat accepted.
-    let mut c = pg(&env).await;
-    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-    sqlx::query("LOCK TABLE sends IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    let mut c = locked(&env, "sends", "SHARE ROW EXCLUSIVE").await;
     publish_subscription(&env, &accept("s-kr", "u-kr")).await;
     assert!(
         eventually(WAIT, || async {

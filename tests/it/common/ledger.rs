@@ -108,6 +108,18 @@ pub async fn pg(env: &TestEnv) -> PgConnection {
     c
 }
 
+/// A connection of the test's own holding `table` locked in `mode` (an
+/// open transaction) until it is rolled back or dropped.
+pub async fn locked(env: &TestEnv, table: &str, mode: &str) -> PgConnection {
+    let mut c = pg(env).await;
+    sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN {mode} MODE"))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
 /// Whether a statement of the service that begins with `statement` (a
 /// `LIKE` pattern) waits for a lock on `table` of the test's schema, or on
 /// a transaction that holds rows of it.

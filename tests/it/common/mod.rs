@@ -155,6 +155,19 @@ impl TestEnv {
         }
     }
 
+    /// Starts the service in this process and waits until `/readyz` answers 200.
+    pub async fn start_ready(&self) -> InProcess {
+        let svc = self.start_service().await;
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                readyz(&svc.http).await.0 == 200
+            })
+            .await,
+            "ready"
+        );
+        svc
+    }
+
     /// Starts the service as a real process with this test's settings.
     pub fn spawn_process(&self) -> Replica {
         self.spawn_process_logging(None)
