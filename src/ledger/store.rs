@@ -197,10 +197,13 @@ impl Store {
     }
 
     /// Times one statement (the ledger's statement-duration histogram).
-    fn timed(&self, started: Instant) {
+    async fn timed<T>(&self, statement: impl std::future::Future<Output = T>) -> T {
+        let started = Instant::now();
+        let r = statement.await;
         if let Some(m) = &self.metrics {
             m.ledger_statement.observe(started.elapsed().as_secs_f64());
         }
+        r
     }
 
     /// Creates the schema and runs the embedded migrations under the
@@ -263,12 +266,8 @@ impl Store {
     /// # Errors
     /// Unreachable, or not migrated.
     pub async fn ping(&self) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query("SELECT count(*) FROM credits WHERE false")
-            .execute(&self.pool)
-            .await;
-        self.timed(started);
-        r?;
+        let statement = sqlx::query("SELECT count(*) FROM credits WHERE false").execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -287,8 +286,7 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn users(&self, user_ids: &[String], template_id: &str) -> Result<Vec<UserRow>> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT c.count, c.exact, c.version,
                     EXTRACT(EPOCH FROM now() - c.probed_at)::float8 AS since_probe,
                     u.openid,
@@ -301,9 +299,8 @@ impl Store {
         )
         .bind(user_ids)
         .bind(template_id)
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         rows?
             .iter()
             .map(|row| {
@@ -335,15 +332,13 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn known(&self, ids: &[String]) -> Result<Vec<String>> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT event_id FROM held WHERE event_id = ANY($1)
              UNION SELECT event_id FROM settled WHERE event_id = ANY($1) AND kind <> 'subscription'",
         )
         .bind(ids)
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         Ok(rows?.iter().map(|r| r.get::<String, _>(0)).collect())
     }
 
@@ -353,10 +348,9 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn remember_openids(&self, pairs: &[(String, String)]) -> Result<Vec<()>> {
-        let started = Instant::now();
         let (users, openids): (Vec<&str>, Vec<&str>) =
             pairs.iter().map(|(u, o)| (u.as_str(), o.as_str())).unzip();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "INSERT INTO users (user_id, openid)
              SELECT DISTINCT ON (user_id) user_id, openid
              FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(user_id, openid, i)
@@ -365,10 +359,8 @@ impl Store {
         )
         .bind(&users)
         .bind(&openids)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(vec![(); pairs.len()])
     }
 
@@ -390,10 +382,8 @@ impl Store {
         window: &[ToHold],
         make_id: impl FnOnce(&[HeldRow]) -> String,
     ) -> std::result::Result<Claim, ClaimError> {
-        let started = Instant::now();
-        let r = self.claim_tx(user_id, template_id, window, make_id).await;
-        self.timed(started);
-        r
+        self.timed(self.claim_tx(user_id, template_id, window, make_id))
+            .await
     }
 
     async fn claim_tx(
@@ -492,12 +482,11 @@ impl Store {
         notices: &[(String, String)],
         template_id: &str,
     ) -> Result<Vec<Spent>> {
-        let started = Instant::now();
         let (ids, users): (Vec<&str>, Vec<&str>) = notices
             .iter()
             .map(|(n, u)| (n.as_str(), u.as_str()))
             .unzip();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "WITH q AS (
                 SELECT * FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(notice_id, user_id, i)),
              s AS (
@@ -528,9 +517,8 @@ impl Store {
         .bind(&ids)
         .bind(&users)
         .bind(template_id)
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         rows?
             .iter()
             .map(|row| {
@@ -557,11 +545,10 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn unclaim(&self, notice_id: &str, keep_window: bool) -> Result<()> {
-        let started = Instant::now();
         // `keep_window`: a notice sent again after a crash; its window's
         // deliveries may have been acked on these rows, so they stay held
         // (released with the user's next notice) instead of being deleted.
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window' AND NOT $2)
              UPDATE held SET claimed_by = NULL,
                reason = CASE WHEN reason = 'window' THEN 'no_credit' ELSE reason END
@@ -569,10 +556,8 @@ impl Store {
         )
         .bind(notice_id)
         .bind(keep_window)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -585,8 +570,7 @@ impl Store {
     /// # Errors
     /// The ledger failed (nothing changed).
     pub async fn reclaim(&self, from: &str, to: &str, expired: &[String]) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "WITH d AS (DELETE FROM held WHERE claimed_by = $1 AND reason = 'window'
                         AND event_id = ANY($3))
              UPDATE held SET claimed_by = $2
@@ -595,10 +579,8 @@ impl Store {
         .bind(from)
         .bind(to)
         .bind(expired)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -639,7 +621,6 @@ impl Store {
     where
         E: sqlx::Executor<'e, Database = sqlx::Postgres>,
     {
-        let started = Instant::now();
         let (conf_users, conf_templates): (Vec<&str>, Vec<&str>) = a
             .confirmed
             .iter()
@@ -649,7 +630,7 @@ impl Store {
         let bodies: Vec<&[u8]> = a.events.iter().map(|e| e.body.as_slice()).collect();
         let traces: Vec<Option<&str>> = a.events.iter().map(|e| e.traceparent.as_deref()).collect();
         let attempts: Vec<i32> = a.events.iter().map(|e| e.attempts).collect();
-        let row = sqlx::query(
+        let statement = sqlx::query(
             "WITH g AS (
                 INSERT INTO credits AS c (user_id, template_id, count, exact, version)
                 SELECT $1, $2, 0, true, 0 WHERE $4
@@ -702,10 +683,8 @@ impl Store {
         .bind(a.openid.as_deref())
         .bind(&conf_users)
         .bind(&conf_templates)
-        .fetch_one(ex)
-        .await;
-        self.timed(started);
-        let row = row?;
+        .fetch_one(ex);
+        let row = self.timed(statement).await?;
         if !row.try_get::<bool, _>("ok")? {
             return Ok(HoldDone::CreditCounted);
         }
@@ -729,8 +708,7 @@ impl Store {
         openid: Option<&str>,
         status: Status,
     ) -> Result<Counted> {
-        let started = Instant::now();
-        let row = sqlx::query(
+        let statement = sqlx::query(
             "WITH s AS (
                 INSERT INTO settled (event_id, kind) VALUES ($1, 'subscription')
                 ON CONFLICT DO NOTHING RETURNING 1),
@@ -762,10 +740,8 @@ impl Store {
         .bind(template_id)
         .bind(status.as_str())
         .bind(openid)
-        .fetch_one(&self.pool)
-        .await;
-        self.timed(started);
-        let row = row?;
+        .fetch_one(&self.pool);
+        let row = self.timed(statement).await?;
         Ok(Counted {
             counted: row.try_get("counted")?,
             credit: Credit {
@@ -783,16 +759,13 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn probed(&self, user_id: &str, template_id: &str) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "UPDATE credits SET probed_at = now() WHERE user_id = $1 AND template_id = $2",
         )
         .bind(user_id)
         .bind(template_id)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -801,8 +774,7 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn held_users(&self, limit: i64) -> Result<Vec<HeldUser>> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT h.user_id, h.template_id, count(*) AS held, min(h.held_at) AS oldest,
                     (array_agg(h.reason ORDER BY h.held_at))[1] AS reason,
                     coalesce(c.count, 0) AS count, coalesce(c.exact, false) AS exact,
@@ -815,9 +787,8 @@ impl Store {
              ORDER BY oldest LIMIT $1",
         )
         .bind(limit)
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         rows?
             .iter()
             .map(|r| {
@@ -845,15 +816,13 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn held_of(&self, user_id: &str) -> Result<Vec<(String, HeldRow)>> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT template_id, event_id, body, reason, errcode, held_at, claimed_by, traceparent, attempts
              FROM held WHERE user_id = $1 AND reason <> 'window' ORDER BY held_at, seq",
         )
         .bind(user_id)
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         rows?
             .iter()
             .map(|r| Ok((r.try_get("template_id")?, held_row(r)?)))
@@ -868,18 +837,16 @@ impl Store {
         &self,
         user_id: &str,
     ) -> Result<(Vec<(String, Credit)>, Option<String>)> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT template_id, count, exact, version FROM credits WHERE user_id = $1 ORDER BY template_id",
         )
         .bind(user_id)
-        .fetch_all(&self.pool)
-        .await;
-        let openid = sqlx::query("SELECT openid FROM users WHERE user_id = $1")
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
+        let statement = sqlx::query("SELECT openid FROM users WHERE user_id = $1")
             .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await;
-        self.timed(started);
+            .fetch_optional(&self.pool);
+        let openid = self.timed(statement).await;
         let credits = rows?
             .iter()
             .map(|r| {
@@ -943,13 +910,12 @@ impl Store {
         limit: i64,
         expire: bool,
     ) -> Result<(Vec<(String, HeldRow)>, Vec<(String, HeldRow)>)> {
-        let started = Instant::now();
         let mark = format!("{:08x}", fastrand::u32(..));
         let expired = if !expire {
             Ok(Vec::new())
         } else {
-            sqlx::query(&format!(
-            "WITH e AS (
+            let sql = format!(
+                "WITH e AS (
                 SELECT h.event_id
                 FROM held h LEFT JOIN credits c ON c.user_id = h.user_id AND c.template_id = h.template_id
                 WHERE {free} AND h.reason <> 'window'
@@ -961,17 +927,18 @@ impl Store {
              RETURNING held.template_id, held.user_id, held.event_id, held.body, held.reason,
                        held.errcode, held.held_at, held.claimed_by, held.traceparent, held.attempts,
                        held.seq",
-            free = unmarked("h"),
-        ))
-        .bind(hold_for.as_secs_f64())
-        .bind(limit)
-        .bind(&mark)
-        .bind(SWEEP_MARK_STALE.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await
+                free = unmarked("h"),
+            );
+            let statement = sqlx::query(&sql)
+                .bind(hold_for.as_secs_f64())
+                .bind(limit)
+                .bind(&mark)
+                .bind(SWEEP_MARK_STALE.as_secs_f64())
+                .fetch_all(&self.pool);
+            self.timed(statement).await
         };
         // After the expired ones (marked now, so not taken twice).
-        let over = sqlx::query(&format!(
+        let sql = format!(
             "WITH o AS (
                 SELECT event_id FROM (
                   SELECT h.event_id, h.claimed_by, h.held_at, h.seq,
@@ -986,14 +953,14 @@ impl Store {
                        held.seq",
             free = unmarked("h"),
             held_free = unmarked("held"),
-        ))
-        .bind(i64::from(max))
-        .bind(limit)
-        .bind(&mark)
-        .bind(SWEEP_MARK_STALE.as_secs_f64())
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        );
+        let statement = sqlx::query(&sql)
+            .bind(i64::from(max))
+            .bind(limit)
+            .bind(&mark)
+            .bind(SWEEP_MARK_STALE.as_secs_f64())
+            .fetch_all(&self.pool);
+        let over = self.timed(statement).await;
         // RETURNING keeps no order: oldest first again.
         let read = |rows: Vec<sqlx::postgres::PgRow>| -> Result<Vec<(String, HeldRow)>> {
             let mut out = rows
@@ -1019,8 +986,7 @@ impl Store {
     /// # Errors
     /// The ledger failed (the copy may be repeated: at worst a duplicate dead letter).
     pub async fn dropped(&self, event_id: &str, by: Option<&str>) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "WITH d AS (DELETE FROM held WHERE event_id = $1 AND claimed_by IS NOT DISTINCT FROM $2
                         RETURNING user_id, template_id),
              st AS (INSERT INTO settled (event_id, kind) SELECT $1, 'expired' FROM d
@@ -1032,10 +998,8 @@ impl Store {
         )
         .bind(event_id)
         .bind(by)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -1045,16 +1009,13 @@ impl Store {
     /// # Errors
     /// The ledger failed (the mark is taken over once it is stale).
     pub async fn unmark(&self, event_id: &str, by: &str) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "UPDATE held SET claimed_by = NULL WHERE event_id = $1 AND claimed_by = $2",
         )
         .bind(event_id)
         .bind(by)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -1065,17 +1026,15 @@ impl Store {
     pub async fn unconfirmed_spells(
         &self,
     ) -> Result<Vec<(String, String, String, u64, DateTime<Utc>)>> {
-        let started = Instant::now();
-        let rows = sqlx::query(
+        let statement = sqlx::query(
             "SELECT s.user_id, s.template_id, s.reason, count(h.event_id) AS held,
                     coalesce(min(h.held_at), s.started_at) AS oldest
              FROM spells s LEFT JOIN held h ON h.user_id = s.user_id AND h.template_id = s.template_id
              WHERE NOT s.signal_confirmed
              GROUP BY s.user_id, s.template_id, s.reason, s.started_at LIMIT 500",
         )
-        .fetch_all(&self.pool)
-        .await;
-        self.timed(started);
+        .fetch_all(&self.pool);
+        let rows = self.timed(statement).await;
         rows?
             .iter()
             .map(|r| {
@@ -1096,20 +1055,17 @@ impl Store {
     /// # Errors
     /// The ledger failed (the sweep publishes them again).
     pub async fn signals_confirmed(&self, spells: &[(String, String)]) -> Result<()> {
-        let started = Instant::now();
         let (users, templates): (Vec<&str>, Vec<&str>) =
             spells.iter().map(|(u, t)| (u.as_str(), t.as_str())).unzip();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "UPDATE spells SET signal_confirmed = true
              FROM unnest($1::text[], $2::text[]) AS x(u, t)
              WHERE spells.user_id = x.u AND spells.template_id = x.t",
         )
         .bind(&users)
         .bind(&templates)
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -1119,18 +1075,15 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn forget_old(&self, hold_for: Duration) -> Result<()> {
-        let started = Instant::now();
-        let r = sqlx::query(
+        let statement = sqlx::query(
             "WITH a AS (DELETE FROM settled WHERE at < now() - make_interval(secs => $1)),
              b AS (DELETE FROM sends WHERE at < now() - make_interval(secs => $1))
              DELETE FROM users u WHERE u.seen_at < now() - make_interval(secs => $1)
                AND NOT EXISTS (SELECT 1 FROM held h WHERE h.user_id = u.user_id)",
         )
         .bind(hold_for.as_secs_f64())
-        .execute(&self.pool)
-        .await;
-        self.timed(started);
-        r?;
+        .execute(&self.pool);
+        self.timed(statement).await?;
         Ok(())
     }
 
@@ -1140,17 +1093,14 @@ impl Store {
     /// # Errors
     /// The ledger failed.
     pub async fn totals(&self) -> Result<(u64, u64, u64)> {
-        let started = Instant::now();
-        let row = sqlx::query(
+        let statement = sqlx::query(
             "SELECT count(*) AS events, count(DISTINCT user_id) AS users,
                     (SELECT count(*) FROM (SELECT user_id FROM held WHERE reason <> 'window'
                       GROUP BY user_id HAVING min(held_at) < now() - interval '1 day') x) AS old
              FROM held WHERE reason <> 'window'",
         )
-        .fetch_one(&self.pool)
-        .await;
-        self.timed(started);
-        let row = row?;
+        .fetch_one(&self.pool);
+        let row = self.timed(statement).await?;
         let n = |c: &str| -> Result<u64> { Ok(row.try_get::<i64, _>(c)?.max(0) as u64) };
         Ok((n("events")?, n("users")?, n("old")?))
     }
