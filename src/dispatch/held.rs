@@ -266,13 +266,11 @@ impl Dispatcher {
                         if r.is_err() && !closed.events.is_empty() {
                             let notice = closed.notice();
                             self.settle
-                                .park_unattempted(
+                                .park_for_ledger(
                                     &mut closed,
                                     &notice,
-                                    self.settle.rules().rung(0),
-                                    "the grant ledger lost the answer to a claim and could not undo it; the window waits in a retry queue (not a failed attempt)".into(),
+                                    "the grant ledger lost the answer to a claim and could not undo it; the window waits in a retry queue (not a failed attempt)",
                                     None,
-                                    "ledger",
                                 )
                                 .await;
                             return (Ended::ParkedForLedger, true);
@@ -369,13 +367,11 @@ impl Dispatcher {
         let mut copies = closed.split_off(&take);
         let notice = copies.notice();
         self.settle
-            .park_unattempted(
+            .park_for_ledger(
                 &mut copies,
                 &notice,
-                self.settle.rules().rung(0),
-                "the grant ledger is unavailable; a copy of an event it may hold waits in a retry queue (not a failed attempt)".into(),
+                "the grant ledger is unavailable; a copy of an event it may hold waits in a retry queue (not a failed attempt)",
                 None,
-                "ledger",
             )
             .await;
     }
@@ -580,15 +576,12 @@ impl Dispatcher {
         notice: &Notice,
         errcode: Option<i64>,
     ) -> OnHold {
-        let delay = self.settle.rules().rung(0);
         self.settle
-            .park_unattempted(
+            .park_for_ledger(
                 closed,
                 notice,
-                delay,
-                "the grant ledger is unavailable; the notice waits in a retry queue (not a failed attempt)".into(),
+                "the grant ledger is unavailable; the notice waits in a retry queue (not a failed attempt)",
                 errcode,
-                "ledger",
             )
             .await;
         OnHold::Parked

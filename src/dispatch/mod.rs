@@ -832,13 +832,11 @@ impl Dispatcher {
                 if let Some(ctx) = ledger {
                     if !self.follow_claim(ctx, &before, notice).await {
                         self.settle
-                            .park_unattempted(
+                            .park_for_ledger(
                                 closed,
                                 notice,
-                                self.settle.rules().rung(0),
-                                "the grant ledger is unavailable and the notice's claim could not follow its events' expiry; the notice waits in a retry queue (not a failed attempt)".into(),
+                                "the grant ledger is unavailable and the notice's claim could not follow its events' expiry; the notice waits in a retry queue (not a failed attempt)",
                                 None,
-                                "ledger",
                             )
                             .await;
                         return Attempt::ParkedForLedger;

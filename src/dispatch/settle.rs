@@ -314,11 +314,26 @@ impl Settler {
             .await;
     }
 
+    /// The grant ledger cannot be read or written: parks every delivery of
+    /// the window in the first retry queue without counting a failed
+    /// attempt (`retries_total{reason="ledger"}`); `detail` says why.
+    pub async fn park_for_ledger(
+        &self,
+        closed: &mut Closed<Pending>,
+        notice: &Notice,
+        detail: &str,
+        errcode: Option<i64>,
+    ) {
+        let delay = self.rules.rung(0);
+        self.park_unattempted(closed, notice, delay, detail.into(), errcode, "ledger")
+            .await;
+    }
+
     /// Parks every delivery of a window in the retry queue of `delay`
     /// without counting a failed attempt (a quota pause, the grant ledger
     /// unavailable): the messages come back, their attempts unchanged.
     /// Counted in `retries_total` under `why`.
-    pub async fn park_unattempted(
+    async fn park_unattempted(
         &self,
         closed: &mut Closed<Pending>,
         notice: &Notice,
