@@ -662,8 +662,7 @@ impl Dispatcher {
         };
         let id = claim.claimed.unwrap_or_else(|| notice_id.to_string());
         let template = ledger.template_id().to_string();
-        let r = ledger.store().accepted(&id, &claim.user, &template).await;
-        ledger.record(&r);
+        let r = ledger.accepted(id.clone(), claim.user.clone()).await;
         ledger.forget(&claim.user);
         match r {
             Ok(spent) => self.credits_low(&claim.user, &template, spent).await,
