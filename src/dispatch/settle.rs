@@ -342,20 +342,9 @@ impl Settler {
         errcode: Option<i64>,
         why: &'static str,
     ) -> usize {
-        let now = Utc::now();
         let queue = self.settings.retry_queue(delay);
         let moved = self
-            .move_all(closed, |p| {
-                let h = ParkHeaders::new(
-                    Reason::RetriesExhausted,
-                    detail.clone(),
-                    errcode,
-                    p.attempts,
-                    p.first_failed_at.as_deref(),
-                    now,
-                );
-                (queue.clone(), h)
-            })
+            .move_unattempted(closed, &queue, &detail, errcode, why)
             .await;
         let ids: Vec<&str> = moved.iter().map(|(id, _, _)| id.as_str()).collect();
         info!(
@@ -366,8 +355,35 @@ impl Settler {
             event_ids = %ids.join(","),
             "parked, not as a failed attempt"
         );
-        self.metrics.retry(why, moved.len() as u64);
         moved.len()
+    }
+
+    /// Moves every delivery of `closed` to `queue` with its attempts
+    /// unchanged, counted in `retries_total` under `why`.
+    async fn move_unattempted(
+        &self,
+        closed: &mut Closed<Pending>,
+        queue: &str,
+        detail: &str,
+        errcode: Option<i64>,
+        why: &'static str,
+    ) -> Vec<(String, String, ParkHeaders)> {
+        let now = Utc::now();
+        let moved = self
+            .move_all(closed, |p| {
+                let h = ParkHeaders::new(
+                    Reason::RetriesExhausted,
+                    detail.to_string(),
+                    errcode,
+                    p.attempts,
+                    p.first_failed_at.as_deref(),
+                    now,
+                );
+                (queue.to_string(), h)
+            })
+            .await;
+        self.metrics.retry(why, moved.len() as u64);
+        moved
     }
 
     /// Acks every delivery of a window whose events the grant ledger now
@@ -382,22 +398,9 @@ impl Settler {
     /// counting a failed attempt (the grant ledger unavailable: counted in
     /// `retries_total` as `ledger`).
     pub async fn park_one_unattempted(&self, p: Pending, delay: Duration, detail: String) {
-        self.metrics.retry("ledger", 1);
-        let mut one = single(p);
         let queue = self.settings.retry_queue(delay);
-        let now = Utc::now();
-        self.move_all(&mut one, |p| {
-            let h = ParkHeaders::new(
-                Reason::RetriesExhausted,
-                detail.clone(),
-                None,
-                p.attempts,
-                p.first_failed_at.as_deref(),
-                now,
-            );
-            (queue.clone(), h)
-        })
-        .await;
+        self.move_unattempted(&mut single(p), &queue, &detail, None, "ledger")
+            .await;
     }
 
     /// Parks one delivery (an accept whose release failed for now) on its
