@@ -89,6 +89,26 @@ fn attr(s: &Span, key: &str) -> Option<AnyValue> {
         .and_then(|v| v.value)
 }
 
+/// No access token the simulator issued, no AppSecret and no person's or
+/// customer's name of `events` in `bytes` (what the collector received).
+fn assert_nothing_secret(bytes: &[u8], env: &TestEnv, events: &[Value]) {
+    let tokens = env.sim.issued_tokens();
+    assert!(!tokens.is_empty());
+    for t in &tokens {
+        assert!(!contains(bytes, t), "an access token was exported");
+    }
+    assert!(
+        !contains(bytes, &env.sim.config().secret),
+        "the secret was exported"
+    );
+    for e in events {
+        for who in [&e["customer"], &e["assignee"], &e["assigned_by"]] {
+            let name = who["name"].as_str().unwrap();
+            assert!(!contains(bytes, name), "a name was exported: {name}");
+        }
+    }
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     !needle.is_empty()
         && haystack
@@ -257,22 +277,7 @@ async fn a_coalesced_notice_links_the_twelve_traces_it_covers() {
     assert_eq!(delivered_line["trace_id"], hex(&notice.trace_id).as_str());
     assert_eq!(delivered_line["span_id"], hex(&notice.span_id).as_str());
     // No secret and no customer's name in anything exported.
-    let bytes = collector.bytes();
-    let tokens = env.sim.issued_tokens();
-    assert!(!tokens.is_empty());
-    for t in &tokens {
-        assert!(!contains(&bytes, t), "an access token was exported");
-    }
-    assert!(
-        !contains(&bytes, &env.sim.config().secret),
-        "the secret was exported"
-    );
-    for e in &events {
-        for who in [&e["customer"], &e["assignee"], &e["assigned_by"]] {
-            let name = who["name"].as_str().unwrap();
-            assert!(!contains(&bytes, name), "a name was exported: {name}");
-        }
-    }
+    assert_nothing_secret(&collector.bytes(), &env, &events);
     replica.sigterm();
     let _ = std::fs::remove_file(&log);
     env.cleanup().await;
@@ -852,20 +857,7 @@ async fn a_bulk_assignment_s_span_tree() {
             .unwrap()
             .contains(e["event_id"].as_str().unwrap()));
     }
-    // No access token, secret or name in any exported byte.
-    let bytes = collector.bytes();
-    let tokens = env.sim.issued_tokens();
-    assert!(!tokens.is_empty());
-    for t in &tokens {
-        assert!(!contains(&bytes, t), "an access token was exported");
-    }
-    assert!(!contains(&bytes, &env.sim.config().secret));
-    for e in &events {
-        for who in [&e["customer"], &e["assignee"], &e["assigned_by"]] {
-            let name = who["name"].as_str().unwrap();
-            assert!(!contains(&bytes, name), "a name was exported: {name}");
-        }
-    }
+    assert_nothing_secret(&collector.bytes(), &env, &events);
     replica.sigterm();
     let _ = std::fs::remove_file(&log);
     env.cleanup().await;
